@@ -1,0 +1,90 @@
+"""Data augmentation on whole batches of image tensors, a different draw for every image.
+
+Everything here works on ``[B, C, H, W]`` float tensors on any device and uses the global
+torch random generator (so a seed, and a checkpointed RNG state, reproduce it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Augmentation settings. The default is the paper's: shifts of up to 2 pixels only.
+
+    ``rotate`` and ``shear`` are maximum angles in degrees, ``scale`` the maximum relative
+    change of size (0.1 means 0.9x..1.1x), ``translate`` the maximum affine shift as a fraction
+    of the image side; all draws are uniform and independent per image.
+    """
+
+    shift: int = 2
+    rotate: float = 0.0
+    scale: float = 0.0
+    shear: float = 0.0
+    translate: float = 0.0
+    hflip: bool = False
+
+    @property
+    def affine(self) -> bool:
+        return any(v > 0 for v in (self.rotate, self.scale, self.shear, self.translate))
+
+
+def _uniform(n: int, bound: float, like: Tensor) -> Tensor:
+    return (torch.rand(n, device=like.device, dtype=like.dtype) * 2 - 1) * bound
+
+
+def random_shift(x: Tensor, max_shift: int) -> Tensor:
+    """Shift each image by its own integer (dy, dx) in [-max_shift, max_shift], zero-filled.
+
+    Shapes: ``[B, C, H, W]`` -> ``[B, C, H, W]``.
+    """
+    if max_shift <= 0:
+        return x
+    b, _, h, w = x.shape
+    m = max_shift
+    padded = F.pad(x, (m, m, m, m))
+    dy = torch.randint(-m, m + 1, (b, 1), device=x.device)
+    dx = torch.randint(-m, m + 1, (b, 1), device=x.device)
+    rows = torch.arange(h, device=x.device) + m - dy  # [B, H]: source row of each output row
+    cols = torch.arange(w, device=x.device) + m - dx  # [B, W]
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # [B, H, W, C]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def random_affine(x: Tensor, cfg: AugmentConfig) -> Tensor:
+    """Per-image random rotation, scale, shear and translation (bilinear, zero-filled)."""
+    b = x.shape[0]
+    angle = _uniform(b, math.radians(cfg.rotate), x)
+    shear = _uniform(b, math.radians(cfg.shear), x)
+    scale = 1 + _uniform(b, cfg.scale, x)
+    t = _uniform(2 * b, 2 * cfg.translate, x).view(b, 2)  # grid units span 2 per side
+    cos, sin, tan = torch.cos(angle), torch.sin(angle), torch.tan(shear)
+    # Inverse map output -> input coordinates: rotation @ shear, divided by scale.
+    a11, a12 = cos / scale, (cos * tan - sin) / scale
+    a21, a22 = sin / scale, (sin * tan + cos) / scale
+    theta = torch.stack([torch.stack([a11, a12, t[:, 0]], 1),
+                         torch.stack([a21, a22, t[:, 1]], 1)], 1)  # [B, 2, 3]
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_hflip(x: Tensor, p: float = 0.5) -> Tensor:
+    """Mirror each image left-right with probability ``p``."""
+    flip = torch.rand(x.shape[0], device=x.device) < p
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def augment(x: Tensor, cfg: AugmentConfig) -> Tensor:
+    """Apply the configured augmentations to a training batch ``[B, C, H, W]``."""
+    if cfg.hflip:
+        x = random_hflip(x)
+    if cfg.affine:
+        x = random_affine(x, cfg)
+    return random_shift(x, cfg.shift)

@@ -1,0 +1,65 @@
+"""Training callbacks: one row of metrics per epoch in ``metrics.csv``."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import lightning as L
+
+COLUMNS = ["epoch", "train_loss", "train_margin", "train_recon", "train_acc",
+           "val_loss", "val_margin", "val_recon", "val_acc",
+           "test_loss", "test_margin", "test_recon", "test_acc", "lr", "epoch_time_s"]
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Rows of a ``metrics.csv`` as dicts of floats (``epoch`` as int); empty cells dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            rows.append({k: (int(v) if k == "epoch" else float(v))
+                         for k, v in row.items() if v not in ("", None)})
+    return rows
+
+
+class EpochMetricsCSV(L.Callback):
+    """Appends one row per finished epoch (after its evaluation) to ``path``.
+
+    On resume, rows of epochs at or after the resumed epoch are dropped first, so a run that
+    was killed between writing a row and saving its checkpoint never shows an epoch twice.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._start = 0.0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.global_rank != 0:
+            return
+        keep = [r for r in read_metrics(self.path) if r["epoch"] < trainer.current_epoch]
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, COLUMNS)
+            w.writeheader()
+            w.writerows(keep)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.global_rank != 0 or trainer.sanity_checking:
+            return
+        m = trainer.callback_metrics
+        row = {"epoch": trainer.current_epoch,
+               "epoch_time_s": round(time.perf_counter() - self._start, 3)}
+        for col in COLUMNS[1:-1]:  # the metrics logged by LitCapsNet
+            key = col.replace("_", "/", 1)
+            for name in (key + "_epoch", key):
+                if name in m:
+                    row[col] = float(m[name])
+                    break
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, COLUMNS).writerow(row)

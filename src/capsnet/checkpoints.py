@@ -1,0 +1,91 @@
+"""Checkpoints that are written atomically and read without executing any code.
+
+Writing: to a temporary file in the same folder, flushed to disk, then renamed over the
+target, so a run killed at any moment leaves either the old or the new checkpoint, never a
+partial one. Reading: ``torch.load(weights_only=True)``, PyTorch's restricted unpickler that
+accepts only tensors and plain containers; anything else is refused with a one-line error.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from .errors import CapsnetError
+from .model import CapsNet, CapsNetConfig
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def safe_load(path: str | Path, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint file as plain data; one-line :class:`CapsnetError` on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CapsnetError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling refused"
+        raise CapsnetError(f"{path}: refused to load (it holds more than plain tensors and "
+                           f"data: {first[:200]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CapsnetError(f"{path}: not a readable checkpoint ({first[:200]})") from None
+    if not isinstance(ckpt, dict):
+        raise CapsnetError(f"{path}: not a capsnet checkpoint (holds a {type(ckpt).__name__})")
+    return ckpt
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, with atomic writes and code-free (weights-only) reads."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return safe_load(path, map_location if map_location is not None else "cpu")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CapsNet, dict]:
+    """A trained :class:`CapsNet` (in eval mode) and its metadata from a checkpoint.
+
+    The metadata dict has ``classes`` (names), ``dataset`` and ``epoch``.
+    """
+    ckpt = safe_load(path)
+    hp = ckpt.get("hyper_parameters")
+    state = ckpt.get("state_dict")
+    if not isinstance(hp, dict) or not isinstance(state, dict) or "model" not in hp:
+        raise CapsnetError(f"{path}: not a capsnet checkpoint (no model settings or weights)")
+    try:
+        model = CapsNet(CapsNetConfig.from_dict(hp["model"] or {}))
+        prefix = "model."
+        model.load_state_dict({k[len(prefix):]: v for k, v in state.items()
+                               if k.startswith(prefix)})
+    except (ValueError, TypeError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise CapsnetError(f"{path}: weights do not fit a CapsNet ({first[:200]})") from None
+    n = model.config.num_classes
+    classes = list(hp.get("classes") or [str(i) for i in range(n)])
+    meta = {"classes": classes, "dataset": hp.get("dataset", "fashion-mnist"),
+            "epoch": ckpt.get("epoch")}
+    return model.to(device).eval(), meta

@@ -1,0 +1,48 @@
+"""Losses of the paper: the margin loss on capsule lengths and the reconstruction loss."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+
+def margin_loss(lengths: Tensor, target: Tensor, m_pos: float = 0.9, m_neg: float = 0.1,
+                lam: float = 0.5) -> Tensor:
+    """Margin loss of the paper, summed over classes (not averaged).
+
+    ``L_k = T_k max(0, m+ - |v_k|)^2 + lam (1 - T_k) max(0, |v_k| - m-)^2``
+
+    It is defined on the capsule lengths themselves (no softmax in between).
+    Shapes: ``lengths`` ``[B, O]`` in [0, 1), ``target`` ``[B]`` int -> ``[B]``.
+    """
+    t = F.one_hot(target, lengths.shape[1]).to(lengths.dtype)
+    present = t * F.relu(m_pos - lengths).pow(2)
+    absent = lam * (1.0 - t) * F.relu(lengths - m_neg).pow(2)
+    return (present + absent).sum(dim=1)
+
+
+def reconstruction_loss(recon: Tensor, images: Tensor) -> Tensor:
+    """Sum of squared pixel differences per image: ``[B, C, H, W]`` x2 -> ``[B]``."""
+    return (recon - images).pow(2).flatten(1).sum(dim=1)
+
+
+class CapsuleLoss(NamedTuple):
+    """Batch means of the total loss and of its two parts (all scalars)."""
+
+    total: Tensor
+    margin: Tensor
+    reconstruction: Tensor
+
+
+def capsule_loss(lengths: Tensor, target: Tensor, recon: Tensor, images: Tensor,
+                 recon_weight: float = 0.0005) -> CapsuleLoss:
+    """``margin + recon_weight * reconstruction``, averaged over the batch.
+
+    Shapes: ``lengths`` ``[B, O]``, ``target`` ``[B]``, ``recon`` and ``images`` ``[B, C, H, W]``.
+    """
+    margin = margin_loss(lengths, target).mean()
+    recon_sse = reconstruction_loss(recon, images).mean()
+    return CapsuleLoss(margin + recon_weight * recon_sse, margin, recon_sse)

@@ -1,0 +1,110 @@
+"""The CapsNet of the paper, with every size inferred from the input shape."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .layers import Decoder, PrimaryCapsules, RoutingCapsules, conv_output_size
+
+
+@dataclass(frozen=True)
+class CapsNetConfig:
+    """Every size of the network. The defaults are the paper's model for 28x28x1, 10 classes."""
+
+    in_channels: int = 1
+    image_size: int = 28
+    num_classes: int = 10
+    conv_channels: int = 256
+    conv_kernel: int = 9
+    primary_types: int = 32
+    primary_dim: int = 8
+    primary_kernel: int = 9
+    primary_stride: int = 2
+    class_dim: int = 16
+    routing_iterations: int = 3
+    detach_routing: bool = False
+    decoder_hidden: tuple[int, int] = (512, 1024)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["decoder_hidden"] = list(self.decoder_hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CapsNetConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model settings: {sorted(unknown)}")
+        d = dict(d)
+        if "decoder_hidden" in d:
+            d["decoder_hidden"] = tuple(d["decoder_hidden"])
+        return cls(**d)
+
+    @property
+    def primary_grid(self) -> int:
+        """Side of the PrimaryCaps grid (6 for 28x28 inputs)."""
+        after_conv1 = conv_output_size(self.image_size, self.conv_kernel, 1)
+        return conv_output_size(after_conv1, self.primary_kernel, self.primary_stride)
+
+    @property
+    def num_primary_capsules(self) -> int:
+        """``I``: 6 * 6 * 32 = 1152 for the paper's model."""
+        return self.primary_grid ** 2 * self.primary_types
+
+
+class CapsNetOutput(NamedTuple):
+    """What :class:`CapsNet` returns.
+
+    ``lengths`` ``[B, O]`` (class scores |v_j|), ``poses`` ``[B, O, D]`` (the output capsules
+    v_j), ``reconstructions`` ``[B, C, H, W]``, ``selected`` ``[B]`` (the class fed to the decoder).
+    """
+
+    lengths: Tensor
+    poses: Tensor
+    reconstructions: Tensor
+    selected: Tensor
+
+
+class CapsNet(nn.Module):
+    """Conv1 -> PrimaryCaps -> DigitCaps (routing-by-agreement) -> lengths, plus the decoder.
+
+    ``forward(x, target=None)``: ``x`` ``[B, C, H, W]`` with pixel values in [0, 1];
+    ``target`` ``[B]`` selects the capsule fed to the decoder (the true class during
+    training); without it the longest capsule is used.
+    """
+
+    def __init__(self, config: CapsNetConfig | None = None, **overrides):
+        super().__init__()
+        config = config or CapsNetConfig()
+        if overrides:
+            config = CapsNetConfig.from_dict({**config.to_dict(), **overrides})
+        if config.primary_grid < 1:
+            raise ValueError(f"images of {config.image_size}x{config.image_size} are too small "
+                             "for the convolutions")
+        self.config = c = config
+        self.conv1 = nn.Conv2d(c.in_channels, c.conv_channels, c.conv_kernel)
+        self.primary = PrimaryCapsules(c.conv_channels, c.primary_types, c.primary_dim,
+                                       c.primary_kernel, c.primary_stride)
+        self.digits = RoutingCapsules(c.num_primary_capsules, c.primary_dim, c.num_classes,
+                                      c.class_dim, c.routing_iterations, c.detach_routing)
+        self.decoder = Decoder(c.num_classes, c.class_dim,
+                               (c.in_channels, c.image_size, c.image_size), c.decoder_hidden)
+
+    def capsules(self, x: Tensor) -> Tensor:
+        """Output capsules only: ``[B, C, H, W]`` -> ``v`` ``[B, O, D]``."""
+        return self.digits(self.primary(F.relu(self.conv1(x))))
+
+    def forward(self, x: Tensor, target: Tensor | None = None) -> CapsNetOutput:
+        v = self.capsules(x)
+        lengths = v.norm(dim=-1)
+        selected = lengths.argmax(dim=1) if target is None else target
+        return CapsNetOutput(lengths, v, self.decoder(v, selected), selected)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

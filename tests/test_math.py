@@ -1,0 +1,150 @@
+"""The paper's math, pinned on small hand-checkable cases."""
+
+import pytest
+import torch
+
+from capsnet import CapsNet, CapsNetConfig, Decoder, RoutingCapsules, margin_loss, squash
+from capsnet.losses import capsule_loss
+
+
+def test_squash_keeps_direction_and_maps_length():
+    s = torch.randn(100, 16) * torch.logspace(-2, 2, 100)[:, None]
+    v = squash(s)
+    n = s.norm(dim=-1)
+    assert torch.allclose(v.norm(dim=-1), n**2 / (1 + n**2), rtol=1e-4, atol=1e-7)
+    cos = torch.nn.functional.cosine_similarity(v, s, dim=-1)
+    assert torch.allclose(cos, torch.ones(100), atol=1e-5)
+    assert (v.norm(dim=-1) < 1).all()
+
+
+def test_squash_finite_at_zero():
+    s = torch.zeros(3, 8, requires_grad=True)
+    v = squash(s)
+    v.sum().backward()
+    assert torch.equal(v, torch.zeros(3, 8))
+    assert torch.isfinite(s.grad).all()
+
+
+def _layer(iterations, in_caps=5, out_caps=3, dim=4):
+    return RoutingCapsules(in_caps, 2, out_caps, dim, iterations=iterations)
+
+
+def test_couplings_sum_to_one_over_output_capsules():
+    layer = _layer(3)
+    u_hat = torch.randn(2, 3, 5, 4)  # [B, O, I, D]
+    _, c = layer.route_with_couplings(u_hat)
+    assert c.shape == (2, 3, 5)
+    assert torch.allclose(c.sum(dim=1), torch.ones(2, 5), atol=1e-6)
+    assert not torch.allclose(c.sum(dim=2), torch.ones(2, 3))  # not over the inputs
+
+
+def test_one_iteration_is_uniform_coupling():
+    layer = _layer(1)
+    u_hat = torch.randn(2, 3, 5, 4)
+    v, c = layer.route_with_couplings(u_hat)
+    assert torch.allclose(c, torch.full_like(c, 1 / 3))
+    assert torch.allclose(v, squash(u_hat.mean(dim=2) * 5 / 3), atol=1e-6)
+
+
+def test_agreement_raises_coupling_to_agreeing_output():
+    # Three input capsules; each predicts the same vector for output 0 (they agree there)
+    # and mutually cancelling vectors for output 1.
+    agree = torch.tensor([1.0, 0.0])
+    u_hat = torch.zeros(1, 2, 3, 2)
+    u_hat[0, 0] = agree
+    u_hat[0, 1] = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    c1 = RoutingCapsules(3, 2, 2, 2, iterations=1).route_with_couplings(u_hat)[1]
+    c3 = RoutingCapsules(3, 2, 2, 2, iterations=3).route_with_couplings(u_hat)[1]
+    assert torch.allclose(c1[0, 0], torch.full((3,), 0.5))
+    # every input capsule now routes more of its output to capsule 0, where all agree
+    assert (c3[0, 0] > 0.5).all()
+    # input 2 predicts [0, 1] for output 1, which partly agrees with v_1 = squash([0, .5]):
+    # it keeps more of its coupling on output 1 than inputs 0 and 1 do
+    assert c3[0, 0, 2] < c3[0, 0, 0] and torch.isclose(c3[0, 0, 0], c3[0, 0, 1])
+
+
+def test_routing_matches_plain_loop():
+    """The batched routing equals Procedure 1 written with plain loops over i and j."""
+    torch.manual_seed(0)
+    layer = RoutingCapsules(4, 3, 2, 5, iterations=3)
+    u = torch.randn(2, 4, 3)
+    v = layer(u)
+    W = layer.weight.detach().view(4, 3, 2, 5)  # [I, K, O, D]
+    for b in range(2):
+        u_hat = torch.stack([torch.stack([u[b, i] @ W[i, :, j] for i in range(4)])
+                             for j in range(2)])  # [O, I, D]
+        logits = torch.zeros(4, 2)
+        for r in range(3):
+            c = torch.softmax(logits, dim=1)  # over outputs j
+            s = torch.stack([sum(c[i, j] * u_hat[j, i] for i in range(4)) for j in range(2)])
+            vb = squash(s)
+            logits = logits + torch.stack([torch.stack([u_hat[j, i] @ vb[j] for j in range(2)])
+                                           for i in range(4)])
+        assert torch.allclose(v[b], vb, atol=1e-6)
+
+
+def test_margin_loss_hand_computed():
+    lengths = torch.tensor([[0.95, 0.05, 0.5], [0.3, 0.2, 0.0]])
+    target = torch.tensor([0, 1])
+    # sample 0: present 0.95 >= 0.9 -> 0; absent 0.05 <= 0.1 -> 0; absent 0.5 -> .5*.4^2=.08
+    # sample 1: present 0.2 -> (0.7)^2=.49; absent 0.3 -> .5*.2^2=.02; absent 0 -> 0
+    expected = torch.tensor([0.08, 0.51])
+    assert torch.allclose(margin_loss(lengths, target), expected, atol=1e-6)
+
+
+def test_total_loss_weights_reconstruction():
+    lengths = torch.tensor([[0.95, 0.05]])
+    images = torch.zeros(1, 1, 2, 2)
+    recon = torch.full((1, 1, 2, 2), 0.5)
+    loss = capsule_loss(lengths, torch.tensor([0]), recon, images, recon_weight=0.0005)
+    assert loss.reconstruction.item() == pytest.approx(1.0)  # 4 * 0.25
+    assert loss.total.item() == pytest.approx(0.0005)
+
+
+def test_decoder_sees_only_selected_capsule():
+    torch.manual_seed(0)
+    dec = Decoder(3, 4, (1, 5, 5))
+    v = torch.randn(2, 3, 4)
+    sel = torch.tensor([2, 0])
+    out = dec(v, sel)
+    v2 = v.clone()
+    v2[0, :2] = torch.randn(2, 4)  # change the capsules that are NOT selected
+    v2[1, 1:] = torch.randn(2, 4)
+    assert torch.equal(dec(v2, sel), out)
+    v3 = v.clone()
+    v3[0, 2] += 1.0  # change the selected one
+    assert not torch.allclose(dec(v3, sel)[0], out[0])
+    assert out.shape == (2, 1, 5, 5) and out.min() >= 0 and out.max() <= 1
+
+
+def test_paper_model_parameter_count():
+    m = CapsNet()
+    assert m.num_parameters() == 8_215_568  # conv1 20,992 + primary 5,308,672
+    assert m.config.num_primary_capsules == 1152  # + W 1,474,560 + decoder 1,411,344
+    assert m.digits.weight.numel() == 1152 * 10 * 8 * 16
+
+
+@pytest.mark.parametrize("channels,size,classes", [(1, 28, 10), (3, 32, 10), (1, 40, 5)])
+def test_shapes_for_other_inputs(channels, size, classes):
+    cfg = CapsNetConfig(in_channels=channels, image_size=size, num_classes=classes,
+                        conv_channels=16, primary_types=4)
+    m = CapsNet(cfg)
+    x = torch.rand(2, channels, size, size)
+    out = m(x)
+    assert out.lengths.shape == (2, classes)
+    assert out.poses.shape == (2, classes, 16)
+    assert out.reconstructions.shape == x.shape
+    assert ((out.lengths >= 0) & (out.lengths < 1)).all()
+    assert torch.equal(out.selected, out.lengths.argmax(1))
+
+
+def test_training_decodes_true_class():
+    m = CapsNet(CapsNetConfig(conv_channels=8, primary_types=2))
+    x = torch.rand(3, 1, 28, 28)
+    y = torch.tensor([4, 5, 6])
+    assert torch.equal(m(x, y).selected, y)
+
+
+def test_too_small_images_rejected():
+    with pytest.raises(ValueError):
+        CapsNet(CapsNetConfig(image_size=12))
