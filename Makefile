@@ -1,0 +1,38 @@
+# capsnet: `make demo` (a short real training run) and `make test` (the test suite) from a
+# fresh clone. Both create .venv and install everything first (`make setup`).
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+PIP   := $(VENV)/bin/pip
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.capsnet-installed
+
+# Demo: one pass over 48,000 real Fashion-MNIST training images, then the full test set.
+DEMO_FLAGS ?= --train-size 48000 --epochs 1 --log-every 25
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile apt-packages.txt scripts/apt_install.sh scripts/visdom_assets.sh
+	bash scripts/apt_install.sh apt-packages.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q 'setuptools<81' wheel
+	$(PIP) install -q --no-build-isolation visdom==0.2.4
+	$(PIP) install -q -e '.[dev]'
+	bash scripts/visdom_assets.sh $(PY)
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	rm -rf runs/demo
+	$(VENV)/bin/capsnet train $(DEMO_FLAGS) --out runs/demo
+	$(VENV)/bin/capsnet evaluate runs/demo/last.ckpt
+
+bench: setup
+	$(VENV)/bin/capsnet bench
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info
