@@ -37,7 +37,7 @@ class EpochMetricsCSV(L.Callback):
         self.path = Path(path)
         self._start = 0.0
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:  # after a resume's restore
         if trainer.global_rank != 0:
             return
         keep = [r for r in read_metrics(self.path) if r["epoch"] < trainer.current_epoch]

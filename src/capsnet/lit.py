@@ -38,13 +38,12 @@ class LitCapsNet(L.LightningModule):
         return self.model(x, target)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """uint8 images -> floats in [0, 1] (on the device); no augmentation here."""
         images, labels = batch
-        x = images.float().div_(255)
-        if self.trainer is not None and self.trainer.training:
-            x = augment(x, self.augment_config)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, labels
+        return self._layout(images.float().div_(255)), labels
+
+    def _layout(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _step(self, batch, split: str):
         x, y = batch
@@ -62,7 +61,8 @@ class LitCapsNet(L.LightningModule):
         return loss.total, out
 
     def training_step(self, batch, batch_idx):
-        loss, _ = self._step(batch, "train")
+        x, y = batch  # only training batches are augmented
+        loss, _ = self._step((self._layout(augment(x, self.augment_config)), y), "train")
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=True,
                  batch_size=batch[1].shape[0])
         return loss

@@ -121,13 +121,18 @@ def build_module(s: dict, classes, shape) -> LitCapsNet:
 
 
 def _extra_callbacks(s: dict, datamodule) -> list:
-    """Optional live dashboards."""
-    callbacks = []
+    """Live dashboards: reconstruction images in TensorBoard, the optional Visdom page."""
+    if not (s["visdom"] or s["tensorboard"]):
+        return []
+    from .dashboards import TensorBoardImages, TestSamples, VisdomDashboard
+    samples = TestSamples(num_classes=len(datamodule.classes))
+    callbacks = [samples]
+    if s["tensorboard"]:
+        callbacks.append(TensorBoardImages(samples))
     if s["visdom"]:
-        from .visdom_logger import VisdomCallback
-        callbacks.append(VisdomCallback(server=s["visdom_server"], port=s["visdom_port"],
-                                        env=s["visdom_env"], classes=datamodule.classes,
-                                        every_n_steps=s["log_every"]))
+        callbacks.append(VisdomDashboard(samples, datamodule.classes, server=s["visdom_server"],
+                                         port=s["visdom_port"], env=s["visdom_env"],
+                                         every_n_steps=s["log_every"]))
     return callbacks
 
 
@@ -142,6 +147,8 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
         raise CapsnetError(f"{out} already holds a run (last.ckpt); use --resume {out} to "
                            "continue it or --out to start a new one")
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.ckpt.*.tmp"):  # left by a run killed while saving
+        stale.unlink()
     with open(out / "config.yaml", "w") as f:
         yaml.safe_dump(s, f, sort_keys=False)
 
@@ -179,6 +186,7 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*bottleneck.*")
+        warnings.filterwarnings("ignore", ".*exists and is not empty.*")
         trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None,
                     weights_only=True)
     return read_metrics(out / "metrics.csv")

@@ -1,0 +1,528 @@
+"""`capsnet report RUN_DIR`: an offline HTML page about a trained run, and the perturbation tools.
+
+The page (``RUN_DIR/report/index.html``) shows the training curves, the confusion matrix and
+per-class accuracy, test images beside their reconstructions, the most confident mistakes,
+the paper's Figure 4 (every dimension of the winning capsule nudged from -0.25 to +0.25 and
+decoded) and an animated GIF of such a sweep. It refers only to PNG/GIF files next to it:
+no scripts, no network.
+
+The reusable part, also used by the tutorial notebook:
+
+- :func:`perturbation_offsets` - the 11 offsets -0.25, -0.20, ..., +0.25 (exact 0 in the middle);
+- :func:`perturbation_grid` - ``x`` ``[C, H, W]`` -> decoded images ``[D, S, C, H, W]``;
+- :func:`save_sweep_gif` - an animated GIF of one image's sweep.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .errors import CapsnetError
+from .model import CapsNet
+
+REPORT_FILES = ("curves.png", "confusion.png", "per_class.png", "reconstructions.png",
+                "mistakes.png", "perturbation.png", "sweep.gif")
+
+
+# --------------------------------------------------------------------------- perturbations
+
+def perturbation_offsets(limit: float = 0.25, step: float = 0.05) -> Tensor:
+    """Offsets ``[-limit, ..., +limit]`` in steps of ``step``: ``[S]`` float32, S = 11 by default.
+
+    Computed as integers times ``step``, so the middle value is exactly 0 (no float drift).
+    """
+    n = int(round(limit / step))
+    return torch.arange(-n, n + 1, dtype=torch.float32) * step
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def perturbation_grid(model: CapsNet, x: Tensor, target: int | None = None,
+                      offsets: Tensor | None = None) -> Tensor:
+    """Figure 4 of the paper for one image: decode the capsule with one dimension nudged.
+
+    The image's output capsules are computed; the winning (longest) capsule, or the one of
+    class ``target``, has each of its ``D`` dimensions in turn shifted by every offset, the
+    other capsules are zeroed (as the decoder's mask does) and the result is decoded.
+    Row ``d``, column ``s`` is dimension ``d`` shifted by ``offsets[s]``; with the default
+    offsets the middle column (offset 0) is the plain reconstruction.
+
+    Shapes: ``x`` ``[C, H, W]`` or ``[1, C, H, W]`` in [0, 1]; ``offsets`` ``[S]`` (default
+    :func:`perturbation_offsets`, S = 11) -> ``[D, S, C, H, W]`` on the CPU (D = 16 for the
+    paper's model).
+    """
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4 or x.shape[0] != 1:
+        raise ValueError(f"one image [C, H, W] expected, got shape {tuple(x.shape)}")
+    offsets = perturbation_offsets() if offsets is None else offsets
+    dev = _device(model)
+    v = model.capsules(x.to(dev, torch.float32))  # [1, O, D]
+    k = int(v.norm(dim=-1).argmax(dim=1)) if target is None else int(target)
+    pose = v[0, k]  # [D]
+    d, s = pose.shape[0], offsets.shape[0]
+    # poses[i, j] = pose + offsets[j] * e_i: [D, S, D]
+    bump = torch.eye(d, device=dev)[:, None, :] * offsets.to(dev)[None, :, None]
+    poses = pose.expand(d, s, d) + bump
+    caps = v.new_zeros(d * s, v.shape[1], d)  # [D*S, O, D]
+    caps[:, k] = poses.reshape(d * s, d)
+    selected = torch.full((d * s,), k, dtype=torch.long, device=dev)
+    out = model.decoder(caps, selected)  # [D*S, C, H, W]
+    return out.view(d, s, *out.shape[1:]).float().cpu()
+
+
+def dimension_effect(grid: Tensor) -> Tensor:
+    """How much each dimension changes the picture: ``[D, S, C, H, W]`` -> ``[D]``.
+
+    The mean absolute pixel difference between the two ends of the sweep.
+    """
+    return (grid[:, -1] - grid[:, 0]).abs().flatten(1).mean(dim=1)
+
+
+def sweep_frames(image: Tensor, grid: Tensor, offsets: Tensor, dims: list[int],
+                 caption: str = "", scale: int = 5):
+    """Frames (PIL images, mode ``L``) of a back-and-forth sweep over each of ``dims``.
+
+    Each frame shows the input ``image`` ``[C, H, W]`` beside the decoded perturbation from
+    ``grid`` ``[D, S, C, H, W]``, a caption and a slider marking the offset. Every dimension
+    goes 0 -> +max -> -max -> 0, so the animation loops without a jump.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    s = offsets.shape[0]
+    mid = s // 2
+    order = list(range(mid, s)) + list(range(s - 2, -1, -1)) + list(range(1, mid))
+
+    def tile(t: Tensor) -> Image.Image:
+        a = (t.float().clamp(0, 1).mean(dim=0) * 255).round().to(torch.uint8).numpy()
+        pic = Image.fromarray(a)
+        pic = pic.resize((pic.width * scale, pic.height * scale), Image.Resampling.BICUBIC)
+        # 32 grey levels: invisible here, and the GIF shrinks about six-fold
+        return pic.point(lambda v: (v // 8) * 8 + 4 if v else 0)
+
+    src = tile(image)
+    tw, th = src.size
+    pad, text_h = 8, 44
+    width, height = 2 * tw + 3 * pad, th + 2 * pad + text_h
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    frames = []
+    for dim in dims:
+        for j in order:
+            frame = Image.new("L", (width, height), 24)
+            frame.paste(src, (pad, pad))
+            frame.paste(tile(grid[dim, j]), (2 * pad + tw, pad))
+            draw = ImageDraw.Draw(frame)
+            y = th + 2 * pad
+            draw.text((pad, y - 4), f"input{'  ' + caption if caption else ''}", fill=200,
+                      font=font)
+            draw.text((2 * pad + tw, y - 4), f"dim {dim:2d}: {float(offsets[j]):+.2f}",
+                      fill=255, font=font)
+            # slider: a line from -max to +max with a knob at the current offset
+            x0, x1, ys = 2 * pad + tw, width - pad, y + 26
+            draw.line([(x0, ys), (x1, ys)], fill=110, width=2)
+            draw.line([(x0 + (x1 - x0) // 2, ys - 4), (x0 + (x1 - x0) // 2, ys + 4)],
+                      fill=110, width=1)
+            kx = x0 + (x1 - x0) * j / (s - 1)
+            draw.ellipse([kx - 5, ys - 5, kx + 5, ys + 5], fill=255)
+            frames.append(frame)
+    return frames
+
+
+def save_sweep_gif(model: CapsNet, x: Tensor, path: str | Path, dims: list[int] | None = None,
+                   top: int = 4, caption: str = "", frame_ms: int = 80,
+                   scale: int = 5) -> list[int]:
+    """Write an animated GIF (looping forever) of the perturbation sweep of image ``x``.
+
+    ``x`` ``[C, H, W]`` in [0, 1]. ``dims``: the pose dimensions to sweep, in order (default:
+    the ``top`` dimensions that change the reconstruction most). Returns the dimensions used.
+    """
+    offsets = perturbation_offsets()
+    grid = perturbation_grid(model, x, offsets=offsets)
+    if dims is None:
+        dims = dimension_effect(grid).argsort(descending=True)[:top].tolist()
+    frames = sweep_frames(x.cpu(), grid, offsets, dims, caption, scale)
+    # a short pause at the ends of each swing
+    s, durations = offsets.shape[0], []
+    per_dim = len(frames) // max(1, len(dims))
+    for _ in dims:
+        for i in range(per_dim):
+            end = i in (s // 2, s // 2 + s - 1)  # the +max and -max frames
+            durations.append(frame_ms * 4 if end else frame_ms)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0,
+                   optimize=False, disposal=1)
+    return dims
+
+
+# --------------------------------------------------------------------------- the report
+
+@torch.no_grad()
+def _infer(model: CapsNet, images: Tensor, labels: Tensor, batch_size: int,
+           recon_weight: float = 0.0005) -> tuple[Tensor, dict]:
+    """Capsule lengths ``[N, O]`` for uint8 ``images`` ``[N, C, H, W]``, and the mean losses."""
+    from .losses import capsule_loss
+
+    dev = _device(model)
+    lengths, totals = [], torch.zeros(3, dtype=torch.float64)
+    for i in range(0, len(labels), batch_size):
+        x = images[i:i + batch_size].to(dev).float().div_(255)
+        y = labels[i:i + batch_size].to(dev)
+        out = model(x)
+        loss = capsule_loss(out.lengths, y, out.reconstructions, x, recon_weight)
+        totals += torch.tensor([loss.total.item(), loss.margin.item(),
+                                loss.reconstruction.item()], dtype=torch.float64) * len(y)
+        lengths.append(out.lengths.float().cpu())
+    n = max(1, len(labels))
+    loss, margin, recon = (totals / n).tolist()
+    return torch.cat(lengths), {"loss": loss, "margin_loss": margin, "reconstruction_sse": recon}
+
+
+def _step_curves(run_dir: Path, rows: list[dict]) -> dict | None:
+    """Per-step training loss/accuracy from the run's TensorBoard log, x in epochs (or None)."""
+    tb = run_dir / "tensorboard"
+    if not tb.is_dir() or not rows:
+        return None
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from tensorboard.backend.event_processing.event_accumulator import (
+                EventAccumulator)
+            acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+            acc.Reload()
+        tags = acc.Tags().get("scalars", [])
+        epochs = len(rows)
+        out = {}
+        for key, tag in (("loss", "train/loss_step"), ("acc", "train/acc_step")):
+            if tag not in tags:
+                continue
+            events = acc.Scalars(tag)
+            last_step = max(e.step for e in events) + 1
+            per_epoch = last_step / epochs
+            out[key] = ([(e.step + 1) / per_epoch for e in events], [e.value for e in events])
+        return out or None
+    except Exception:  # the per-step curve is a bonus; never fail the report over it
+        return None
+
+
+def _pick_distinct(true: Tensor, pred: Tensor, k: int) -> list[int]:
+    """Indices of the first ``k`` correctly classified images of distinct classes."""
+    picked, seen = [], set()
+    for i in range(len(true)):
+        c = int(true[i])
+        if c == int(pred[i]) and c not in seen:
+            picked.append(i)
+            seen.add(c)
+            if len(picked) == k:
+                return picked
+    for i in range(len(true)):  # not enough correct ones: fill up with any
+        if len(picked) == k:
+            break
+        if i not in picked:
+            picked.append(i)
+    return picked
+
+
+def _resolve_checkpoint(run_dir: Path, choice: str | None) -> Path:
+    if choice in (None, "best", "last"):
+        names = [f"{choice}.ckpt"] if choice else ["best.ckpt", "last.ckpt"]
+        for name in names:
+            if (run_dir / name).is_file():
+                return run_dir / name
+        raise CapsnetError(f"{run_dir}: no {' or '.join(names)} in this run directory")
+    return Path(choice)
+
+
+def _save(fig, path: Path, dpi: int | str = 110) -> None:
+    fig.savefig(path, dpi=dpi, facecolor="white")
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}%"
+
+
+def build_report(run_dir: str | Path, checkpoint: str | None = None,
+                 data_dir: str | None = None, dataset: str | None = None,
+                 test_size: int | None = None, samples: int = 3, mistakes: int = 8,
+                 device: str = "auto", batch_size: int = 256, log=None) -> Path:
+    """Write ``run_dir/report/index.html`` and its figures; returns the path of index.html."""
+    from . import __version__, plots
+    from .callbacks import read_metrics
+    from .checkpoints import load_model
+    from .datasets import load_dataset
+    from .train import load_run_settings, resolve_device
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CapsnetError(f"{run_dir}: no such run directory")
+    settings = load_run_settings(run_dir)
+    if test_size is not None and test_size < 1:
+        raise CapsnetError(f"--test-size must be positive, got {test_size}")
+    if samples < 1:
+        raise CapsnetError(f"--samples must be positive, got {samples}")
+    ckpt = _resolve_checkpoint(run_dir, checkpoint)
+    accel, devices = resolve_device(device)
+    dev = "cpu" if accel == "cpu" else f"cuda:{devices[0]}"
+    model, meta = load_model(ckpt, dev)
+    c = model.config
+    dataset = dataset or settings.get("dataset") or meta["dataset"]
+    _, test = load_dataset(dataset, data_dir if data_dir is not None
+                           else settings.get("data_dir"))
+    if test.shape != (c.in_channels, c.image_size, c.image_size):
+        raise CapsnetError(f"the model expects images of shape "
+                           f"{(c.in_channels, c.image_size, c.image_size)}, {dataset} has "
+                           f"{test.shape}")
+    images, labels = test.images, test.labels
+    if test_size:
+        images, labels = images[:test_size], labels[:test_size]
+    classes = list(meta["classes"])
+    if len(classes) != c.num_classes:
+        classes = list(test.classes)
+    n, n_cls = len(labels), c.num_classes
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log(f"report: {ckpt.name} (epoch {meta['epoch']}) on {n:,} {dataset} test images")
+
+    # ---- predictions, accuracy, confusion
+    lengths, losses = _infer(model, images, labels, batch_size)
+    pred = lengths.argmax(dim=1)
+    correct = pred == labels
+    accuracy = float(correct.float().mean())
+    confusion = torch.zeros(n_cls, n_cls, dtype=torch.long)
+    confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    per_class_n = confusion.sum(dim=1)
+    per_class = {name: float(confusion[i, i] / max(1, int(per_class_n[i])))
+                 for i, name in enumerate(classes)}
+
+    # ---- training curves
+    rows = read_metrics(run_dir / "metrics.csv")
+    _save(plots.training_curves(rows, _step_curves(run_dir, rows)), out / "curves.png")
+    _save(plots.confusion_matrix(confusion.tolist(), classes), out / "confusion.png")
+    _save(plots.per_class_accuracy(per_class, accuracy), out / "per_class.png")
+
+    # ---- reconstructions: the first test image of each class (two rounds of classes)
+    idx = []
+    for _round in range(2):
+        for cls in range(n_cls):
+            hits = [i for i in (labels == cls).nonzero().flatten().tolist() if i not in idx]
+            if hits:
+                idx.append(hits[0])
+    idx_t = torch.tensor(idx, dtype=torch.long)
+    x = images[idx_t].float().div(255)
+    with torch.no_grad():
+        rec = model(x.to(dev)).reconstructions.float().cpu()
+    titles = [f"{classes[int(labels[i])]}\n-> {classes[int(pred[i])]}" for i in idx]
+    _save(plots.reconstructions(x, rec, titles, per_row=n_cls), out / "reconstructions.png")
+
+    # ---- most confident mistakes: wrong predictions with the longest winning capsule
+    wrong = (~correct).nonzero().flatten()
+    conf = lengths.max(dim=1).values
+    wrong = wrong[conf[wrong].argsort(descending=True)][:mistakes]
+    mis = wrong.tolist()
+    _save(plots.mistakes(images[wrong].float().div(255), lengths[wrong],
+                         labels[wrong].tolist(), pred[wrong].tolist(), classes),
+          out / "mistakes.png")
+
+    # ---- Figure 4 and the GIF
+    offsets = perturbation_offsets()
+    picks = _pick_distinct(labels, pred, min(samples, n))
+    grids = torch.stack([perturbation_grid(model, images[i].float().div(255), offsets=offsets)
+                         for i in picks])
+    ptitles = [f"test image {i}: {classes[int(labels[i])]}"
+               + ("" if int(pred[i]) == int(labels[i]) else f" (predicted {classes[int(pred[i])]})")
+               for i in picks]
+    _save(plots.perturbation_panels(grids, ptitles, offsets), out / "perturbation.png",
+          dpi="figure")
+    g = picks[0]
+    gif_dims = save_sweep_gif(model, images[g].float().div(255), out / "sweep.gif",
+                              caption=classes[int(pred[g])])
+
+    # ---- the page
+    page = _html(run_dir=run_dir, ckpt=ckpt, meta=meta, dataset=dataset, n=n,
+                 accuracy=accuracy, losses=losses, rows=rows, classes=classes,
+                 per_class=per_class, per_class_n=per_class_n.tolist(), confusion=confusion,
+                 mistakes=[(i, int(labels[i]), int(pred[i]), lengths[i].tolist())
+                           for i in mis],
+                 picks=picks, gif_image=g, gif_dims=gif_dims, offsets=offsets,
+                 version=__version__, dims=c.class_dim)
+    index = out / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px;
+       margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { margin-bottom: 0.2em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.7em; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #f4f4f4; } .muted { color: #777; font-size: 0.9em; }
+.big { font-size: 1.6em; font-weight: 600; } nav a { margin-right: 1em; }
+"""
+
+
+def _html(*, run_dir, ckpt, meta, dataset, n, accuracy, losses, rows, classes, per_class,
+          per_class_n, confusion, mistakes, picks, gif_image, gif_dims, offsets, version,
+          dims) -> str:
+    e = html.escape
+    last = rows[-1] if rows else {}
+    summary = [
+        ("run directory", e(str(run_dir))),
+        ("checkpoint", f"{e(ckpt.name)} (epoch {e(str(meta.get('epoch')))})"),
+        ("dataset", f"{e(dataset)}, first {n:,} test images" if n < 10000 else e(dataset)),
+        ("test accuracy", f"<span class=big>{_pct(accuracy)}</span>"),
+        ("test loss", f"{losses['loss']:.4f} (margin {losses['margin_loss']:.4f}, "
+                      f"reconstruction SSE {losses['reconstruction_sse']:.2f} per image)"),
+        ("epochs in metrics.csv", str(len(rows))),
+    ]
+    if "train_acc" in last:
+        summary.append(("last epoch's training accuracy", _pct(last["train_acc"])))
+    s_rows = "\n".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary)
+
+    pc_rows = []
+    for i, name in enumerate(classes):
+        row = confusion[i].clone()
+        row[i] = -1
+        other = int(row.argmax())
+        mixed = (f"{e(classes[other])} ({int(confusion[i, other])})"
+                 if int(confusion[i, other]) > 0 else "&ndash;")
+        pc_rows.append(f"<tr><td>{e(name)}</td><td class=num>{per_class_n[i]}</td>"
+                       f"<td class=num>{int(confusion[i, i])}</td>"
+                       f"<td class=num>{_pct(per_class[name])}</td><td>{mixed}</td></tr>")
+
+    mk_rows = []
+    for i, t, p, lens in mistakes:
+        mk_rows.append(f"<tr><td class=num>{i}</td><td>{e(classes[t])}</td>"
+                       f"<td>{e(classes[p])}</td><td class=num>{lens[p]:.3f}</td>"
+                       f"<td class=num>{lens[t]:.3f}</td></tr>")
+    mk_table = ("<table><tr><th>test image</th><th>true class</th><th>predicted</th>"
+                "<th>|v| predicted</th><th>|v| true</th></tr>" + "".join(mk_rows) + "</table>"
+                if mk_rows else "<p>No mistakes on these test images.</p>")
+    lo, hi = float(offsets[0]), float(offsets[-1])
+    step = float(offsets[1] - offsets[0]) if len(offsets) > 1 else 0.0
+    when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>CapsNet report: {e(run_dir.name)}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<h1>CapsNet report: {e(run_dir.name)}</h1>
+<p class=muted>Capsule network of Sabour, Frosst &amp; Hinton, <em>Dynamic Routing Between
+Capsules</em> (2017). Generated by capsnet {e(version)} on {when}.</p>
+<nav><a href="#curves">curves</a><a href="#confusion">confusion</a>
+<a href="#reconstructions">reconstructions</a><a href="#mistakes">mistakes</a>
+<a href="#figure4">Figure 4</a><a href="#sweep">sweep</a></nav>
+
+<h2 id="summary">Summary</h2>
+<table>
+{s_rows}
+</table>
+
+<h2 id="curves">Training curves</h2>
+<p>Loss and accuracy after every epoch, from the run's <code>metrics.csv</code>: training
+(the mean over the epoch's batches, with augmentation, decoder fed the true class) versus
+the test set (decoder fed the longest capsule). The faint line is the training value of
+every logged step, when the run kept its TensorBoard log.</p>
+<img src="curves.png" alt="loss and accuracy per epoch, train vs test">
+
+<h2 id="confusion">Confusion matrix and per-class accuracy</h2>
+<p>Row: the true class, column: the predicted class (the longest output capsule); a cell
+counts the test images, its colour is the fraction of the row. Off-diagonal cells are the
+classes the network mixes up.</p>
+<img src="confusion.png" alt="confusion matrix with class names">
+<img src="per_class.png" alt="per-class accuracy">
+<table>
+<tr><th>class</th><th>test images</th><th>correct</th><th>accuracy</th>
+<th>most often mistaken for</th></tr>
+{''.join(pc_rows)}
+</table>
+
+<h2 id="reconstructions">Reconstructions</h2>
+<p>Test images (top) and what the decoder draws from the longest capsule alone, every other
+capsule masked to zero (bottom); two images of every class, titled <em>true class -&gt;
+predicted class</em>. A good reconstruction shows that the winning capsule's 16 numbers
+hold the object's shape, not just its class.</p>
+<img src="reconstructions.png" alt="test images beside their reconstructions">
+
+<h2 id="mistakes">Most confident mistakes</h2>
+<p>The wrongly classified test images whose winning capsule is longest, i.e. where the
+network is most sure and wrong. Bars: the length |v| of every class capsule (red: the
+predicted class, green: the true class); a length near 1 means "present".</p>
+<img src="mistakes.png" alt="the most confident mistakes with their capsule lengths">
+{mk_table}
+
+<h2 id="figure4">What the capsule dimensions encode (the paper's Figure 4)</h2>
+<p>For each test image the winning capsule's {dims} dimensions are perturbed one at a time:
+row <em>d</em> adds an offset from {lo:+.2f} to {hi:+.2f} in steps of {step:.2f} to
+dimension <em>d</em> only, and the decoder redraws the image from that capsule (the other
+capsules zero). The middle column (offset 0) is the plain reconstruction. Rows that change
+the picture show what the dimension has learned: width, thickness, length, a strap,
+a heel&hellip;</p>
+<img src="perturbation.png" alt="perturbation grid: one row per capsule dimension">
+
+<h2 id="sweep">One perturbation sweep, animated</h2>
+<p>Test image {gif_image} (left) and its reconstruction (right) while dimensions
+{', '.join(map(str, gif_dims))} &mdash; the ones that change the picture most &mdash; each
+sweep from 0 to {hi:+.2f}, down to {lo:+.2f} and back.</p>
+<img src="sweep.gif" alt="animated perturbation sweep">
+
+<p class=muted>Test images shown: {', '.join(map(str, picks))} (Figure 4). All files of this
+page are in this folder; it works offline.</p>
+</body>
+</html>
+"""
+
+
+# --------------------------------------------------------------------------- CLI
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("report", help="HTML report of a run: curves, confusion, "
+                       "reconstructions, mistakes, capsule perturbations",
+                       description="Write RUN_DIR/report/index.html and the PNG/GIF files it "
+                       "shows, from the run's checkpoint, its metrics.csv and the test set.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--checkpoint", default=None, help="best, last or a checkpoint file "
+                   "(default: best.ckpt, else last.ckpt)")
+    p.add_argument("--dataset", help="default: the run's")
+    p.add_argument("--data-dir", help="default: the run's data_dir (or the usual places)")
+    p.add_argument("--test-size", type=int, help="first N test images only (default: all)")
+    p.add_argument("--samples", type=int, default=3,
+                   help="test images in the Figure 4 panel (default 3)")
+    p.add_argument("--mistakes", type=int, default=8,
+                   help="confident mistakes shown (default 8)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(handler=_cmd_report)
+
+
+def _cmd_report(a) -> int:
+    if a.mistakes < 0 or a.batch_size < 1:
+        raise CapsnetError("--mistakes must be >= 0 and --batch-size positive")
+    index = build_report(a.run_dir, a.checkpoint, a.data_dir, a.dataset, a.test_size,
+                         a.samples, a.mistakes, a.device, a.batch_size)
+    print(index)
+    return 0
+
+
+__all__ = ["perturbation_offsets", "perturbation_grid", "dimension_effect", "sweep_frames",
+           "save_sweep_gif", "build_report", "add_parser"]

@@ -1,0 +1,219 @@
+"""End to end on real Fashion-MNIST: train, evaluate, predict, resume, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from capsnet.callbacks import read_metrics
+from capsnet.checkpoints import load_model
+from capsnet.cli import main
+from capsnet.datasets import load_dataset
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code, err):
+    return code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- the shared short run
+
+def test_short_real_run_learns(trained_run):
+    rows = read_metrics(trained_run / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [0]
+    row = rows[0]
+    assert row["test_acc"] > 0.35  # chance is 0.1, on 1,000 real test images
+    for key in ("train_loss", "train_margin", "train_recon", "train_acc", "test_loss",
+                "test_margin", "test_recon", "lr", "epoch_time_s"):
+        assert key in row
+    assert (trained_run / "last.ckpt").is_file() and (trained_run / "best.ckpt").is_file()
+    assert list((trained_run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_evaluate_json(trained_run, fashion_dir, capsys):
+    code, out, _ = run_cli(capsys, "evaluate", trained_run / "best.ckpt", "--data-dir",
+                           fashion_dir, "--test-size", 1000, "--json")
+    assert code == 0
+    result = json.loads(out)  # exactly one JSON object
+    assert result["n"] == 1000
+    assert 0.35 < result["accuracy"] <= 1
+    assert set(result["per_class"]) == {"T-shirt/top", "Trouser", "Pullover", "Dress",
+                                        "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                                        "Ankle boot"}
+    conf = torch.tensor(result["confusion"])
+    assert conf.shape == (10, 10) and conf.sum() == 1000
+    assert conf.trace() / 1000 == pytest.approx(result["accuracy"])
+    # the checkpoint's recorded test accuracy is the one evaluate recomputes
+    best = read_metrics(trained_run / "metrics.csv")[0]["test_acc"]
+    assert result["accuracy"] == pytest.approx(best, abs=1e-6)
+
+
+def test_evaluate_table(trained_run, fashion_dir, capsys):
+    code, out, _ = run_cli(capsys, "evaluate", trained_run / "last.ckpt", "--data-dir",
+                           fashion_dir, "--test-size", 200)
+    assert code == 0 and "accuracy" in out and "Ankle boot" in out
+
+
+def test_predict_png_and_jpeg(trained_run, fashion_dir, tmp_path, capsys):
+    _, test = load_dataset("fashion-mnist", fashion_dir)
+    model, _ = load_model(trained_run / "last.ckpt")
+    files = []
+    for i in range(6):
+        img = Image.fromarray(test.images[i, 0].numpy())
+        path = tmp_path / (f"img{i}.png" if i % 2 else f"img{i}.jpg")
+        img.save(path, quality=100) if path.suffix == ".jpg" else img.save(path)
+        files.append(path)
+    code, out, _ = run_cli(capsys, "predict", trained_run / "last.ckpt", *files, "--json")
+    assert code == 0
+    results = [json.loads(line) for line in out.strip().splitlines()]
+    assert len(results) == 6
+    with torch.inference_mode():
+        expected = model(test.images[:6].float() / 255).lengths
+    for i, r in enumerate(results):
+        assert r["file"] == str(files[i]) and len(r["lengths"]) == 10
+        assert r["class"] in model_classes(trained_run)
+        if files[i].suffix == ".png":  # lossless: exactly the test image
+            assert r["index"] == int(expected[i].argmax())
+            assert r["lengths"] == pytest.approx(expected[i].tolist(), abs=1e-5)
+    code, out, _ = run_cli(capsys, "predict", trained_run / "last.ckpt", files[1])
+    assert code == 0 and "capsule lengths" in out
+
+
+def model_classes(run):
+    return load_model(run / "last.ckpt")[1]["classes"]
+
+
+def test_predict_bad_image(trained_run, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    code, _, err = run_cli(capsys, "predict", trained_run / "last.ckpt", bad)
+    assert one_line_error(code, err) and "bad.png" in err
+
+
+# ---------------------------------------------------------------- resume and interruption
+
+SMALL = ["--train-size", "384", "--test-size", "128", "--batch-size", "64", "--seed", "3",
+         "--no-progress", "--no-tensorboard", "--routing-iterations", "1"]
+
+
+def test_resume_continues_exactly(fashion_dir, tmp_path, capsys):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["train", *SMALL, "--data-dir", str(fashion_dir), "--epochs", "2",
+                 "--out", str(straight)]) == 0
+    assert main(["train", *SMALL, "--data-dir", str(fashion_dir), "--epochs", "1",
+                 "--out", str(resumed)]) == 0
+    assert main(["train", "--resume", str(resumed), "--epochs", "2"]) == 0
+    a, b = read_metrics(straight / "metrics.csv"), read_metrics(resumed / "metrics.csv")
+    assert [r["epoch"] for r in b] == [0, 1]
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr"):
+        assert a[1][key] == pytest.approx(b[1][key], rel=1e-5, abs=1e-7), key
+    sa = torch.load(straight / "last.ckpt", weights_only=True)["state_dict"]
+    sb = torch.load(resumed / "last.ckpt", weights_only=True)["state_dict"]
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], atol=1e-6), k
+    capsys.readouterr()
+    # a new run refuses to overwrite an existing one
+    code = main(["train", *SMALL, "--data-dir", str(fashion_dir), "--out", str(resumed)])
+    assert one_line_error(code, capsys.readouterr().err)
+
+
+def test_killed_run_leaves_loadable_checkpoint(fashion_dir, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "capsnet.cli", "train", *SMALL, "--data-dir",
+           str(fashion_dir), "--epochs", "50", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "last.ckpt").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.3)  # somewhere in a later epoch, maybe mid-save
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    ckpt = torch.load(out / "last.ckpt", weights_only=True)
+    assert ckpt["epoch"] >= 0 and "state_dict" in ckpt
+    done = read_metrics(out / "metrics.csv")
+    assert main(["train", "--resume", str(out), "--epochs", str(ckpt["epoch"] + 2)]) == 0
+    rows = read_metrics(out / "metrics.csv")
+    epochs = [r["epoch"] for r in rows]
+    assert epochs == list(range(ckpt["epoch"] + 2)), (epochs, len(done))
+    assert not list(out.glob("*.tmp"))  # a half-written checkpoint from the kill is cleared
+
+
+# ---------------------------------------------------------------- bad input
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/capsnet-pwned",))
+
+
+def test_checkpoint_never_executes_code(tmp_path, capsys):
+    if os.path.exists("/tmp/capsnet-pwned"):
+        os.unlink("/tmp/capsnet-pwned")
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"model": {}}, "x": _Evil()}, evil)
+    for cmd in (["evaluate", evil], ["predict", evil, evil]):
+        code, _, err = run_cli(capsys, *cmd)
+        assert one_line_error(code, err) and "evil.ckpt" in err
+    assert not os.path.exists("/tmp/capsnet-pwned")
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 10, None])
+def test_unreadable_or_foreign_checkpoint(tmp_path, capsys, content):
+    path = tmp_path / "x.ckpt"
+    if content is None:
+        torch.save({"weights": torch.zeros(3)}, path)  # a foreign but valid torch file
+    else:
+        path.write_bytes(content)
+    code, _, err = run_cli(capsys, "evaluate", path)
+    assert one_line_error(code, err) and "x.ckpt" in err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train", "--epochs", "0"], "epochs"),
+    (["train", "--batch-size", "abc"], "batch-size"),
+    (["train", "--routing-iterations", "-1"], "routing_iterations"),
+    (["train", "--device", "cuda:7"], "cuda"),
+    (["train", "--device", "tpu"], "device"),
+    (["train", "--no-such-flag"], "no-such-flag"),
+    (["train", "--dataset", "cifar"], "cifar"),
+    (["train", "--resume", "/nonexistent/run"], "nonexistent"),
+    (["evaluate"], "checkpoint"),
+])
+def test_bad_flags_one_line(capsys, tmp_path, args, needle):
+    if not any(a in args for a in ("--resume",)):
+        args = args + ["--out", str(tmp_path / "r")] if args[0] == "train" else args
+    if args[:2] == ["train", "--device"] and "cuda" in args[2] and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    code, _, err = run_cli(capsys, *args)
+    assert one_line_error(code, err), err
+    assert needle in err
+
+
+def test_config_file_and_flag_override(tmp_path, fashion_dir, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: 1\ntrain-size: 128\ntest_size: 64\nbatch_size: 64\n"
+                   "routing_iterations: 1\nprogress: false\ntensorboard: false\nlr: 0.01\n")
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(capsys, "train", "--config", cfg, "--lr", "0.002", "--data-dir",
+                              fashion_dir, "--out", out)
+    assert code == 0
+    assert "8,215,568 parameters" in stdout  # the paper model, printed at train start
+    import yaml
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["lr"] == 0.002 and saved["train_size"] == 128 and saved["epochs"] == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epocs: 3\n")
+    code, _, err = run_cli(capsys, "train", "--config", bad, "--out", tmp_path / "r2")
+    assert one_line_error(code, err) and "epocs" in err

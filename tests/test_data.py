@@ -1,0 +1,167 @@
+"""Real Fashion-MNIST loading, IDX validation, dataset discovery and augmentation."""
+
+import gzip
+import struct
+
+import pytest
+import torch
+
+from capsnet.augment import AugmentConfig, augment, random_shift
+from capsnet.cli import main
+from capsnet.data import ImageDataModule
+from capsnet.datasets import load_dataset, locate, read_idx
+from capsnet.errors import CapsnetError
+
+
+def write_idx(path, array: torch.Tensor, magic: int | None = None, gz=True, cut: int = 0):
+    dims = list(array.shape)
+    magic = magic if magic is not None else 0x0800 + len(dims)
+    data = struct.pack(">I", magic) + struct.pack(f">{len(dims)}I", *dims)
+    data += array.to(torch.uint8).numpy().tobytes()
+    if cut:
+        data = data[:-cut]
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def fake_dataset(folder, n_train=20, n_test=10, classes=10, size=28, gz=True):
+    """A small synthetic set in the real file format and names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    suffix = ".gz" if gz else ""
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}",
+                  torch.randint(0, 256, (n, size, size), generator=g), gz=gz)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}",
+                  torch.arange(n) % classes, gz=gz)
+    return folder
+
+
+def test_real_fashion_mnist(fashion_dir):
+    train, test = load_dataset("fashion-mnist", fashion_dir)
+    assert train.images.shape == (60000, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert test.images.shape == (10000, 1, 28, 28)
+    assert torch.equal(torch.bincount(train.labels), torch.full((10,), 6000))
+    assert torch.equal(torch.bincount(test.labels), torch.full((10,), 1000))
+    assert train.classes[0] == "T-shirt/top" and train.classes[9] == "Ankle boot"
+    assert train.images.float().mean() > 50  # real pictures, not blank
+
+
+def test_raw_files_and_mnist_names(tmp_path):
+    folder = fake_dataset(tmp_path / "mnist", gz=False)
+    train, test = load_dataset("mnist", folder)
+    assert len(train) == 20 and len(test) == 10 and train.classes[3] == "3"
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncated", "truncated"),
+    ("magic", "bad IDX magic number"),
+    ("label_range", "out of range"),
+    ("count_mismatch", "holds 20 images but"),
+    ("not_gzip", "cannot read"),
+])
+def test_corrupt_files_fail_clearly(tmp_path, capsys, damage, message):
+    folder = fake_dataset(tmp_path / "d")
+    images = folder / "train-images-idx3-ubyte.gz"
+    labels = folder / "train-labels-idx1-ubyte.gz"
+    if damage == "truncated":
+        write_idx(images, torch.zeros(20, 28, 28), cut=100)
+    elif damage == "magic":
+        write_idx(images, torch.zeros(20, 28, 28), magic=0x0801)
+    elif damage == "label_range":
+        write_idx(labels, torch.full((20,), 10))
+    elif damage == "count_mismatch":
+        write_idx(labels, torch.zeros(19))
+    elif damage == "not_gzip":
+        images.write_bytes(b"this is not gzip data at all")
+    with pytest.raises(CapsnetError, match=message):
+        load_dataset("fashion-mnist", folder)
+    # the command line: one line naming the file, exit code 2, no traceback
+    code = main(["evaluate", "nonexistent.ckpt"])  # checkpoint error comes first
+    assert code == 2
+    capsys.readouterr()
+    code = main(["train", "--data-dir", str(folder), "--out", str(tmp_path / "run"),
+                 "--epochs", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert message in err and str(folder) in err
+
+
+def test_missing_data_names_both_ways(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    code = main(["train", "--data-dir", str(empty), "--out", str(tmp_path / "run"),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "apt-get install dataset-fashion-mnist" in err and "--data-dir" in err
+    assert "download" in err
+
+
+def test_search_order(tmp_path, monkeypatch):
+    env_dir = fake_dataset(tmp_path / "env" / "fashion-mnist")
+    monkeypatch.setenv("CAPSNET_DATA", str(tmp_path / "env"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    found = locate("fashion-mnist")
+    assert found["train_images"].parent == env_dir  # $CAPSNET_DATA before the Debian folder
+    explicit = fake_dataset(tmp_path / "explicit")
+    assert locate("fashion-mnist", explicit)["test_labels"].parent == explicit
+    with pytest.raises(CapsnetError):  # an explicit --data-dir is the only place looked at
+        locate("fashion-mnist", tmp_path / "empty", allow_download=False)
+
+
+def test_read_idx_roundtrip(tmp_path):
+    a = torch.randint(0, 256, (3, 4, 5), dtype=torch.uint8)
+    assert torch.equal(read_idx(write_idx(tmp_path / "x.gz", a), 3), a)
+
+
+def test_shift_stays_within_two_pixels():
+    torch.manual_seed(0)
+    x = torch.zeros(500, 1, 28, 28)
+    x[:, :, 14, 14] = 1.0
+    y = random_shift(x, 2)
+    pos = y[:, 0].flatten(1).argmax(1)
+    dy, dx = pos // 28 - 14, pos % 28 - 14
+    assert dy.abs().max() == 2 and dx.abs().max() == 2  # all shifts used ...
+    assert (y.flatten(1).sum(1) == 1).all()  # ... and the pixel is never lost
+    assert len(set(zip(dy.tolist(), dx.tolist()))) == 25  # per image, not per batch
+
+
+def test_affine_and_flip_per_image():
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 28, 28).repeat(8, 1, 1, 1)
+    y = augment(x, AugmentConfig(shift=0, rotate=20, scale=0.1, shear=10, translate=0.1))
+    assert y.shape == x.shape
+    assert len({round(float(v), 4) for v in y.flatten(1).sum(1)}) == 8  # 8 different draws
+    assert torch.equal(augment(x, AugmentConfig(shift=0)), x)
+
+
+def test_test_set_never_augmented(fashion_dir, monkeypatch, tmp_path):
+    import lightning as L
+
+    import capsnet.lit
+    from capsnet.lit import LitCapsNet
+
+    seen = []
+
+    def recording_augment(x, cfg):
+        seen.append(x.shape[0])
+        return capsnet.augment.augment(x, cfg)
+
+    monkeypatch.setattr(capsnet.lit, "augment", recording_augment)
+    dm = ImageDataModule("fashion-mnist", fashion_dir, batch_size=16, eval_batch_size=40,
+                         train_size=48, test_size=80)
+    module = LitCapsNet(model={"conv_channels": 8, "primary_types": 2})
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    trainer.validate(module, datamodule=dm, verbose=False)
+    assert seen == [16, 16, 16]  # the three training batches; no test batch (40 images)
+
+
+def test_validation_split(fashion_dir):
+    dm = ImageDataModule("fashion-mnist", fashion_dir, train_size=1000, val_size=200)
+    dm.setup()
+    assert len(dm.train) == 800 and len(dm.val) == 200
+    assert list(dm.eval_splits()) == ["val", "test"]
