@@ -31,3 +31,61 @@ def trained_run(tmp_path_factory, fashion_dir):
     assert main(["train", *TINY_RUN_FLAGS, "--data-dir", str(fashion_dir),
                  "--out", str(out)]) == 0
     return out
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on (at the time of asking)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_visdom_server(tmp_dir):
+    """Start ``capsnet.visdom_server.serve`` in a subprocess on a free port.
+
+    Returns ``(port, stop)``; ``stop()`` ends the process. Fails the test if the server does
+    not answer within 30 s (with its log in the message).
+    """
+    import os
+    import subprocess
+    import time
+
+    from capsnet.visdom_server import wait_until_up
+
+    tmp_dir = pathlib.Path(tmp_dir)
+    port = free_port()
+    code = ("from capsnet.visdom_server import serve; "
+            f"serve(port={port}, env_path={str(tmp_dir / 'envs')!r})")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    path = [str(root / "src"), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
+    log = open(tmp_dir / "server.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=log,
+                            stderr=subprocess.STDOUT, env=env)
+
+    def stop() -> None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+    deadline = time.monotonic() + 30
+    while not wait_until_up("127.0.0.1", port, timeout=0.5):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            log.seek(0)
+            text = log.read()
+            stop()
+            pytest.fail(f"visdom server did not come up:\n{text}")
+    return port, stop
+
+
+@pytest.fixture(scope="module")
+def visdom_port(tmp_path_factory):
+    """Port of a Visdom server (``capsnet.visdom_server.serve``) running for the module."""
+    port, stop = start_visdom_server(tmp_path_factory.mktemp("visdom"))
+    yield port
+    stop()

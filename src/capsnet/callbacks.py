@@ -1,4 +1,4 @@
-"""Training callbacks: one row of metrics per epoch in ``metrics.csv``."""
+"""Training callbacks: one row of metrics per epoch in ``metrics.csv``; the progress bar."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 COLUMNS = ["epoch", "train_loss", "train_margin", "train_recon", "train_acc",
            "val_loss", "val_margin", "val_recon", "val_acc",
@@ -63,3 +64,14 @@ class EpochMetricsCSV(L.Callback):
                     break
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, COLUMNS).writerow(row)
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar (it shows the ETA), with short names for the live metrics."""
+
+    SHORT = {"train/loss_step": "loss", "train/acc_step": "acc", "val/acc": "val_acc",
+             "test/acc": "test_acc", "test/loss": "test_loss"}
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        return {short: metrics[key] for key, short in self.SHORT.items() if key in metrics}

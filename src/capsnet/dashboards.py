@@ -1,6 +1,6 @@
 """Live dashboards as Lightning callbacks: a Visdom page and TensorBoard images.
 
-:class:`TestSamples` collects, during each epoch's evaluation of the ``test`` split, the
+:class:`EvalSamples` collects, during each epoch's evaluation of the ``test`` split, the
 predicted and true classes and the first few images with their reconstructions.
 :class:`VisdomDashboard` streams the scalars logged by :class:`~capsnet.lit.LitCapsNet` and
 those samples to a Visdom server; :class:`TensorBoardImages` adds the reconstruction grid to
@@ -9,6 +9,8 @@ the run's TensorBoard log. Nothing here touches the model.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 
 import lightning as L
@@ -26,8 +28,9 @@ def recon_grid(images: torch.Tensor, recons: torch.Tensor, pairs_per_row: int = 
     return make_grid(both.float(), nrow=2 * pairs_per_row, padding=2, pad_value=0.5)
 
 
-class TestSamples(L.Callback):
-    """Per epoch: predictions/targets on the test split and its first ``n_images`` pairs."""
+class EvalSamples(L.Callback):
+    """Per epoch: predictions/targets on the ``test`` split and its first ``n_images`` images
+    with their reconstructions (from the predicted class, as at evaluation)."""
 
     def __init__(self, num_classes: int, n_images: int = 16):
         self.num_classes = num_classes
@@ -48,8 +51,8 @@ class TestSamples(L.Callback):
         if trainer.sanity_checking or pl_module.split_names[dataloader_idx] != "test":
             return
         x, y = batch
-        self.preds.append(outputs.lengths.argmax(dim=1).cpu())
-        self.targets.append(y.cpu())
+        self.preds.append(outputs.lengths.argmax(dim=1).long().cpu())
+        self.targets.append(y.long().cpu())
         if self.images is None:
             k = self.n_images
             self.images = x[:k].detach().float().cpu().contiguous()
@@ -70,7 +73,7 @@ class TestSamples(L.Callback):
 class TensorBoardImages(L.Callback):
     """Logs the test reconstruction grid as image ``test/reconstructions`` every epoch."""
 
-    def __init__(self, samples: TestSamples):
+    def __init__(self, samples: EvalSamples):
         self.samples = samples
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
@@ -80,6 +83,25 @@ class TensorBoardImages(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("test/reconstructions", grid, trainer.global_step)
+
+
+def _connect(server: str, port: int, env: str):
+    """A Visdom client that raises on errors and times out after 10 s (visdom imported here)."""
+    import logging
+
+    import visdom
+    logging.getLogger("visdom").setLevel(logging.ERROR)  # its chatter about sockets
+
+    class Client(visdom.Visdom):
+        def _handle_post(self, url, data=None):  # a hung server must not stall training
+            return self.session.post(url, data=data or {}, timeout=10).text
+
+    with contextlib.redirect_stdout(io.StringIO()):  # visdom prints errors as it raises them
+        vis = Client(server=server, port=port, env=env, raise_exceptions=True,
+                     use_incoming_socket=False)
+        if not vis.check_connection():
+            raise ConnectionError(f"no answer from {server}:{port}")
+    return vis
 
 
 # Line-plot windows: id -> (title, y label). Every x axis is the training step.
@@ -103,7 +125,7 @@ class VisdomDashboard(L.Callback):
     the test confusion matrix and a grid of test images beside their reconstructions.
     """
 
-    def __init__(self, samples: TestSamples, classes, server: str = "http://127.0.0.1",
+    def __init__(self, samples: EvalSamples, classes, server: str = "http://127.0.0.1",
                  port: int = 8097, env: str = "capsnet", every_n_steps: int = 20):
         self.samples, self.classes = samples, [str(c) for c in classes]
         self.server, self.port, self.env = server, port, env
@@ -120,7 +142,8 @@ class VisdomDashboard(L.Callback):
         if self.vis is None:
             return
         try:
-            fn(*args, **kwargs)
+            with contextlib.redirect_stdout(io.StringIO()):  # visdom prints its own errors
+                fn(*args, **kwargs)
         except OSError as e:  # ConnectionError, and requests' errors derive from it
             self.vis = None
             self._say(f"lost the Visdom server at {self.url} ({type(e).__name__})")
@@ -131,14 +154,11 @@ class VisdomDashboard(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         if trainer.global_rank != 0:
             return
-        import logging
-        import visdom
-        logging.getLogger("visdom").setLevel(logging.ERROR)  # its chatter about sockets
         try:
-            vis = visdom.Visdom(server=self.server, port=self.port, env=self.env,
-                                raise_exceptions=True, use_incoming_socket=False)
-            if not vis.check_connection():
-                raise ConnectionError
+            vis = _connect(self.server, self.port, self.env)
+        except ImportError as e:
+            self._say(f"cannot stream to Visdom ({e}; run `make setup`)")
+            return
         except Exception:  # noqa: BLE001
             self._say(f"Visdom server at {self.url} not reachable")
             return
@@ -149,9 +169,13 @@ class VisdomDashboard(L.Callback):
         print(f"capsnet: live dashboard at {self.url}/env/{self.env}", flush=True)
 
     def _point(self, win: str, trace: str, x: int, y: float, markers: bool = False) -> None:
+        if self.vis is None:
+            return
         title, ylabel = _LINES[win]
-        opts = {"title": title, "xlabel": "step", "ylabel": ylabel, "showlegend": True,
+        opts = {"title": title, "xlabel": "step", "ylabel": ylabel, "showlegend": win != "lr",
                 "markers": markers, "markersize": 6}
+        if win == "lr":  # tiny changes of a small number: show them as 9.9996e-4
+            opts["layoutopts"] = {"plotly": {"yaxis": {"title": ylabel, "tickformat": ".5~e"}}}
         self._send(self.vis.line, X=np.array([x]), Y=np.array([float(y)]), win=win,
                    name=trace, update="append", opts=opts)
 
@@ -184,5 +208,5 @@ class VisdomDashboard(L.Callback):
         grid = self.samples.grid()
         if grid is not None:
             opts = {"title": "test reconstructions", "caption": f"{RECON_CAPTION} (epoch {epoch})",
-                    "width": 2 * grid.shape[2], "height": 2 * grid.shape[1]}
+                    "width": 2 * grid.shape[2], "height": 2 * grid.shape[1] + 20}  # + caption
             self._send(self.vis.image, grid.numpy(), win="reconstructions", opts=opts)

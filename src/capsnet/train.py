@@ -6,6 +6,7 @@ Settings come, lowest priority first, from :data:`DEFAULTS`, a YAML file (``--co
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -14,10 +15,10 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from .callbacks import EpochMetricsCSV, read_metrics
+from .callbacks import EpochMetricsCSV, ProgressBar, read_metrics
 from .checkpoints import SafeCheckpointIO
 from .data import ImageDataModule
 from .errors import CapsnetError
@@ -124,8 +125,8 @@ def _extra_callbacks(s: dict, datamodule) -> list:
     """Live dashboards: reconstruction images in TensorBoard, the optional Visdom page."""
     if not (s["visdom"] or s["tensorboard"]):
         return []
-    from .dashboards import TensorBoardImages, TestSamples, VisdomDashboard
-    samples = TestSamples(num_classes=len(datamodule.classes))
+    from .dashboards import EvalSamples, TensorBoardImages, VisdomDashboard
+    samples = EvalSamples(num_classes=len(datamodule.classes))
     callbacks = [samples]
     if s["tensorboard"]:
         callbacks.append(TensorBoardImages(samples))
@@ -172,7 +173,7 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
                                  auto_insert_metric_name=False)
     callbacks = [checkpoint, EpochMetricsCSV(out / "metrics.csv")]
     if s["progress"]:
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, s["log_every"] // 4)))
+        callbacks.append(ProgressBar(refresh_rate=max(1, s["log_every"] // 4)))
     callbacks += _extra_callbacks(s, dm)
     logger = (TensorBoardLogger(save_dir=out, name="tensorboard", version="")
               if s["tensorboard"] else False)
@@ -187,8 +188,15 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*bottleneck.*")
         warnings.filterwarnings("ignore", ".*exists and is not empty.*")
-        trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None,
-                    weights_only=True)
+        warnings.filterwarnings("ignore", ".*overridden `on_after_batch_transfer`.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        try:
+            trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None,
+                        weights_only=True)
+        except SystemExit:  # Lightning's graceful shutdown after Ctrl-C
+            if last.is_file():
+                print(f"capsnet: interrupted; continue with: capsnet train --resume {out}")
+            raise
     return read_metrics(out / "metrics.csv")
 
 
@@ -203,3 +211,5 @@ def load_run_settings(run_dir: str | Path) -> dict:
 
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # quiet TensorBoard's optional TF import
+# Lightning's start-up banner (GPU/TPU availability, tips) is noise in a CLI.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
