@@ -25,7 +25,7 @@ def to_display(img) -> np.ndarray:
     return a[0] if a.shape[0] == 1 else np.moveaxis(a, 0, -1)
 
 
-def mosaic(tiles, gap: int = 1, fill: float = 1.0) -> np.ndarray:
+def mosaic(tiles, gap: int = 1, fill: float = 0.35) -> np.ndarray:
     """Tile a grid of images into one picture.
 
     ``tiles`` ``[R, K, C, H, W]`` -> ``[R*H + (R-1)*gap, K*W + (K-1)*gap]`` (grey) or the same
@@ -197,7 +197,7 @@ def perturbation_panels(grids, titles: Sequence[str], offsets, scale: int = 2,
     tiles = [mosaic(g, gap=gap, fill=0.35) for g in grids]
     mh, mw = tiles[0].shape[:2]
     aw, ah = mw * scale / dpi, mh * scale / dpi  # axes size in inches
-    left, sep, right, bottom, top = 0.6, 0.7, 0.2, 0.8, 0.4
+    left, sep, right, bottom, top = 0.8, 0.9, 0.2, 1.05, 0.5
     width = left + n * aw + (n - 1) * sep + right
     height = bottom + ah + top
     fig = Figure(figsize=(width, height), dpi=dpi)
@@ -206,13 +206,13 @@ def perturbation_panels(grids, titles: Sequence[str], offsets, scale: int = 2,
                            ah / height))
         ax.imshow(tile, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_xticks([k * (w + gap) + w / 2 - 0.5 for k in range(s)],
-                      [f"{float(o):+.2f}" for o in offsets], rotation=90, fontsize=8)
+                      [f"{float(o):+.2f}" for o in offsets], rotation=90, fontsize=10)
         ax.set_yticks([r * (h + gap) + h / 2 - 0.5 for r in range(d)],
-                      [str(r) for r in range(d)], fontsize=8)
-        ax.set_xlabel("offset added to the dimension", fontsize=9)
-        ax.set_ylabel("pose dimension", fontsize=9)
+                      [str(r) for r in range(d)], fontsize=10)
+        ax.set_xlabel("offset added to the dimension", fontsize=12)
+        ax.set_ylabel("pose dimension", fontsize=12)
         ax.tick_params(length=0)
         for sp in ax.spines.values():
             sp.set_visible(False)
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=13)
     return fig

@@ -1,0 +1,188 @@
+"""`capsnet report`: the perturbation tools and the offline HTML page of a short real run."""
+
+import html.parser
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from browser import chromium_dump_dom, chromium_screenshot
+from capsnet.checkpoints import load_model
+from capsnet.cli import main
+from capsnet.datasets import load_dataset
+from capsnet.report import (REPORT_FILES, dimension_effect, perturbation_grid,
+                            perturbation_offsets, save_sweep_gif)
+
+
+class _Images(html.parser.HTMLParser):
+    """Collects <img src>, <script> tags and every href/src of a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.images, self.links, self.scripts = [], [], 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.images.append(a.get("src"))
+        if tag == "script":
+            self.scripts += 1
+        self.links += [v for k, v in attrs if k in ("src", "href") and v]
+
+
+@pytest.fixture(scope="module")
+def model_and_test(trained_run, fashion_dir):
+    model, meta = load_model(trained_run / "last.ckpt")
+    _, test = load_dataset("fashion-mnist", fashion_dir)
+    return model, meta, test
+
+
+@pytest.fixture(scope="module")
+def report(trained_run, fashion_dir):
+    """The report of the shared short real run on 500 test images, and how long it took."""
+    out = trained_run / "report"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    code = main(["report", str(trained_run), "--test-size", "500",
+                 "--data-dir", str(fashion_dir)])
+    seconds = time.perf_counter() - t0
+    assert code == 0
+    return out / "index.html", seconds
+
+
+def test_offsets_are_the_papers():
+    o = perturbation_offsets()
+    assert o.shape == (11,)
+    assert torch.allclose(o, torch.linspace(-0.25, 0.25, 11), atol=1e-7)
+    assert o[5].item() == 0.0  # exact: the middle column is the plain reconstruction
+
+
+def test_perturbation_grid(model_and_test):
+    model, _, test = model_and_test
+    x = test.images[0].float() / 255  # [1, 28, 28]
+    grid = perturbation_grid(model, x)
+    assert grid.shape == (16, 11, 1, 28, 28)  # [D, S, C, H, W]
+    assert grid.min() >= 0 and grid.max() <= 1
+    with torch.no_grad():
+        plain = model(x.unsqueeze(0)).reconstructions[0]
+    for d in range(16):  # offset 0 = the reconstruction, in every row
+        torch.testing.assert_close(grid[d, 5], plain, atol=1e-5, rtol=0)
+    # the ends of the sweep differ from the middle: the dimensions do something
+    assert dimension_effect(grid).shape == (16,)
+    assert dimension_effect(grid).max() > 1e-4
+    # another capsule (target) decodes to something else
+    other = perturbation_grid(model, x, target=int(model(x[None]).lengths.argmin()))
+    assert not torch.allclose(other[:, 5], grid[:, 5])
+    with pytest.raises(ValueError):
+        perturbation_grid(model, torch.zeros(2, 1, 28, 28))
+
+
+def test_sweep_gif(model_and_test, tmp_path):
+    model, _, test = model_and_test
+    dims = save_sweep_gif(model, test.images[1].float() / 255, tmp_path / "s.gif", top=2)
+    assert len(dims) == 2
+    with Image.open(tmp_path / "s.gif") as im:
+        assert im.format == "GIF" and im.n_frames == 2 * 20  # 0 -> + -> - -> 0 per dimension
+        assert im.info.get("loop") == 0  # forever
+
+
+def test_report_files_and_page(report):
+    index, seconds = report
+    print(f"report on 500 test images: {seconds:.1f} s")
+    assert index.is_file()
+    page = index.read_text()
+    p = _Images()
+    p.feed(page)
+    assert p.scripts == 0  # no JS
+    assert not [u for u in p.links if "://" in u or u.startswith("//")]  # no CDN, offline
+    assert sorted(p.images) == sorted(REPORT_FILES)
+    for src in p.images:
+        path = index.parent / src
+        assert path.is_file(), src
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:
+            assert im.format == ("GIF" if src.endswith(".gif") else "PNG"), src
+            assert im.width > 100 and im.height > 100, src
+            if im.format == "GIF":
+                assert im.n_frames > 1
+    for heading in ("Training curves", "Confusion matrix", "Reconstructions",
+                    "Most confident mistakes", "Figure 4", "animated"):
+        assert heading in page
+    for name in ("T-shirt/top", "Trouser", "Ankle boot"):
+        assert name in page  # the per-class table
+    assert "test accuracy" in page and "%" in page
+
+
+def test_perturbation_png_holds_16x11_tiles(report):
+    """The Figure 4 panel: 16 rows x 11 columns of tiles, separated by grey gaps."""
+    index, _ = report
+    with Image.open(index.parent / "perturbation.png") as im:
+        a = np.asarray(im.convert("L"), dtype=np.int16)
+    # The first panel: find the runs of grey gap rows/columns (value 0.35 * 255 = 89).
+    left = a[:, : a.shape[1] // 3]
+    gap_rows = np.where((np.abs(left - 89) <= 1).mean(axis=1) > 0.6)[0]
+    gap_cols = np.where((np.abs(left - 89) <= 1).mean(axis=0) > 0.6)[0]
+
+    def runs(idx):
+        return 0 if len(idx) == 0 else 1 + int((np.diff(idx) > 1).sum())
+
+    assert runs(gap_rows) == 16 - 1
+    assert runs(gap_cols) == 11 - 1
+
+
+def test_chromium_renders_the_report(report, tmp_path):
+    index, _ = report
+    url = index.resolve().as_uri()
+    dom = chromium_dump_dom(url, tmp_path)
+    for src in REPORT_FILES:
+        assert f'src="{src}"' in dom
+    # Did Chromium decode every picture? A probe copy of the page reports naturalWidth.
+    probe = index.parent / "_probe.html"
+    probe.write_text(index.read_text().replace("</body>", """<script>
+window.addEventListener('load', () => { for (const i of document.images)
+  i.setAttribute('data-w', i.complete ? i.naturalWidth : -1); });
+</script></body>"""))
+    try:
+        dom = chromium_dump_dom(probe.resolve().as_uri(), tmp_path)
+    finally:
+        probe.unlink()
+    widths = [int(w) for w in re.findall(r'data-w="(-?\d+)"', dom)]
+    assert len(widths) == len(REPORT_FILES) and min(widths) > 100, widths
+    shot = chromium_screenshot(url, tmp_path / "report.png", tmp_path, size="1200,2400")
+    with Image.open(shot) as im:
+        a = np.asarray(im.convert("L"), dtype=np.float32)
+    assert a.std() > 20  # not a blank page
+    assert (a < 128).mean() > 0.02  # dark pixels: text and the figures
+
+
+def test_bad_run_dir(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing" in err
+    assert main(["report", str(tmp_path)]) == 2  # a folder, but no run
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a capsnet run directory" in err
+    (tmp_path / "config.yaml").write_text("dataset: fashion-mnist\n")
+    (tmp_path / "best.ckpt").write_bytes(b"not a checkpoint")
+    assert main(["report", str(tmp_path)]) == 2  # unreadable checkpoint
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "best.ckpt" in err
+    assert main(["report", str(tmp_path), "--checkpoint", "last"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_bad_run_dir_real_command(tmp_path):
+    exe = pathlib.Path(sys.executable).with_name("capsnet")
+    done = subprocess.run([str(exe), "report", str(tmp_path / "nope")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("capsnet: error:")
+    assert done.stdout == ""
