@@ -42,27 +42,255 @@ def conv_output_size(size: int, kernel_size: int, stride: int) -> int:
     return (size - kernel_size) // stride + 1
 
 
+class _ConvAsGemm(torch.autograd.Function):
+    """A strided, unpadded convolution as im2col + one GEMM per chunk of images (CPU path).
+
+    On this CPU a plain GEMM runs near the multiply-add peak while oneDNN's 9x9 stride-2
+    convolution, above all its backward, does not (see ``capsnet bench`` and docs/performance.md).
+    The im2col matrix of a chunk is a copy of a strided *view* of the channels-last input (each
+    window row of ``k * C`` numbers is contiguous). Chunks of ``ROWS`` output positions share
+    one buffer, so no step allocates (and page-faults in) a huge matrix; the backward rebuilds
+    the im2col matrix instead of keeping it.
+
+    Shapes: ``h`` ``[B, H, W, C]`` (contiguous, i.e. channels-last), ``weight`` ``[O, k*k*C]``
+    (ordered kh, kw, c), ``bias`` ``[O]`` -> ``[B, H', W', O]``.
+    """
+
+    ROWS = 256  # output positions per chunk: a 20 MB im2col buffer for PrimaryCaps
+
+    @staticmethod
+    def windows(h: Tensor, k: int, stride: int) -> Tensor:
+        """``[n, H, W, C]`` -> view ``[n, H', W', k, k, C]`` of every k x k window."""
+        n, hh, ww, c = h.shape
+        sn, sh, sw, sc = h.stride()
+        shape = (n, conv_output_size(hh, k, stride), conv_output_size(ww, k, stride), k, k, c)
+        return h.as_strided(shape, (sn, stride * sh, stride * sw, sh, sw, sc))
+
+    @staticmethod
+    def chunks(h: Tensor, k: int, stride: int):
+        """Yield ``(first image, im2col [rows, k*k*C] of the chunk)``, reusing one buffer."""
+        n, hh, ww, c = h.shape
+        positions = conv_output_size(hh, k, stride) * conv_output_size(ww, k, stride)
+        step = max(1, _ConvAsGemm.ROWS // positions)  # images per chunk
+        buffer = h.new_empty(min(step, n) * positions * k * k * c)
+        for i in range(0, n, step):
+            win = _ConvAsGemm.windows(h[i:i + step], k, stride)
+            cols = buffer[:win.numel()].view(win.shape)
+            cols.copy_(win)
+            yield i, cols.view(-1, k * k * c)
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, k: int, stride: int) -> Tensor:
+        n, hh, ww, _ = h.shape
+        o = weight.shape[0]
+        out = h.new_empty(n, conv_output_size(hh, k, stride), conv_output_size(ww, k, stride), o)
+        for i, cols in _ConvAsGemm.chunks(h, k, stride):
+            rows = out.view(-1, o)[i * out.shape[1] * out.shape[2]:][:cols.shape[0]]
+            torch.addmm(bias, cols, weight.t(), out=rows)  # [rows, O]
+        ctx.save_for_backward(h, weight)
+        ctx.k, ctx.stride = k, stride
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        h, weight = ctx.saved_tensors
+        k, stride = ctx.k, ctx.stride
+        n, hh, ww, c = h.shape
+        positions = grad.shape[1] * grad.shape[2]
+        grad = grad.contiguous().view(-1, weight.shape[0])  # [B*H'*W', O]
+        g_weight = torch.zeros_like(weight)
+        g_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        g_cols = index = None
+        for i, cols in _ConvAsGemm.chunks(h, k, stride):
+            g = grad[i * positions:][:cols.shape[0]]  # [rows, O]
+            g_weight.addmm_(g.t(), cols)
+            if g_h is None:
+                continue
+            if g_cols is None:
+                g_cols = torch.empty_like(cols)
+                # col2im as one index_add: im2col entry (b, y, x, kh, kw) came from input pixel
+                # (b, stride*y + kh, stride*x + kw); ``index`` numbers those pixels in a chunk.
+                pixels = torch.arange(cols.shape[0] // positions * hh * ww, device=h.device)
+                index = _ConvAsGemm.windows(pixels.view(-1, hh, ww, 1), k, stride).reshape(-1)
+            gc = torch.mm(g, weight, out=g_cols[:cols.shape[0]]).view(-1, c)  # [rows*k*k, C]
+            g_hi = g_h[i:i + cols.shape[0] // positions].zero_().view(-1, c)
+            g_hi.index_add_(0, index[:gc.shape[0]], gc)
+        g_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
+        return g_h, g_weight, g_bias, None, None
+
+
 class PrimaryCapsules(nn.Module):
     """PrimaryCaps: ONE convolution with ``num_types * dim`` channels, regrouped into capsules.
 
     Every position of the output grid holds ``num_types`` capsules of dimension ``dim``
     (channel ``t * dim + k`` is dimension ``k`` of capsule type ``t``), then ``squash``.
+    On CPU the convolution runs as im2col + GEMM (:class:`_ConvAsGemm`, same math and
+    parameters as ``self.conv``); elsewhere, or with ``gemm=False``, as ``self.conv``.
 
     Shapes: ``x`` ``[B, C, H, W]`` -> ``u`` ``[B, I, K]`` with ``I = H' * W' * num_types``,
     ``K = dim``; capsules are ordered (row, column, type).
     """
 
     def __init__(self, in_channels: int, num_types: int = 32, dim: int = 8,
-                 kernel_size: int = 9, stride: int = 2):
+                 kernel_size: int = 9, stride: int = 2, gemm: bool = True):
         super().__init__()
-        self.num_types, self.dim = num_types, dim
+        self.num_types, self.dim, self.gemm = num_types, dim, gemm
         self.conv = nn.Conv2d(in_channels, num_types * dim, kernel_size, stride)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.conv(x)  # [B, T*K, H', W']
-        # [B, H', W', T*K] is free when `out` is channels_last and a small copy otherwise.
-        u = out.permute(0, 2, 3, 1).reshape(out.shape[0], -1, self.dim)
-        return squash(u)
+        conv = self.conv
+        if self.gemm and x.device.type == "cpu":
+            h = x.permute(0, 2, 3, 1).contiguous()  # [B, H, W, C]: free if x is channels-last
+            # [O, C, k, k] -> [O, (kh, kw, c)]: free if the weight is channels-last
+            weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
+            out = _ConvAsGemm.apply(h, weight, conv.bias, conv.kernel_size[0], conv.stride[0])
+        else:
+            out = conv(x).permute(0, 2, 3, 1)  # [B, H', W', T*K]; a view when channels-last
+        return squash(out.reshape(out.shape[0], -1, self.dim))
+
+
+def _squash_backward(s: Tensor, grad_v: Tensor) -> Tensor:
+    """Gradient of ``squash`` at ``s`` (small ``[B, O, D]`` tensors), by autograd itself."""
+    with torch.enable_grad():
+        s = s.detach().requires_grad_()
+        (grad_s,) = torch.autograd.grad(squash(s), s, grad_v)
+    return grad_s
+
+
+# Routing by agreement, forward and backward, on a block of prediction vectors ``u`` of shape
+# ``[b*O, I, D]``: one ``[I, D]`` matrix per (image, output capsule), any strides. Both
+# contractions of Procedure 1 are then batched matrix-vector products over that block.
+
+def _route(u: Tensor, n_out: int, iterations: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Procedure 1 on ``u`` ``[b*O, I, D]``; returns ``(c [b, O, I], s, v [b, O, D])`` of
+    every iteration (the last ``v`` is the output)."""
+    n_in, dim = u.shape[1], u.shape[2]
+    bsz = u.shape[0] // n_out
+    # Iteration 1: b = 0, so c_ij = 1/O for every pair (softmax of zeros over outputs).
+    c = u.new_full((bsz, n_out, n_in), 1.0 / n_out)
+    logits, saved = None, []
+    for it in range(iterations):
+        if it > 0:
+            c = torch.softmax(logits, dim=1)  # over OUTPUT capsules j
+        # s_j = sum_i c_ij u_hat_{j|i}: [b*O, 1, I] @ [b*O, I, D]
+        s = torch.bmm(c.view(-1, 1, n_in), u).view(bsz, n_out, dim)
+        v = squash(s)
+        saved.append((c, s, v))
+        if it < iterations - 1:
+            # agreement a_ij = u_hat_{j|i} . v_j: [b*O, I, D] @ [b*O, D, 1]
+            a = torch.bmm(u, v.view(-1, dim, 1)).view(bsz, n_out, n_in)
+            logits = a if logits is None else logits + a
+    return saved
+
+
+def _route_backward(u: Tensor, saved, grad_v: Tensor, detach: bool) -> Tensor:
+    """Gradient with respect to ``u`` ``[b*O, I, D]`` of the output ``v`` of :func:`_route`.
+
+    Autograd would keep and sum one ``u``-sized gradient per use of ``u`` (2r - 1 of them).
+    Here the iterations are walked in reverse with two matrix-vector products each, and the
+    gradient is built once, as a sum of 2r - 1 outer products (one batched matmul). With
+    ``detach`` only the last ``s_j = sum_i c_ij u_hat_{j|i}`` carries gradient and the last
+    couplings count as constants.
+    """
+    n_in, dim = u.shape[1], u.shape[2]
+    last = len(saved) - 1
+    first = last if detach else 0
+    left, right = [], []  # grad u[(b, j), i, :] = sum_m left[m][b, j, i] * right[m][b, j, :]
+    grad_logits = None  # gradient of the summed logits that iteration `it` started from
+    for it in range(last, first - 1, -1):
+        c, s, v = saved[it]
+        if it < last:  # v fed the agreement a = u_hat . v, whose gradient is grad_logits
+            grad_v = torch.bmm(grad_logits.view(-1, 1, n_in), u).view(v.shape)
+            left.append(grad_logits)
+            right.append(v)
+        grad_s = _squash_backward(s, grad_v)
+        left.append(c)
+        right.append(grad_s)
+        if it > first:  # c = softmax_j(logits): back through the couplings
+            grad_c = torch.bmm(u, grad_s.view(-1, dim, 1)).view(c.shape)
+            grad_l = c * (grad_c - (grad_c * c).sum(dim=1, keepdim=True))
+            grad_logits = grad_l if grad_logits is None else grad_logits + grad_l
+    m = len(left)
+    return torch.bmm(torch.stack(left, dim=-1).view(-1, n_in, m),
+                     torch.stack(right, dim=-2).view(-1, m, dim))
+
+
+class _Routing(torch.autograd.Function):
+    """Procedure 1 with the hand-written backward of :func:`_route_backward`.
+
+    Shapes: ``u_hat`` ``[B, O, I, D]`` -> ``v`` ``[B, O, D]``, ``c`` ``[B, O, I]`` (the last
+    couplings, not differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, u_hat: Tensor, iterations: int, detach: bool):
+        bsz, n_out, n_in, dim = u_hat.shape
+        saved = _route(u_hat.reshape(bsz * n_out, n_in, dim), n_out, iterations)
+        ctx.save_for_backward(u_hat, *[t for triple in saved for t in triple])
+        ctx.detach = detach
+        c, _, v = saved[-1]
+        ctx.mark_non_differentiable(c)
+        return v, c
+
+    @staticmethod
+    def backward(ctx, grad_v: Tensor, _grad_c):
+        u_hat, *flat = ctx.saved_tensors
+        saved = [flat[i:i + 3] for i in range(0, len(flat), 3)]
+        bsz, n_out, n_in, dim = u_hat.shape
+        grad = _route_backward(u_hat.reshape(bsz * n_out, n_in, dim), saved, grad_v, ctx.detach)
+        return grad.view(u_hat.shape), None, None
+
+
+class _PredictAndRoute(torch.autograd.Function):
+    """Prediction vectors and routing, a few images at a time, never holding all of ``u_hat``.
+
+    ``u_hat`` (``[B, O, I, D]``, 94 MB for a batch of 128 in the paper model) is made, routed
+    and dropped per chunk of images while it is still in cache, and made again in the backward
+    instead of being kept. Same math as :meth:`RoutingCapsules.predictions` followed by
+    :class:`_Routing`.
+
+    Shapes: ``u`` ``[B, I, K]``, ``weight`` ``[I, K, O*D]`` -> ``v`` ``[B, O, D]``.
+    """
+
+    IMAGES = 4  # images per chunk: 4 x 0.74 MB of u_hat in the paper model
+
+    @staticmethod
+    def predict(u: Tensor, weight: Tensor, n_out: int) -> tuple[Tensor, Tensor]:
+        """``u`` ``[b, I, K]`` -> ``u_hat`` ``[I, b, O*D]`` and its view ``[b*O, I, D]``."""
+        u_hat = torch.bmm(u.transpose(0, 1), weight)  # [I, b, O*D]
+        n_in = u_hat.shape[0]
+        return u_hat, u_hat.view(n_in, -1, weight.shape[2] // n_out).transpose(0, 1)
+
+    @staticmethod
+    def run(u: Tensor, weight: Tensor, n_out: int, iterations: int) -> list:
+        """Per chunk of images, the ``(c, s, v)`` of every routing iteration."""
+        return [_route(_PredictAndRoute.predict(chunk, weight, n_out)[1], n_out, iterations)
+                for chunk in u.split(_PredictAndRoute.IMAGES)]
+
+    @staticmethod
+    def forward(ctx, u: Tensor, weight: Tensor, n_out: int, iterations: int, detach: bool):
+        ctx.chunks = _PredictAndRoute.run(u, weight, n_out, iterations)
+        ctx.save_for_backward(u, weight)
+        ctx.n_out, ctx.detach = n_out, detach
+        return torch.cat([saved[-1][2] for saved in ctx.chunks])  # the last v of every chunk
+
+    @staticmethod
+    def backward(ctx, grad_v: Tensor):
+        u, weight = ctx.saved_tensors
+        n_in, k, n_od = weight.shape
+        grad_u = torch.empty_like(u) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight)
+        step = _PredictAndRoute.IMAGES
+        for i, saved in zip(range(0, u.shape[0], step), ctx.chunks):
+            ui = u[i:i + step]
+            b = ui.shape[0]
+            _, u_hat = _PredictAndRoute.predict(ui, weight, ctx.n_out)  # again
+            g = _route_backward(u_hat, saved, grad_v[i:i + step], ctx.detach)  # [b*O, I, D]
+            g = g.view(b, ctx.n_out, n_in, -1).permute(2, 0, 1, 3).reshape(n_in, b, n_od)
+            grad_w.baddbmm_(ui.permute(1, 2, 0), g)  # [I, K, b] @ [I, b, O*D]
+            if grad_u is not None:
+                grad_u[i:i + step] = torch.bmm(g, weight.transpose(1, 2)).transpose(0, 1)
+        return grad_u, grad_w, None, None, None
 
 
 class RoutingCapsules(nn.Module):
@@ -92,7 +320,7 @@ class RoutingCapsules(nn.Module):
         """``u`` ``[B, I, K]`` -> ``u_hat`` ``[B, O, I, D]``.
 
         Laid out so that each (b, j) pair owns a contiguous ``[I, D]`` matrix: both routing
-        contractions below are then plain batched matrix multiplies over that matrix.
+        contractions are then plain batched matrix multiplies over that matrix.
         """
         b = u.shape[0]
         u_hat = torch.bmm(u.transpose(0, 1), self.weight)  # [I, B, O*D]
@@ -100,7 +328,12 @@ class RoutingCapsules(nn.Module):
         return u_hat.permute(1, 2, 0, 3).contiguous()  # [B, O, I, D]
 
     def forward(self, u: Tensor) -> Tensor:
-        return self.route(self.predictions(u))
+        """Same as ``route(predictions(u))``, chunk by chunk (see :class:`_PredictAndRoute`)."""
+        if torch.is_grad_enabled() and (u.requires_grad or self.weight.requires_grad):
+            return _PredictAndRoute.apply(u, self.weight, self.out_caps, self.iterations,
+                                          self.detach_routing and self.iterations > 1)
+        chunks = _PredictAndRoute.run(u, self.weight, self.out_caps, self.iterations)
+        return torch.cat([saved[-1][2] for saved in chunks])  # the last v of every chunk
 
     def route(self, u_hat: Tensor) -> Tensor:
         """Procedure 1 of the paper. ``u_hat`` ``[B, O, I, D]`` -> ``v`` ``[B, O, D]``."""
@@ -109,24 +342,8 @@ class RoutingCapsules(nn.Module):
 
     def route_with_couplings(self, u_hat: Tensor) -> tuple[Tensor, Tensor]:
         """Like :meth:`route`, also returning the last coupling coefficients ``c`` ``[B, O, I]``."""
-        bsz, n_out, n_in, _ = u_hat.shape
-        # Iteration 1: b = 0, so c_ij = 1/O for every pair (softmax of zeros over outputs).
-        c = u_hat.new_full((bsz, n_out, n_in), 1.0 / n_out)
-        logits = None
-        routed = u_hat.detach() if (self.detach_routing and self.iterations > 1) else u_hat
-        for it in range(self.iterations):
-            last = it == self.iterations - 1
-            preds = u_hat if last else routed
-            if it > 0:
-                c = F.softmax(logits, dim=1)  # over OUTPUT capsules j
-            # s_j = sum_i c_ij u_hat_{j|i}: [B*O, 1, I] @ [B*O, I, D]
-            s = torch.matmul(c.unsqueeze(2), preds).squeeze(2)  # [B, O, D]
-            v = squash(s)
-            if not last:
-                # agreement a_ij = u_hat_{j|i} . v_j: [B*O, I, D] @ [B*O, D, 1]
-                a = torch.matmul(preds, v.unsqueeze(3)).squeeze(3)  # [B, O, I]
-                logits = a if logits is None else logits + a
-        return v, c
+        detach = self.detach_routing and self.iterations > 1
+        return _Routing.apply(u_hat, self.iterations, detach)
 
 
 class Decoder(nn.Module):

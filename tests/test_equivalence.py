@@ -1,0 +1,128 @@
+"""The fast path (im2col + GEMM convolution, hand-written routing backward) computes exactly the
+model of the paper: same outputs and same gradients as a plain, obviously-correct formulation.
+"""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from capsnet import CapsNet, CapsNetConfig
+from capsnet.layers import _ConvAsGemm, _PredictAndRoute, _Routing
+from capsnet.losses import capsule_loss
+
+
+def plain_squash(s):
+    n2 = (s * s).sum(dim=-1, keepdim=True)
+    return n2 / (1 + n2) * s / torch.sqrt(n2 + 1e-8)
+
+
+def plain_forward(m: CapsNet, x, target):
+    """Every step of the paper written out with standard convolutions and einsum.
+
+    Axis letters: b batch, i input capsules, k their dimension, o output capsules, d theirs.
+    """
+    c = m.config
+    h = F.relu(F.conv2d(x, m.conv1.weight, m.conv1.bias))
+    p = F.conv2d(h, m.primary.conv.weight, m.primary.conv.bias, stride=c.primary_stride)
+    u = plain_squash(p.permute(0, 2, 3, 1).reshape(x.shape[0], -1, c.primary_dim))  # [b, i, k]
+    W = m.digits.weight.view(-1, c.primary_dim, c.num_classes, c.class_dim)  # [i, k, o, d]
+    u_hat = torch.einsum("bik,ikod->biod", u, W)
+    logits = torch.zeros(u_hat.shape[:3], dtype=x.dtype)  # [b, i, o]
+    for r in range(c.routing_iterations):
+        last = r == c.routing_iterations - 1
+        preds = u_hat.detach() if (c.detach_routing and not last) else u_hat
+        coupling = torch.softmax(logits, dim=2)  # over the output capsules
+        v = plain_squash(torch.einsum("bio,biod->bod", coupling, preds))
+        if not last:
+            logits = logits + torch.einsum("biod,bod->bio", preds, v)
+    lengths = v.norm(dim=-1)
+    masked = (v * F.one_hot(target, c.num_classes).to(x.dtype)[:, :, None]).flatten(1)
+    d = m.decoder.net
+    z = F.relu(F.linear(masked, d[0].weight, d[0].bias))
+    z = F.relu(F.linear(z, d[2].weight, d[2].bias))
+    recon = torch.sigmoid(F.linear(z, d[4].weight, d[4].bias)).view(x.shape)
+    return lengths, v, recon, coupling
+
+
+def outputs_and_grads(m, x, y, fn):
+    m.zero_grad(set_to_none=True)
+    lengths, v, recon = fn(x, y)[:3]
+    capsule_loss(lengths, y, recon, x).total.backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    return (lengths.detach(), v.detach(), recon.detach()), grads
+
+
+def check_same(m, x, y, rtol, atol):
+    fast_out, fast_grads = outputs_and_grads(m, x, y, m)
+    plain_out, plain_grads = outputs_and_grads(m, x, y, lambda x, y: plain_forward(m, x, y))
+    for a, b in zip(fast_out, plain_out):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    for name in plain_grads:
+        g, ref = fast_grads[name], plain_grads[name]
+        torch.testing.assert_close(g, ref, rtol=rtol, atol=atol * ref.abs().max().item(),
+                                   msg=lambda s: f"gradient of {name}: {s}")
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+@pytest.mark.parametrize("detach", [False, True])
+def test_small_model_float64(iterations, detach, monkeypatch):
+    # 2 images per chunk: 3 chunks (2, 2, 1) for 5 images
+    monkeypatch.setattr(_ConvAsGemm, "ROWS", 72)
+    monkeypatch.setattr(_PredictAndRoute, "IMAGES", 2)
+    torch.manual_seed(0)
+    cfg = CapsNetConfig(conv_channels=16, primary_types=4, routing_iterations=iterations,
+                        detach_routing=detach)
+    m = CapsNet(cfg).double()
+    with torch.no_grad():  # larger W than the 0.01 init, so that routing really reweights
+        m.digits.weight.mul_(30)
+    x = torch.rand(5, 1, 28, 28, dtype=torch.float64)
+    y = torch.randint(0, 10, (5,))
+    check_same(m, x, y, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_paper_model_float32_channels_last(iterations):
+    torch.manual_seed(1)
+    m = CapsNet(routing_iterations=iterations).to(memory_format=torch.channels_last)
+    x = torch.rand(3, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([0, 3, 9])
+    check_same(m, x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_three_channel_input_and_inference_mode():
+    torch.manual_seed(2)
+    m = CapsNet(in_channels=3, image_size=32, conv_channels=32, primary_types=8).eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.inference_mode():
+        out = m(x)
+    lengths, v, recon, _ = plain_forward(m, x, out.selected)
+    torch.testing.assert_close(out.lengths, lengths.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.reconstructions, recon.detach(), rtol=1e-4, atol=1e-6)
+    assert torch.equal(out.selected, lengths.argmax(dim=1))
+
+
+def test_couplings_match_plain_routing():
+    torch.manual_seed(3)
+    m = CapsNet(conv_channels=16, primary_types=4).double()
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
+    u = m.primary(F.relu(m.conv1(x)))
+    _, c = m.digits.route_with_couplings(m.digits.predictions(u))  # [b, o, i]
+    plain_c = plain_forward(m, x, torch.zeros(2, dtype=torch.long))[3]  # [b, i, o]
+    torch.testing.assert_close(c, plain_c.transpose(1, 2))
+
+
+def test_custom_backwards_pass_gradcheck(monkeypatch):
+    monkeypatch.setattr(_PredictAndRoute, "IMAGES", 2)
+    torch.manual_seed(4)
+    h = torch.randn(3, 11, 13, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3 * 3 * 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda h, w, b: _ConvAsGemm.apply(h, w, b, 3, 2), (h, w, b))
+    u_hat = torch.randn(2, 3, 7, 4, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(3, 5, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 2, 3 * 4, dtype=torch.float64, requires_grad=True)
+    for iterations in (1, 2, 3):  # (with detach the gradient is, on purpose, not the derivative)
+        assert torch.autograd.gradcheck(
+            lambda u: _Routing.apply(u, iterations, False)[0], (u_hat,))
+        assert torch.autograd.gradcheck(
+            lambda u, w: _PredictAndRoute.apply(u, w, 3, iterations, False), (u, w))
