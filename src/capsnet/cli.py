@@ -186,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands(sub) -> None:
     """Commands that live in their own modules (bench, report, visdom)."""
-    from . import report, visdom_server
-    for mod in (report, visdom_server):
+    from . import bench, report, visdom_server
+    for mod in (bench, report, visdom_server):
         mod.add_parser(sub)
 
 

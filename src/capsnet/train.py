@@ -43,6 +43,25 @@ _POSITIVE = ("epochs", "batch_size", "eval_batch_size", "lr", "lr_decay", "lr_de
 _NON_NEGATIVE = ("recon_weight", "shift", "rotate", "scale", "shear", "translate", "val_size")
 
 
+def retain_freed_memory() -> bool:
+    """Have glibc keep freed memory for reuse instead of returning it to the kernel.
+
+    By default glibc serves every allocation above 32 MB with a fresh ``mmap`` and unmaps it
+    when freed, so each large tensor of every step faults its pages in again (about a GB per
+    training step of the naive model; on this virtual machine page faults cost more than the
+    arithmetic of many layers). Allocating from the heap and never trimming it makes a step
+    reuse the memory of the previous one. Process-wide; returns False where not glibc.
+    """
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 def read_config(path: str | Path) -> dict:
     """Settings from a YAML file (keys with ``-`` or ``_``), checked against :data:`DEFAULTS`."""
     try:
@@ -156,6 +175,8 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
     if s["threads"]:
         torch.set_num_threads(s["threads"])
     accelerator, devices = resolve_device(s["device"])
+    if accelerator == "cpu":
+        retain_freed_memory()  # ~12% faster CPU steps: compare `capsnet bench --no-retain-memory`
     L.seed_everything(s["seed"], verbose=False)
     dm = ImageDataModule(s["dataset"], s["data_dir"], s["batch_size"], s["eval_batch_size"],
                          s["train_size"], s["val_size"], s["test_size"], split_seed=s["seed"])

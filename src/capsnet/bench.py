@@ -1,0 +1,388 @@
+"""`capsnet bench`: our throughput against this machine's arithmetic limit and a naive CapsNet.
+
+Everything is measured in one process and one run, with the same threads:
+
+- FLOPs per image of a training step (forward, loss, backward) and of inference, counted by
+  ``torch.utils.flop_counter.FlopCounterMode`` on the model with standard convolutions (the
+  paper model's multiply-adds; elementwise work is not counted);
+- the sustained fp32 matrix-multiply rate (square ``torch.mm``, best of several); the limit
+  in images/s is that rate divided by the FLOPs per image;
+- images/s of a training step (forward, loss, backward, Adam) and of inference
+  (``torch.inference_mode``), each the median of individually timed steps on random data of
+  the real shape, after warm-up steps; rounds of all variants are interleaved so that a busy
+  machine slows them alike;
+- the peak memory of a training step: the most memory the step allocates above what is held
+  between steps (parameters, Adam state, the batch). On CPU this is the PyTorch allocator's
+  live bytes, summed from the profiler's allocation events; on CUDA
+  ``torch.cuda.max_memory_allocated``;
+- the same for :class:`capsnet.naive.NaiveCapsNet`, the common practice, under identical
+  conditions (it keeps the default NCHW layout, as such code does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from .errors import CapsnetError
+from .lit import adam
+from .train import retain_freed_memory
+from .losses import capsule_loss
+from .model import CapsNet, CapsNetConfig
+from .naive import NaiveCapsNet
+
+GEMM_SIZE = 2048
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="throughput vs this machine's limit and a naive CapsNet",
+                       description=__doc__.split("\n\n")[0] + " Prints a table, or with "
+                       "--json one JSON object.")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch (default 128)")
+    p.add_argument("--eval-batch-size", type=int,
+                   help="inference batch (default: the training batch)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--steps", type=int, default=12,
+                   help="timed steps per measurement (default 12)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--image-size", type=int, default=28, help="square input side (default 28)")
+    p.add_argument("--channels", type=int, default=1, help="input channels (default 1)")
+    p.add_argument("--routing-iterations", type=int, default=3, help="default 3")
+    p.add_argument("--detach-routing", action="store_true",
+                   help="no gradient through the intermediate routing iterations")
+    p.add_argument("--no-naive", dest="naive", action="store_false",
+                   help="skip the naive reference (faster)")
+    p.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="have glibc keep freed memory for reuse, for both models, as "
+                        "`capsnet train` does (default on)")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(handler=_cmd_bench)
+
+
+def _cmd_bench(a) -> int:
+    for name in ("batch_size", "eval_batch_size", "threads", "steps", "image_size",
+                 "channels", "routing_iterations"):
+        value = getattr(a, name)
+        if value is not None and value < 1:
+            raise CapsnetError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if a.warmup < 0:
+        raise CapsnetError(f"--warmup must not be negative, got {a.warmup}")
+    result = bench(batch_size=a.batch_size, eval_batch_size=a.eval_batch_size,
+                   device=a.device, threads=a.threads, steps=a.steps, warmup=a.warmup,
+                   image_size=a.image_size, channels=a.channels,
+                   routing_iterations=a.routing_iterations, detach_routing=a.detach_routing,
+                   naive=a.naive, retain_memory=a.retain_memory,
+                   log=None if a.json else sys.stderr)
+    print(json.dumps(result) if a.json else format_table(result))
+    return 0
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CapsnetError(f"--device {name}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise CapsnetError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_name() -> str:
+    """The CPU model and its widest vector extension, e.g. ``Intel Xeon ... (AVX-512)``."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name in ("", platform.machine(), "x86_64"):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    return f"{name} ({simd})" if simd else name
+
+
+def gemm_rate(device: torch.device, size: int = GEMM_SIZE, repeats: int = 3) -> float:
+    """Best fp32 GFLOP/s of ``repeats`` timed ``size``^3 square matrix multiplies."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    out = torch.empty(size, size, device=device)
+    torch.mm(a, b, out=out)
+    best = math.inf
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        torch.mm(a, b, out=out)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * size ** 3 / best / 1e9
+
+
+class _Runner:
+    """One model with its Adam optimizer and random batches; times its steps."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, batch: int,
+                 eval_batch: int, channels_last: bool):
+        c = model.config
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(device=device, memory_format=fmt)
+        self.device = device
+        self.opt = adam(self.model.parameters())
+        shape = (c.in_channels, c.image_size, c.image_size)
+        self.x = torch.rand(batch, *shape, device=device).contiguous(memory_format=fmt)
+        self.y = torch.randint(0, c.num_classes, (batch,), device=device)
+        self.x_eval = torch.rand(eval_batch, *shape, device=device).contiguous(memory_format=fmt)
+        self.times: dict[str, list[float]] = {"train": [], "eval": []}
+
+    def train_step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        out = self.model(self.x, self.y)
+        loss = capsule_loss(out.lengths, self.y, out.reconstructions, self.x).total
+        loss.backward()
+        self.opt.step()
+
+    def eval_step(self) -> None:
+        with torch.inference_mode():
+            self.model(self.x_eval)
+
+    def timed(self, kind: str, n: int) -> None:
+        step = self.train_step if kind == "train" else self.eval_step
+        for _ in range(n):
+            _sync(self.device)
+            t = time.perf_counter()
+            step()
+            _sync(self.device)
+            self.times[kind].append(time.perf_counter() - t)
+
+    def img_s(self, kind: str) -> float:
+        batch = self.x.shape[0] if kind == "train" else self.x_eval.shape[0]
+        return batch / statistics.median(self.times[kind])
+
+    def train_peak_mb(self) -> float:
+        """Peak memory of one training step above what is held between steps, in MiB."""
+        if self.device.type == "cuda":
+            _sync(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.train_step()
+            _sync(self.device)
+            return (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
+        return _cpu_peak_bytes(self.train_step) / 2**20
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Send file descriptor 2 to /dev/null: the profiler's C++ side logs start/stop lines."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _cpu_peak_bytes(fn) -> int:
+    """Most bytes held at once by PyTorch's CPU allocator during ``fn()``, above the start.
+
+    Replays the allocation and free events that ``torch.profiler`` records.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU],
+                                     profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            events.append((e.start_time_ns, e.extra_fields.alloc_size))
+    held = peak = 0
+    for _, size in sorted(events):
+        held += size
+        peak = max(peak, held)
+    return peak
+
+
+def data_ms_per_batch(batch: int, shape: tuple[int, int, int], device: torch.device,
+                      repeats: int = 5) -> float:
+    """Median ms of the training data path for one batch, as `capsnet train` runs it.
+
+    uint8 images (already batched by tensor indexing) -> float in [0, 1] -> the paper's
+    augmentation (random shifts of up to 2 pixels, per image) -> channels-last.
+    """
+    from .augment import AugmentConfig, augment
+    images = torch.randint(0, 256, (batch, *shape), dtype=torch.uint8, device=device)
+    times = []
+    for _ in range(repeats + 1):
+        _sync(device)
+        t = time.perf_counter()
+        x = augment(images.float().div_(255), AugmentConfig())
+        x = x.contiguous(memory_format=torch.channels_last)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:]) * 1e3
+
+
+def count_gflop_per_img(model: torch.nn.Module, device: torch.device,
+                        batch: int = 2) -> tuple[float, float]:
+    """GFLOP per image of (a training step, inference), counted by FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+    c = model.config
+    x = torch.rand(batch, c.in_channels, c.image_size, c.image_size, device=device)
+    y = torch.randint(0, c.num_classes, (batch,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        out = model(x, y)
+        capsule_loss(out.lengths, y, out.reconstructions, x).total.backward()
+    train = counter.get_total_flops()
+    model.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(x)
+    return train / batch / 1e9, counter.get_total_flops() / batch / 1e9
+
+
+def bench(batch_size: int = 128, eval_batch_size: int | None = None, device: str = "auto",
+          threads: int | None = None, steps: int = 12, warmup: int = 2, image_size: int = 28,
+          channels: int = 1, routing_iterations: int = 3, detach_routing: bool = False,
+          naive: bool = True, retain_memory: bool = True, rounds: int = 3, log=None) -> dict:
+    """Run the whole benchmark; returns the results as a flat dict (see ``capsnet bench``)."""
+    started = time.perf_counter()
+    dev = _device(device)
+    retained = retain_memory and dev.type == "cpu" and retain_freed_memory()
+    if threads:
+        torch.set_num_threads(threads)
+    eval_batch_size = eval_batch_size or batch_size
+    try:
+        config = CapsNetConfig(in_channels=channels, image_size=image_size,
+                               routing_iterations=routing_iterations,
+                               detach_routing=detach_routing)
+        torch.manual_seed(0)
+        ours = CapsNet(config)
+    except ValueError as e:
+        raise CapsnetError(str(e)) from None
+
+    def say(msg: str) -> None:
+        if log is not None:
+            print(f"[{time.perf_counter() - started:5.0f} s] {msg}", file=log, flush=True)
+
+    # FLOPs of the model's math: the same model with standard convolutions.
+    reference = CapsNet(config).to(dev)
+    reference.primary.gemm = False
+    train_gflop, eval_gflop = count_gflop_per_img(reference, dev)
+    del reference
+    runners = {"ours": _Runner(ours, dev, batch_size, eval_batch_size, channels_last=True)}
+    if naive:
+        runners["naive"] = _Runner(NaiveCapsNet(config), dev, batch_size, eval_batch_size,
+                                   channels_last=False)
+    say(f"{train_gflop:.3f} GFLOP per image per training step, {eval_gflop:.3f} per "
+        f"inference; warming up")
+    for r in runners.values():
+        for _ in range(warmup):
+            r.train_step()
+            r.eval_step()
+
+    # Interleaved rounds: GEMM rate, then each model's training and inference steps.
+    gemm = []
+    for i in range(rounds):
+        gemm.append(gemm_rate(dev))
+        n = steps // rounds + (i < steps % rounds)
+        for name, r in runners.items():
+            say(f"round {i + 1}/{rounds}: {name} ({n} training + {n} inference steps)")
+            r.timed("train", n)
+            r.timed("eval", n)
+    gemm_gflop_s = max(gemm)
+    say("peak memory of a training step")
+    peaks = {name: r.train_peak_mb() for name, r in runners.items()}
+    data_ms = data_ms_per_batch(batch_size, (channels, image_size, image_size), dev)
+
+    res = {
+        "train_img_s": runners["ours"].img_s("train"),
+        "eval_img_s": runners["ours"].img_s("eval"),
+        "limit_train_img_s": gemm_gflop_s / train_gflop,
+        "limit_eval_img_s": gemm_gflop_s / eval_gflop,
+        "naive_train_img_s": runners["naive"].img_s("train") if naive else None,
+        "naive_eval_img_s": runners["naive"].img_s("eval") if naive else None,
+        "train_gflop_per_img": train_gflop,
+        "eval_gflop_per_img": eval_gflop,
+        "gemm_gflop_s": gemm_gflop_s,
+        "gemm_size": GEMM_SIZE,
+        "train_peak_mb": peaks["ours"],
+        "data_ms_per_batch": data_ms,
+        "naive_train_peak_mb": peaks.get("naive"),
+        "batch_size": batch_size,
+        "eval_batch_size": eval_batch_size,
+        "image_size": image_size,
+        "channels": channels,
+        "routing_iterations": routing_iterations,
+        "detach_routing": detach_routing,
+        "steps": steps,
+        "warmup": warmup,
+        "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+        "device": str(dev),
+        "cpu": cpu_name(),
+        "torch": torch.__version__,
+        "malloc": "retain freed memory" if retained else "default",
+    }
+    res["data_vs_train_step"] = data_ms / 1e3 * res["train_img_s"] / batch_size
+    res["train_vs_limit"] = res["train_img_s"] / res["limit_train_img_s"]
+    res["eval_vs_limit"] = res["eval_img_s"] / res["limit_eval_img_s"]
+    if naive:
+        res["train_vs_naive"] = res["train_img_s"] / res["naive_train_img_s"]
+        res["eval_vs_naive"] = res["eval_img_s"] / res["naive_eval_img_s"]
+        res["peak_vs_naive"] = res["train_peak_mb"] / res["naive_train_peak_mb"]
+    res["seconds"] = time.perf_counter() - started
+    return res
+
+
+def format_table(r: dict) -> str:
+    """The results as a readable table."""
+    threads = f", {r['threads']} threads" if r["threads"] else ""
+    lines = [
+        f"capsnet bench: {r['device']}{threads}, torch {r['torch']}, {r['cpu']}",
+        f"paper model on {r['image_size']}x{r['image_size']}x{r['channels']}, "
+        f"{r['routing_iterations']} routing iterations"
+        + (" (detached)" if r["detach_routing"] else "")
+        + f", batch {r['batch_size']} (inference {r['eval_batch_size']}), fp32",
+        f"sustained fp32 GEMM ({r['gemm_size']}^3, best of the run): "
+        f"{r['gemm_gflop_s']:.1f} GFLOP/s",
+        "",
+        f"{'':28s}{'training step':>16s}{'inference':>14s}",
+        f"{'GFLOP per image':28s}{r['train_gflop_per_img']:16.3f}{r['eval_gflop_per_img']:14.3f}",
+        f"{'limit (images/s)':28s}{r['limit_train_img_s']:16.1f}{r['limit_eval_img_s']:14.1f}",
+        f"{'capsnet (images/s)':28s}{r['train_img_s']:16.1f}{r['eval_img_s']:14.1f}",
+        f"{'  / limit':28s}{r['train_vs_limit']:15.0%} {r['eval_vs_limit']:13.0%}",
+    ]
+    if r["naive_train_img_s"] is not None:
+        lines += [
+            f"{'naive (images/s)':28s}{r['naive_train_img_s']:16.1f}{r['naive_eval_img_s']:14.1f}",
+            f"{'capsnet / naive':28s}{r['train_vs_naive']:15.1f}x{r['eval_vs_naive']:13.1f}x",
+        ]
+    lines += ["", f"{'peak memory of a training step':28s}{r['train_peak_mb']:13.0f} MB"
+              + (f" (naive {r['naive_train_peak_mb']:.0f} MB)"
+                 if r["naive_train_peak_mb"] is not None else "")]
+    lines.append(f"{'data path of a batch':28s}{r['data_ms_per_batch']:13.1f} ms "
+                 f"({r['data_vs_train_step']:.1%} of a training step)")
+    lines.append(f"({r['steps']} timed steps each, medians; malloc: {r['malloc']}; "
+                 f"{r['seconds']:.0f} s)")
+    return "\n".join(lines)
