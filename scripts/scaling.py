@@ -60,13 +60,15 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.plot(b, [r["limit_eval_img_s"] for r in by_batch], ":", c="C1", label="inference limit")
     ax.set(xscale="log", yscale="log", xlabel="batch size (28x28x1)", ylabel="images/s",
            title="throughput vs batch size")
-    ax.set_xticks(b, [str(x) for x in b])
+    ax.set_xticks(b, [str(x) for x in b], minor=False)
+    ax.minorticks_off()
     ax.legend(fontsize=8)
     ax = axes[0][1]
     ax.plot(b, [r["train_peak_mb"] for r in by_batch], "o-", c="C2")
     ax.set(xscale="log", yscale="log", xlabel="batch size (28x28x1)",
            ylabel="peak MB of a training step", title="memory vs batch size")
-    ax.set_xticks(b, [str(x) for x in b])
+    ax.set_xticks(b, [str(x) for x in b], minor=False)
+    ax.minorticks_off()
     for ch, marker in zip(CHANNELS, "o^"):
         sub = sorted((r for r in rows if r["batch_size"] == 128 and r["channels"] == ch),
                      key=lambda r: r["image_size"])
@@ -85,6 +87,10 @@ def plot(rows: list[dict], path: Path) -> None:
                    ylabel="images/s", title="throughput vs input size (batch 128)")
     axes[1][1].set(xscale="log", yscale="log", xlabel="primary capsules (28, 32, 48, 64 px)",
                    ylabel="peak MB of a training step", title="memory vs input size (batch 128)")
+    caps = sorted({r["primary_capsules"] for r in rows if r["batch_size"] == 128})
+    for ax in axes[1]:
+        ax.set_xticks(caps, [f"{c:,}" for c in caps], minor=False)
+        ax.minorticks_off()
     axes[1][0].legend(fontsize=8)
     axes[1][1].legend(fontsize=8)
     fig.tight_layout()
