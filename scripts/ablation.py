@@ -3,7 +3,7 @@
 All variants are built in one process and timed in interleaved rounds (medians), on random
 batches of the paper model's shape, with the same threads:
 
-    .venv/bin/python scripts/ablation.py [--batch-size 128] [--rounds 6] [--retain-memory]
+    .venv/bin/python scripts/ablation.py [--batch-size 128] [--rounds 6] [--no-retain-memory]
 
 ``before`` is the first version of the library: oneDNN convolutions (channels-last), routing
 differentiated by autograd through every iteration, Adam's default implementation (a Python
@@ -13,8 +13,6 @@ loop over the parameters on CPU).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import types
 
 import torch
@@ -66,7 +64,8 @@ def main() -> None:
                    help="the larger inference batch to compare with --batch-size")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--threads", type=int)
-    p.add_argument("--retain-memory", action="store_true")
+    p.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="glibc keeps freed memory for reuse, as `capsnet train` does")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -1,11 +1,7 @@
 """The Visdom dashboard serves offline and draws plots pushed by the client."""
 
-import os
 import pathlib
 import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -13,7 +9,8 @@ from PIL import Image
 
 from browser import chromium_dump_dom, chromium_screenshot
 from capsnet.errors import CapsnetError
-from capsnet.visdom_server import serve, wait_until_up
+from capsnet.visdom_server import serve
+from conftest import start_visdom_server
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -21,36 +18,11 @@ ENV = "capsnet_test"
 TITLES = ("capsnet loss", "capsnet heatmap")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(tmp_path):
-    port = free_port()
-    envs = str(tmp_path / "envs")
-    code = f"from capsnet.visdom_server import serve; serve(port={port}, env_path={envs!r})"
-    path = [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
-    log = open(tmp_path / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 30
-        while not wait_until_up("127.0.0.1", port, timeout=0.5):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"visdom server did not come up:\n{log.read()}")
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    port, stop = start_visdom_server(tmp_path)
+    yield port
+    stop()
 
 
 def windows(dom: str) -> dict:
