@@ -166,18 +166,27 @@ def test_checkpoint_never_executes_code(tmp_path, capsys):
     for cmd in (["evaluate", evil], ["predict", evil, evil]):
         code, _, err = run_cli(capsys, *cmd)
         assert one_line_error(code, err) and "evil.ckpt" in err
+        assert "refused to load" in err and "system" in err  # names what was refused
     assert not os.path.exists("/tmp/capsnet-pwned")
 
 
-@pytest.mark.parametrize("content", [b"", b"garbage" * 10, None])
-def test_unreadable_or_foreign_checkpoint(tmp_path, capsys, content):
+@pytest.mark.parametrize("content,needle", [
+    (b"", "not a readable checkpoint"),
+    (b"garbage" * 10, "not a readable checkpoint"),
+    ("truncated", "not a readable checkpoint"),
+    (None, "not a capsnet checkpoint"),
+])
+def test_unreadable_or_foreign_checkpoint(tmp_path, capsys, content, needle):
     path = tmp_path / "x.ckpt"
     if content is None:
         torch.save({"weights": torch.zeros(3)}, path)  # a foreign but valid torch file
+    elif content == "truncated":
+        torch.save({"weights": torch.zeros(1000)}, path)
+        path.write_bytes(path.read_bytes()[:2000])
     else:
         path.write_bytes(content)
     code, _, err = run_cli(capsys, "evaluate", path)
-    assert one_line_error(code, err) and "x.ckpt" in err
+    assert one_line_error(code, err) and "x.ckpt" in err and needle in err
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -42,18 +42,29 @@ def safe_load(path: str | Path, map_location: Any = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CapsnetError(f"{path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):  # every torch.save since PyTorch 1.6 writes a zip archive
+        raise CapsnetError(f"{path}: not a readable checkpoint (not a PyTorch checkpoint file)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling refused"
         raise CapsnetError(f"{path}: refused to load (it holds more than plain tensors and "
-                           f"data: {first[:200]})") from None
+                           f"data: {_refusal_reason(str(e))})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CapsnetError(f"{path}: not a readable checkpoint ({first[:200]})") from None
     if not isinstance(ckpt, dict):
         raise CapsnetError(f"{path}: not a capsnet checkpoint (holds a {type(ckpt).__name__})")
     return ckpt
+
+
+def _refusal_reason(message: str) -> str:
+    """The line of PyTorch's weights-only refusal that names what was refused."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    for line in message.splitlines():
+        line = line.strip()
+        if line and not line.startswith(boilerplate):
+            return line[:200]
+    return "unpickling refused"
 
 
 class SafeCheckpointIO(TorchCheckpointIO):

@@ -46,7 +46,7 @@ class _ConvAsGemm(torch.autograd.Function):
     """A strided, unpadded convolution as im2col + one GEMM per chunk of images (CPU path).
 
     On this CPU a plain GEMM runs near the multiply-add peak while oneDNN's 9x9 stride-2
-    convolution, above all its backward, does not (see ``capsnet bench`` and docs/performance.md).
+    convolution, above all its backward, does not (``capsnet bench``; README, Performance).
     The im2col matrix of a chunk is a copy of a strided *view* of the channels-last input (each
     window row of ``k * C`` numbers is contiguous). Chunks of ``ROWS`` output positions share
     one buffer, so no step allocates (and page-faults in) a huge matrix; the backward rebuilds
