@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from capsnet import CapsNet, CapsNetConfig
-from capsnet.layers import _ConvAsGemm, _PredictAndRoute, _Routing
+from capsnet.layers import _ConvAsGemm, _PredictAndRoute, _Routing, _squash_backward, squash
 from capsnet.losses import capsule_loss
 
 
@@ -126,3 +126,14 @@ def test_custom_backwards_pass_gradcheck(monkeypatch):
             lambda u: _Routing.apply(u, iterations, False)[0], (u_hat,))
         assert torch.autograd.gradcheck(
             lambda u, w: _PredictAndRoute.apply(u, w, 3, iterations, False), (u, w))
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-6, 1e-2, 1.0, 1e3])
+def test_closed_form_squash_gradient_matches_autograd(scale):
+    torch.manual_seed(5)
+    s = (scale * torch.randn(3, 10, 16, dtype=torch.float64)).requires_grad_()
+    g = torch.randn(3, 10, 16, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(squash(s), s, g)
+    got = _squash_backward(s.detach(), g)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)

@@ -149,12 +149,18 @@ class PrimaryCapsules(nn.Module):
         return squash(out.reshape(out.shape[0], -1, self.dim))
 
 
-def _squash_backward(s: Tensor, grad_v: Tensor) -> Tensor:
-    """Gradient of ``squash`` at ``s`` (small ``[B, O, D]`` tensors), by autograd itself."""
-    with torch.enable_grad():
-        s = s.detach().requires_grad_()
-        (grad_s,) = torch.autograd.grad(squash(s), s, grad_v)
-    return grad_s
+def _squash_backward(s: Tensor, grad_v: Tensor, eps: float = 1e-8) -> Tensor:
+    """Gradient of :func:`squash` at ``s``, in closed form (small ``[B, O, D]`` tensors).
+
+    ``squash(s) = f(q) s`` with ``q = |s|^2`` and ``f(q) = q / ((1 + q) sqrt(q + eps))``, so
+    ``grad_s = f g + 2 f'(q) (s . g) s`` with
+    ``f'(q) = 1 / ((1 + q) sqrt(q + eps)) - f / (1 + q) - f / (2 (q + eps))``, finite at 0.
+    """
+    q = (s * s).sum(dim=-1, keepdim=True)
+    inv = 1.0 / ((1.0 + q) * torch.sqrt(q + eps))
+    f = q * inv
+    f_prime = inv - f / (1.0 + q) - 0.5 * f / (q + eps)
+    return f * grad_v + (2.0 * f_prime * (s * grad_v).sum(dim=-1, keepdim=True)) * s
 
 
 # Routing by agreement, forward and backward, on a block of prediction vectors ``u`` of shape
