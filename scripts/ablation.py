@@ -7,18 +7,20 @@ batches of the paper model's shape, with the same threads:
 
 ``before`` is the first version of the library: oneDNN convolutions (channels-last), routing
 differentiated by autograd through every iteration, Adam's default implementation (a Python
-loop over the parameters on CPU).
+loop over the parameters on CPU). Variants that need an older or an experimental version of a
+routing function of ``capsnet.layers`` swap it in around their own steps only.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import types
 
 import torch
 from torch.nn import functional as F
 
-from capsnet import CapsNet
+from capsnet import CapsNet, layers
 from capsnet.bench import _Runner, retain_freed_memory
 from capsnet.layers import squash
 
@@ -44,8 +46,34 @@ def unfused_routing(self, u):
     return self.route(self.predictions(u))
 
 
+def autograd_squash_backward(s, grad_v):
+    """The first hand-written routing backward got squash's gradient from a nested autograd call."""
+    with torch.enable_grad():
+        s = s.detach().requires_grad_()
+        (grad_s,) = torch.autograd.grad(squash(s), s, grad_v)
+    return grad_s
+
+
+OLD_SQUASH = {"_squash_backward": autograd_squash_backward}
+COMPILED_ROUTING = {"_route": torch.compile(layers._route, dynamic=False),
+                    "_route_backward": torch.compile(layers._route_backward, dynamic=False)}
+
+
+@contextlib.contextmanager
+def patched(functions: dict):
+    """Replace functions of ``capsnet.layers`` for the duration of the block."""
+    old = {name: getattr(layers, name) for name in functions}
+    for name, f in functions.items():
+        setattr(layers, name, f)
+    try:
+        yield
+    finally:
+        for name, f in old.items():
+            setattr(layers, name, f)
+
+
 def variant(batch: int, eval_batch: int, gemm=True, routing=None, fused_adam=True,
-            channels_last=True, **config) -> _Runner:
+            channels_last=True, patches=None, **config) -> _Runner:
     torch.manual_seed(0)
     m = CapsNet(**config)
     m.primary.gemm = gemm
@@ -54,6 +82,7 @@ def variant(batch: int, eval_batch: int, gemm=True, routing=None, fused_adam=Tru
     r = _Runner(m, torch.device("cpu"), batch, eval_batch, channels_last)
     if not fused_adam:
         r.opt = torch.optim.Adam(r.model.parameters(), lr=1e-3)
+    r.patches = patches or {}
     return r
 
 
@@ -75,27 +104,32 @@ def main() -> None:
     variants = {
         "before": variant(b, b, gemm=False, routing=autograd_routing, fused_adam=False),
         "+ routing backward by hand": variant(b, b, gemm=False, routing=unfused_routing,
-                                               fused_adam=False),
-        "+ predictions and routing per chunk": variant(b, b, gemm=False, fused_adam=False),
-        "+ PrimaryCaps as im2col + GEMM": variant(b, b, fused_adam=False),
-        "+ fused Adam (= now)": variant(b, b),
+                                               fused_adam=False, patches=OLD_SQUASH),
+        "+ predictions and routing per chunk": variant(b, b, gemm=False, fused_adam=False,
+                                                        patches=OLD_SQUASH),
+        "+ PrimaryCaps as im2col + GEMM": variant(b, b, fused_adam=False, patches=OLD_SQUASH),
+        "+ fused Adam": variant(b, b, patches=OLD_SQUASH),
+        "+ squash gradient in closed form (= now)": variant(b, b),
         "now, NCHW activations": variant(b, b, channels_last=False),
         f"now, inference batch {a.eval_batch_size}": variant(b, a.eval_batch_size),
         "now, detached routing": variant(b, b, detach_routing=True),
+        "now, routing by torch.compile": variant(b, b, patches=COMPILED_ROUTING),
     }
-    for r in variants.values():  # warm-up
-        r.train_step()
-        r.eval_step()
+    for r in variants.values():  # warm-up (and compilation)
+        with patched(r.patches):
+            r.train_step()
+            r.eval_step()
     for i in range(a.rounds):
         for r in variants.values():
-            r.timed("train", 1)
-            r.timed("eval", 1)
+            with patched(r.patches):
+                r.timed("train", 1)
+                r.timed("eval", 1)
         print(f"round {i + 1}/{a.rounds}", flush=True)
     print(f"\n{torch.get_num_threads()} threads, batch {b}, torch {torch.__version__}"
           f"{', freed memory retained' if a.retain_memory else ''}")
-    print(f"{'variant':40s}{'train img/s':>12s}{'infer img/s':>13s}")
+    print(f"{'variant':44s}{'train img/s':>12s}{'infer img/s':>13s}")
     for name, r in variants.items():
-        print(f"{name:40s}{r.img_s('train'):12.1f}{r.img_s('eval'):13.1f}")
+        print(f"{name:44s}{r.img_s('train'):12.1f}{r.img_s('eval'):13.1f}")
 
 
 if __name__ == "__main__":
