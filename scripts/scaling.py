@@ -5,7 +5,7 @@ peak memory is that setting's alone), and writes ``docs/scaling.csv`` and ``docs
 
     .venv/bin/python scripts/scaling.py [--steps 4] [--out docs]
 
-About 15 minutes on 2 cores; run it on a quiet machine (see ``uptime``).
+About 6 minutes on 2 cores; run it on a quiet machine (see ``uptime``).
 """
 
 from __future__ import annotations
