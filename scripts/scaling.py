@@ -3,7 +3,7 @@
 Runs ``capsnet bench --json --no-naive`` once per setting, each in a fresh process (so that
 peak memory is that setting's alone), and writes ``docs/scaling.csv`` and ``docs/scaling.png``.
 
-    .venv/bin/python scripts/scaling.py [--steps 4] [--out docs]
+    .venv/bin/python scripts/scaling.py [--steps 4] [--out docs] [--plot-only]
 
 About 6 minutes on 2 cores; run it on a quiet machine (see ``uptime``).
 """
@@ -62,7 +62,7 @@ def plot(rows: list[dict], path: Path) -> None:
            title="throughput vs batch size")
     ax.set_xticks(b, [str(x) for x in b], minor=False)
     ax.minorticks_off()
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=2, loc="center", bbox_to_anchor=(0.5, 0.28))
     ax = axes[0][1]
     ax.plot(b, [r["train_peak_mb"] for r in by_batch], "o-", c="C2")
     ax.set(xscale="log", yscale="log", xlabel="batch size (28x28x1)",
@@ -79,7 +79,7 @@ def plot(rows: list[dict], path: Path) -> None:
                         label=f"inference, {ch} channel{'s' * (ch > 1)}")
         axes[1][1].plot(caps, [r["train_peak_mb"] for r in sub], marker + "-", c="C2",
                         label=f"{ch} channel{'s' * (ch > 1)}")
-        for r in sub:
+        for r in sub if ch == CHANNELS[0] else []:
             axes[1][1].annotate(f"{r['image_size']}px", (r["primary_capsules"],
                                 r["train_peak_mb"]), fontsize=7, xytext=(3, -10),
                                 textcoords="offset points")
@@ -93,6 +93,11 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.minorticks_off()
     axes[1][0].legend(fontsize=8)
     axes[1][1].legend(fontsize=8)
+    for ax in axes.flat:  # plain numbers on the log y axes: 10, 20, 50, 100, ...
+        low, high = ax.get_ylim()
+        ticks = [m * 10 ** e for e in range(0, 5) for m in (1, 2, 5) if low <= m * 10 ** e <= high]
+        ax.set_yticks(ticks, [f"{t:,}" for t in ticks], minor=False)
+        ax.minorticks_off()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -102,9 +107,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="timed steps per setting")
     p.add_argument("--threads", type=int)
     p.add_argument("--out", default="docs", help="folder for scaling.csv and scaling.png")
+    p.add_argument("--plot-only", action="store_true",
+                   help="redraw scaling.png from an existing scaling.csv")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.plot_only:
+        with open(out / "scaling.csv", newline="") as f:
+            rows = [{k: (float(v) if "." in v else int(v)) for k, v in r.items()}
+                    for r in csv.DictReader(f)]
+        plot(rows, out / "scaling.png")
+        return
     settings = [(b, 28, 1) for b in BATCHES]
     settings += [(128, s, c) for c in CHANNELS for s in SIZES if (128, s, c) not in settings]
     rows = []
