@@ -35,7 +35,7 @@ import torch
 
 from .errors import CapsnetError
 from .lit import adam
-from .train import retain_freed_memory
+from .train import retain_freed_memory, torch_device
 from .losses import capsule_loss
 from .model import CapsNet, CapsNetConfig
 from .naive import NaiveCapsNet
@@ -85,17 +85,6 @@ def _cmd_bench(a) -> int:
                    log=None if a.json else sys.stderr)
     print(json.dumps(result) if a.json else format_table(result))
     return 0
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CapsnetError(f"--device {name}: CUDA is not available on this machine")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise CapsnetError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
 
 
 def _sync(device: torch.device) -> None:
@@ -268,7 +257,7 @@ def bench(batch_size: int = 128, eval_batch_size: int | None = None, device: str
           naive: bool = True, retain_memory: bool = True, rounds: int = 3, log=None) -> dict:
     """Run the whole benchmark; returns the results as a flat dict (see ``capsnet bench``)."""
     started = time.perf_counter()
-    dev = _device(device)
+    dev = torch_device(device)
     retained = retain_memory and dev.type == "cpu" and retain_freed_memory()
     if threads:
         torch.set_num_threads(threads)

@@ -107,9 +107,8 @@ def _cmd_evaluate(a) -> int:
     from .checkpoints import load_model
     from .datasets import load_dataset
     from .evaluate import evaluate
-    from .train import resolve_device
-    accel, devices = resolve_device(a.device)
-    device = "cpu" if accel == "cpu" else f"cuda:{devices[0]}"
+    from .train import torch_device
+    device = torch_device(a.device)
     model, meta = load_model(a.checkpoint, device)
     _, test = load_dataset(a.dataset or meta["dataset"], a.data_dir)
     if a.test_size:

@@ -268,7 +268,7 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     from .callbacks import read_metrics
     from .checkpoints import load_model
     from .datasets import load_dataset
-    from .train import load_run_settings, resolve_device
+    from .train import load_run_settings, torch_device
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -279,8 +279,7 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     if samples < 1:
         raise CapsnetError(f"--samples must be positive, got {samples}")
     ckpt = _resolve_checkpoint(run_dir, checkpoint)
-    accel, devices = resolve_device(device)
-    dev = "cpu" if accel == "cpu" else f"cuda:{devices[0]}"
+    dev = torch_device(device)
     model, meta = load_model(ckpt, dev)
     c = model.config
     dataset = dataset or settings.get("dataset") or meta["dataset"]
