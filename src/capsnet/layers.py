@@ -274,11 +274,16 @@ class _PredictAndRoute(torch.autograd.Function):
                 for chunk in u.split(_PredictAndRoute.IMAGES)]
 
     @staticmethod
+    def outputs(chunks: list) -> Tensor:
+        """The output capsules ``v`` ``[B, O, D]``: the last ``v`` of every chunk of :meth:`run`."""
+        return torch.cat([saved[-1][2] for saved in chunks])
+
+    @staticmethod
     def forward(ctx, u: Tensor, weight: Tensor, n_out: int, iterations: int, detach: bool):
         ctx.chunks = _PredictAndRoute.run(u, weight, n_out, iterations)
         ctx.save_for_backward(u, weight)
         ctx.n_out, ctx.detach = n_out, detach
-        return torch.cat([saved[-1][2] for saved in ctx.chunks])  # the last v of every chunk
+        return _PredictAndRoute.outputs(ctx.chunks)
 
     @staticmethod
     def backward(ctx, grad_v: Tensor):
@@ -328,18 +333,16 @@ class RoutingCapsules(nn.Module):
         Laid out so that each (b, j) pair owns a contiguous ``[I, D]`` matrix: both routing
         contractions are then plain batched matrix multiplies over that matrix.
         """
-        b = u.shape[0]
-        u_hat = torch.bmm(u.transpose(0, 1), self.weight)  # [I, B, O*D]
-        u_hat = u_hat.view(self.in_caps, b, self.out_caps, self.out_dim)
-        return u_hat.permute(1, 2, 0, 3).contiguous()  # [B, O, I, D]
+        _, u_hat = _PredictAndRoute.predict(u, self.weight, self.out_caps)  # [B*O, I, D] view
+        return u_hat.contiguous().view(u.shape[0], self.out_caps, self.in_caps, self.out_dim)
 
     def forward(self, u: Tensor) -> Tensor:
         """Same as ``route(predictions(u))``, chunk by chunk (see :class:`_PredictAndRoute`)."""
         if torch.is_grad_enabled() and (u.requires_grad or self.weight.requires_grad):
             return _PredictAndRoute.apply(u, self.weight, self.out_caps, self.iterations,
                                           self.detach_routing and self.iterations > 1)
-        chunks = _PredictAndRoute.run(u, self.weight, self.out_caps, self.iterations)
-        return torch.cat([saved[-1][2] for saved in chunks])  # the last v of every chunk
+        return _PredictAndRoute.outputs(
+            _PredictAndRoute.run(u, self.weight, self.out_caps, self.iterations))
 
     def route(self, u_hat: Tensor) -> Tensor:
         """Procedure 1 of the paper. ``u_hat`` ``[B, O, I, D]`` -> ``v`` ``[B, O, D]``."""
