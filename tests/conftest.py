@@ -33,6 +33,11 @@ def trained_run(tmp_path_factory, fashion_dir):
     return out
 
 
+def one_line_error(code, err) -> bool:
+    """A command failed the way bad input must: exit code 2 and one line, no traceback."""
+    return code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
 def free_port() -> int:
     """A loopback TCP port nothing listens on (at the time of asking)."""
     import socket

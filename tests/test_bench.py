@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from capsnet.cli import main
+from conftest import one_line_error
 
 CAPSNET = str(pathlib.Path(sys.executable).with_name("capsnet"))
 TINY = ["--batch-size", "4", "--steps", "2", "--warmup", "1", "--image-size", "20",
@@ -74,6 +75,6 @@ def test_table_without_naive(capsys):
 
 
 def test_bad_flag_is_one_line_error(capsys):
-    assert main(["bench", "--batch-size", "0"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "batch-size" in err[0]
+    code = main(["bench", "--batch-size", "0"])
+    err = capsys.readouterr().err
+    assert one_line_error(code, err) and "batch-size" in err

@@ -15,16 +15,13 @@ from capsnet.callbacks import read_metrics
 from capsnet.checkpoints import load_model
 from capsnet.cli import main
 from capsnet.datasets import load_dataset
+from conftest import one_line_error
 
 
 def run_cli(capsys, *args):
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def one_line_error(code, err):
-    return code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 # ---------------------------------------------------------------- the shared short run
@@ -201,6 +198,8 @@ def test_unreadable_or_foreign_checkpoint(tmp_path, capsys, content, needle):
     (["train", "--dataset", "cifar"], "cifar"),
     (["train", "--resume", "/nonexistent/run"], "nonexistent"),
     (["evaluate"], "checkpoint"),
+    (["bench", "--device", "tpu"], "device"),
+    (["evaluate", "x.ckpt", "--device", "gpu"], "device"),
 ])
 def test_bad_flags_one_line(capsys, tmp_path, args, needle):
     if not any(a in args for a in ("--resume",)):

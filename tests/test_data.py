@@ -11,6 +11,7 @@ from capsnet.cli import main
 from capsnet.data import ImageDataModule
 from capsnet.datasets import load_dataset, locate, read_idx
 from capsnet.errors import CapsnetError
+from conftest import one_line_error
 
 
 def write_idx(path, array: torch.Tensor, magic: int | None = None, gz=True, cut: int = 0):
@@ -83,8 +84,7 @@ def test_corrupt_files_fail_clearly(tmp_path, capsys, damage, message):
     code = main(["train", "--data-dir", str(folder), "--out", str(tmp_path / "run"),
                  "--epochs", "1", "--no-progress"])
     err = capsys.readouterr().err
-    assert code == 2
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert one_line_error(code, err)
     assert message in err and str(folder) in err
 
 
@@ -93,7 +93,7 @@ def test_missing_data_names_both_ways(tmp_path, capsys):
     code = main(["train", "--data-dir", str(empty), "--out", str(tmp_path / "run"),
                  "--no-progress"])
     err = capsys.readouterr().err
-    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert one_line_error(code, err)
     assert "apt-get install dataset-fashion-mnist" in err and "--data-dir" in err
     assert "download" in err
 
