@@ -72,11 +72,11 @@ def patched(functions: dict):
             setattr(layers, name, f)
 
 
-def variant(batch: int, eval_batch: int, gemm=True, routing=None, fused_adam=True,
+def variant(batch: int, eval_batch: int, algorithm="auto", routing=None, fused_adam=True,
             channels_last=True, patches=None, **config) -> _Runner:
     torch.manual_seed(0)
     m = CapsNet(**config)
-    m.primary.gemm = gemm
+    m.primary.algorithm = algorithm
     if routing is not None:
         m.digits.forward = types.MethodType(routing, m.digits)
     r = _Runner(m, torch.device("cpu"), batch, eval_batch, channels_last)
@@ -102,14 +102,16 @@ def main() -> None:
         retain_freed_memory()
     b = a.batch_size
     variants = {
-        "before": variant(b, b, gemm=False, routing=autograd_routing, fused_adam=False),
-        "+ routing backward by hand": variant(b, b, gemm=False, routing=unfused_routing,
+        "before": variant(b, b, algorithm="torch", routing=autograd_routing, fused_adam=False),
+        "+ routing backward by hand": variant(b, b, algorithm="torch", routing=unfused_routing,
                                                fused_adam=False, patches=OLD_SQUASH),
-        "+ predictions and routing per chunk": variant(b, b, gemm=False, fused_adam=False,
+        "+ predictions and routing per chunk": variant(b, b, algorithm="torch", fused_adam=False,
                                                         patches=OLD_SQUASH),
-        "+ PrimaryCaps as im2col + GEMM": variant(b, b, fused_adam=False, patches=OLD_SQUASH),
-        "+ fused Adam": variant(b, b, patches=OLD_SQUASH),
-        "+ squash gradient in closed form (= now)": variant(b, b),
+        "+ PrimaryCaps as im2col + GEMM": variant(b, b, algorithm="im2col", fused_adam=False,
+                                                   patches=OLD_SQUASH),
+        "+ fused Adam": variant(b, b, algorithm="im2col", patches=OLD_SQUASH),
+        "+ squash gradient in closed form": variant(b, b, algorithm="im2col"),
+        "+ PrimaryCaps by DFT (= now)": variant(b, b),
         "now, NCHW activations": variant(b, b, channels_last=False),
         f"now, inference batch {a.eval_batch_size}": variant(b, a.eval_batch_size),
         "now, detached routing": variant(b, b, detach_routing=True),

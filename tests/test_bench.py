@@ -60,10 +60,17 @@ def test_flops_are_counted_not_typed_in():
     from capsnet import CapsNet, CapsNetConfig
     from capsnet.bench import count_gflop_per_img
     import torch
-    small = count_gflop_per_img(CapsNet(CapsNetConfig(image_size=20)), torch.device("cpu"))
-    paper = count_gflop_per_img(CapsNet(), torch.device("cpu"))
+    def count(model, algorithm, eval_batch=2):
+        model.primary.algorithm = algorithm
+        return count_gflop_per_img(model, torch.device("cpu"), 2, eval_batch)
+
+    small = count(CapsNet(CapsNetConfig(image_size=20)), "torch")
+    paper = count(CapsNet(), "torch")
     assert paper[1] == pytest.approx(0.4064, rel=1e-3)  # conv1 + primary dominate
     assert small[1] < paper[1] / 5
+    # What the frequency-domain PrimaryCaps executes, its weights' transform shared by 64
+    # images (at batch 2 that transform alone is ~1 GFLOP per image).
+    assert count(CapsNet(), "auto", eval_batch=64)[1] < paper[1] / 2
 
 
 def test_table_without_naive(capsys):

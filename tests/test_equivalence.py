@@ -1,5 +1,6 @@
-"""The fast path (im2col + GEMM convolution, hand-written routing backward) computes exactly the
-model of the paper: same outputs and same gradients as a plain, obviously-correct formulation.
+"""The fast paths (PrimaryCaps by DFT or by im2col + GEMM, hand-written routing backward) compute
+exactly the model of the paper: same outputs and same gradients as a plain, obviously-correct
+formulation.
 """
 
 import pytest
@@ -7,7 +8,10 @@ import torch
 from torch.nn import functional as F
 
 from capsnet import CapsNet, CapsNetConfig
-from capsnet.layers import _ConvAsGemm, _PredictAndRoute, _Routing, _squash_backward, squash
+from capsnet.layers import (
+    PrimaryCapsules, _ConvAsGemm, _PredictAndRoute, _Routing, _SpectralConv, _squash_backward,
+    squash,
+)
 from capsnet.losses import capsule_loss
 
 
@@ -63,9 +67,10 @@ def check_same(m, x, y, rtol, atol):
                                    msg=lambda s: f"gradient of {name}: {s}")
 
 
+@pytest.mark.parametrize("algorithm", ["dft", "im2col"])
 @pytest.mark.parametrize("iterations", [1, 3])
 @pytest.mark.parametrize("detach", [False, True])
-def test_small_model_float64(iterations, detach, monkeypatch):
+def test_small_model_float64(iterations, detach, algorithm, monkeypatch):
     # 2 images per chunk: 3 chunks (2, 2, 1) for 5 images
     monkeypatch.setattr(_ConvAsGemm, "ROWS", 72)
     monkeypatch.setattr(_PredictAndRoute, "IMAGES", 2)
@@ -73,6 +78,7 @@ def test_small_model_float64(iterations, detach, monkeypatch):
     cfg = CapsNetConfig(conv_channels=16, primary_types=4, routing_iterations=iterations,
                         detach_routing=detach)
     m = CapsNet(cfg).double()
+    m.primary.algorithm = algorithm
     with torch.no_grad():  # larger W than the 0.01 init, so that routing really reweights
         m.digits.weight.mul_(30)
     x = torch.rand(5, 1, 28, 28, dtype=torch.float64)
@@ -80,10 +86,12 @@ def test_small_model_float64(iterations, detach, monkeypatch):
     check_same(m, x, y, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("algorithm", ["dft", "im2col"])
 @pytest.mark.parametrize("iterations", [1, 3])
-def test_paper_model_float32_channels_last(iterations):
+def test_paper_model_float32_channels_last(iterations, algorithm):
     torch.manual_seed(1)
     m = CapsNet(routing_iterations=iterations).to(memory_format=torch.channels_last)
+    m.primary.algorithm = algorithm
     x = torch.rand(3, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     y = torch.tensor([0, 3, 9])
     check_same(m, x, y, rtol=1e-4, atol=1e-5)
@@ -118,6 +126,8 @@ def test_custom_backwards_pass_gradcheck(monkeypatch):
     w = torch.randn(5, 3 * 3 * 4, dtype=torch.float64, requires_grad=True)
     b = torch.randn(5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda h, w, b: _ConvAsGemm.apply(h, w, b, 3, 2), (h, w, b))
+    w4 = w.detach().view(5, 3, 3, 4).permute(0, 3, 1, 2).requires_grad_()  # [O, C, k, k]
+    assert torch.autograd.gradcheck(lambda h, w, b: _SpectralConv.apply(h, w, b, 2), (h, w4, b))
     u_hat = torch.randn(2, 3, 7, 4, dtype=torch.float64, requires_grad=True)
     u = torch.randn(3, 5, 2, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, 2, 3 * 4, dtype=torch.float64, requires_grad=True)
@@ -137,3 +147,49 @@ def test_closed_form_squash_gradient_matches_autograd(scale):
     got = _squash_backward(s.detach(), g)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [  # B, H, W, C, O, kernel, stride
+    (3, 20, 20, 8, 6, 9, 2), (2, 21, 17, 5, 4, 9, 2), (2, 13, 13, 3, 5, 4, 3), (2, 9, 11, 3, 2, 3, 1)])
+def test_spectral_convolution_matches_conv2d(shape):
+    """Even and odd grids, kernels that do and do not divide by the stride, strides 1 to 3."""
+    b, hh, ww, c, o, k, s = shape
+    torch.manual_seed(6)
+    h = torch.randn(b, hh, ww, c, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(o, c, k, k, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(o, dtype=torch.float64, requires_grad=True)
+    expected = F.conv2d(h.permute(0, 3, 1, 2), w, bias, stride=s).permute(0, 2, 3, 1)
+    got = _SpectralConv.apply(h, w, bias, s)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(expected)
+    for a, e in zip(torch.autograd.grad(got, (h, w, bias), g),
+                    torch.autograd.grad(expected, (h, w, bias), g)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+def test_auto_algorithm_choice_and_kept_weight_spectrum():
+    """The paper's PrimaryCaps: DFT for training batches of 64 and more and for any inference
+    batch, im2col for small training batches; the kept spectrum follows weight updates."""
+    torch.manual_seed(7)
+    p = PrimaryCapsules(256)
+    w = p.conv.weight
+    assert _SpectralConv.macs_saved(torch.empty(64, 20, 20, 256), w, 2, weight_known=False) > 0
+    assert _SpectralConv.macs_saved(torch.empty(16, 20, 20, 256), w, 2, weight_known=False) < 0
+    assert _SpectralConv.macs_saved(torch.empty(1, 20, 20, 256), w, 2, weight_known=True) > 0
+    small = PrimaryCapsules(64, num_types=8, dim=8)  # the DFT pays for inference already
+    x = torch.rand(2, 64, 20, 20)
+    with torch.no_grad():
+        small.algorithm = "torch"
+        expected = small(x)
+        small.algorithm = "auto"
+        torch.testing.assert_close(small(x), expected, rtol=1e-4, atol=1e-6)
+        assert small._spectrum is not None  # kept for the next call
+        small.conv.weight.mul_(-2)  # e.g. an optimizer step
+        small.algorithm = "torch"
+        expected = small(x)
+        small.algorithm = "auto"
+        torch.testing.assert_close(small(x), expected, rtol=1e-4, atol=1e-6)
+    small(x).sum().backward()  # training drops it
+    assert small._spectrum is None
+    with pytest.raises(ValueError, match="algorithm"):
+        PrimaryCapsules(8, algorithm="fft")

@@ -234,21 +234,29 @@ def data_ms_per_batch(batch: int, shape: tuple[int, int, int], device: torch.dev
     return statistics.median(times[1:]) * 1e3
 
 
-def count_gflop_per_img(model: torch.nn.Module, device: torch.device,
-                        batch: int = 2) -> tuple[float, float]:
-    """GFLOP per image of (a training step, inference), counted by FlopCounterMode."""
+def count_gflop_per_img(model: torch.nn.Module, device: torch.device, batch: int = 2,
+                        eval_batch: int | None = None) -> tuple[float, float]:
+    """GFLOP per image of (a training step, inference), counted by FlopCounterMode.
+
+    The count is of the matrix products the model runs, so it depends on the algorithm:
+    on the model with standard convolutions it is the paper model's arithmetic; on ours it is
+    what our (batch-dependent) algorithms execute.
+    """
     from torch.utils.flop_counter import FlopCounterMode
     c = model.config
-    x = torch.rand(batch, c.in_channels, c.image_size, c.image_size, device=device)
+    shape = (c.in_channels, c.image_size, c.image_size)
+    x = torch.rand(batch, *shape, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, c.num_classes, (batch,), device=device)
     with FlopCounterMode(display=False) as counter:
         out = model(x, y)
         capsule_loss(out.lengths, y, out.reconstructions, x).total.backward()
-    train = counter.get_total_flops()
+    train = counter.get_total_flops() / batch / 1e9
     model.zero_grad(set_to_none=True)
+    eval_batch = eval_batch or batch
+    x = torch.rand(eval_batch, *shape, device=device).contiguous(memory_format=torch.channels_last)
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         model(x)
-    return train / batch / 1e9, counter.get_total_flops() / batch / 1e9
+    return train, counter.get_total_flops() / eval_batch / 1e9
 
 
 def bench(batch_size: int = 128, eval_batch_size: int | None = None, device: str = "auto",
@@ -277,10 +285,12 @@ def bench(batch_size: int = 128, eval_batch_size: int | None = None, device: str
 
     # FLOPs of the model's math: the same model with standard convolutions.
     reference = CapsNet(config).to(dev)
-    reference.primary.gemm = False
+    reference.primary.algorithm = "torch"
     train_gflop, eval_gflop = count_gflop_per_img(reference, dev)
     del reference
     runners = {"ours": _Runner(ours, dev, batch_size, eval_batch_size, channels_last=True)}
+    # What ours executes: fewer FLOPs when PrimaryCaps runs in the frequency domain.
+    train_done, eval_done = count_gflop_per_img(ours, dev, batch_size, eval_batch_size)
     if naive:
         runners["naive"] = _Runner(NaiveCapsNet(config), dev, batch_size, eval_batch_size,
                                    channels_last=False)
@@ -314,6 +324,8 @@ def bench(batch_size: int = 128, eval_batch_size: int | None = None, device: str
         "naive_eval_img_s": runners["naive"].img_s("eval") if naive else None,
         "train_gflop_per_img": train_gflop,
         "eval_gflop_per_img": eval_gflop,
+        "train_gflop_per_img_executed": train_done,
+        "eval_gflop_per_img_executed": eval_done,
         "gemm_gflop_s": gemm_gflop_s,
         "gemm_size": GEMM_SIZE,
         "train_peak_mb": peaks["ours"],
@@ -336,6 +348,8 @@ def bench(batch_size: int = 128, eval_batch_size: int | None = None, device: str
     res["data_vs_train_step"] = data_ms / 1e3 * res["train_img_s"] / batch_size
     res["train_vs_limit"] = res["train_img_s"] / res["limit_train_img_s"]
     res["eval_vs_limit"] = res["eval_img_s"] / res["limit_eval_img_s"]
+    res["train_executed_vs_gemm"] = res["train_img_s"] * train_done / gemm_gflop_s
+    res["eval_executed_vs_gemm"] = res["eval_img_s"] * eval_done / gemm_gflop_s
     if naive:
         res["train_vs_naive"] = res["train_img_s"] / res["naive_train_img_s"]
         res["eval_vs_naive"] = res["eval_img_s"] / res["naive_eval_img_s"]
@@ -357,10 +371,15 @@ def format_table(r: dict) -> str:
         f"{r['gemm_gflop_s']:.1f} GFLOP/s",
         "",
         f"{'':28s}{'training step':>16s}{'inference':>14s}",
-        f"{'GFLOP per image':28s}{r['train_gflop_per_img']:16.3f}{r['eval_gflop_per_img']:14.3f}",
+        f"{'GFLOP per image (paper)':28s}{r['train_gflop_per_img']:16.3f}"
+        f"{r['eval_gflop_per_img']:14.3f}",
         f"{'limit (images/s)':28s}{r['limit_train_img_s']:16.1f}{r['limit_eval_img_s']:14.1f}",
         f"{'capsnet (images/s)':28s}{r['train_img_s']:16.1f}{r['eval_img_s']:14.1f}",
         f"{'  / limit':28s}{r['train_vs_limit']:15.0%} {r['eval_vs_limit']:13.0%}",
+        f"{'  GFLOP per image executed':28s}{r['train_gflop_per_img_executed']:16.3f}"
+        f"{r['eval_gflop_per_img_executed']:14.3f}",
+        f"{'  executed GFLOP/s / GEMM':28s}{r['train_executed_vs_gemm']:15.0%} "
+        f"{r['eval_executed_vs_gemm']:13.0%}",
     ]
     if r["naive_train_img_s"] is not None:
         lines += [
@@ -374,4 +393,6 @@ def format_table(r: dict) -> str:
                  f"({r['data_vs_train_step']:.1%} of a training step)")
     lines.append(f"({r['steps']} timed steps each, medians; malloc: {r['malloc']}; "
                  f"{r['seconds']:.0f} s)")
+    lines.append("(limit = GEMM rate / paper FLOPs; capsnet's frequency-domain PrimaryCaps "
+                 "executes fewer FLOPs, so it can pass 100%)")
     return "\n".join(lines)
