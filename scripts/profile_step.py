@@ -4,10 +4,10 @@
 
 1. ``torch.profiler`` over a few training steps of the paper model (after warm-up), the ops
    sorted by their own time;
-2. the three PrimaryCaps GEMM shapes (forward, weight gradient, input gradient) timed alone
-   for chunks of 252, 1,008 and 4,608 output rows, next to a 2048^3 GEMM;
-3. with ``--sweep``: training and inference images/s for other chunk sizes of the im2col
-   GEMM (``_ConvAsGemm.ROWS``) and of the routing (``_PredictAndRoute.IMAGES``), interleaved.
+2. the matrix products of the frequency-domain PrimaryCaps (``_SpectralConv``) timed alone at
+   the given batch, next to a 2048^3 GEMM;
+3. with ``--sweep``: training and inference images/s for other chunk sizes of the routing
+   (``_PredictAndRoute.IMAGES``), interleaved.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ablation import variant  # noqa: E402
 
 from capsnet.bench import _stderr_silenced, retain_freed_memory  # noqa: E402
-from capsnet.layers import _ConvAsGemm, _PredictAndRoute  # noqa: E402
+from capsnet.layers import _PredictAndRoute, _SpectralConv  # noqa: E402
 
 
 def gflop_s(fn, flop: float, repeats: int = 10) -> float:
@@ -35,47 +35,48 @@ def gflop_s(fn, flop: float, repeats: int = 10) -> float:
     return flop * repeats / (time.perf_counter() - t) / 1e9
 
 
-def gemm_shapes() -> None:
+def gemm_shapes(batch: int) -> None:
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
     print(f"\n2048^3 GEMM: {gflop_s(lambda: a @ b, 2 * n ** 3):.0f} GFLOP/s")
-    k, o = 9 * 9 * 256, 256  # PrimaryCaps: im2col rows of 9x9x256, 256 output channels
-    w = torch.randn(o, k)
-    print("PrimaryCaps GEMMs alone (GFLOP/s):  rows  forward  weight-grad  input-grad")
-    for rows in (252, 1008, 4608):
-        cols, g = torch.randn(rows, k), torch.randn(rows, o)
-        out, g_w, g_cols = torch.empty(rows, o), torch.zeros(o, k), torch.empty(rows, k)
-        flop = 2 * rows * k * o
-        print(f"{'':36s}{rows:5d}"
-              f"{gflop_s(lambda: torch.mm(cols, w.t(), out=out), flop):9.0f}"
-              f"{gflop_s(lambda: g_w.addmm_(g.t(), cols), flop):13.0f}"
-              f"{gflop_s(lambda: torch.mm(g, w, out=g_cols), flop):12.0f}")
+    h = torch.randn(batch, 20, 20, 256)  # PrimaryCaps' input: 20 x 20 x 256, 9 x 9, stride 2
+    tx, tw, mo = _SpectralConv.matrices(h, 9, 2)
+    r, k, o = tx.shape[0], 4 * 256, 256  # R frequency rows, 2 x 2 phases x 256 channels
+    x_f, w_f, g_p = torch.randn(r, batch, k), torch.randn(r, o, k), torch.randn(r, batch, o)
+    xt = torch.randn(tx.shape[1], batch * k)
+    print(f"PrimaryCaps by DFT at batch {batch}, products alone (GFLOP/s):")
+    for name, f, flop in [
+        ("input transform  [R,100] x [100,B*K]", lambda: tx @ xt, 2 * r * xt.numel()),
+        ("weight transform [R,25] x [25,O*K]", lambda: tw @ w_f.view(r, -1)[:25],
+         2 * r * 25 * o * k),
+        ("forward    [R,B,K] x [R,K,O]", lambda: torch.bmm(x_f, w_f.transpose(1, 2)),
+         2 * r * batch * k * o),
+        ("input grad [R,B,O] x [R,O,K]", lambda: torch.bmm(g_p, w_f), 2 * r * batch * k * o),
+        ("weight grad [R,O,B] x [R,B,K]", lambda: torch.bmm(g_p.transpose(1, 2), x_f),
+         2 * r * batch * k * o),
+    ]:
+        print(f"  {name:40s}{gflop_s(f, flop):6.0f}")
 
 
 def sweep(batch: int, rounds: int = 6) -> None:
-    settings = [("ROWS", r) for r in (256, 512, 1152, 2304, 4608)]
-    settings += [("IMAGES", i) for i in (2, 4, 8, 16)]
-    runners = {s: variant(batch, batch) for s in settings}
-    defaults = _ConvAsGemm.ROWS, _PredictAndRoute.IMAGES
-
-    def use(setting):
-        _ConvAsGemm.ROWS, _PredictAndRoute.IMAGES = defaults
-        setattr(_ConvAsGemm if setting[0] == "ROWS" else _PredictAndRoute, *setting)
-
-    for s, r in runners.items():
-        use(s)
-        r.train_step()
-        r.eval_step()
-    for _ in range(rounds):
-        for s, r in runners.items():
-            use(s)
-            r.timed("train", 1)
-            r.timed("eval", 1)
-    use(("ROWS", defaults[0]))
-    print(f"\nchunk sizes (defaults ROWS={defaults[0]}, IMAGES={defaults[1]}), {rounds} rounds:")
-    for (name, value), r in runners.items():
-        print(f"  {name:6s} {value:5d}: train {r.img_s('train'):6.1f}  "
-              f"infer {r.img_s('eval'):6.1f} img/s")
+    sizes = (2, 4, 8, 16)
+    runners = {i: variant(batch, batch) for i in sizes}
+    default = _PredictAndRoute.IMAGES
+    try:
+        for i, r in runners.items():
+            _PredictAndRoute.IMAGES = i
+            r.train_step()
+            r.eval_step()
+        for _ in range(rounds):
+            for i, r in runners.items():
+                _PredictAndRoute.IMAGES = i
+                r.timed("train", 1)
+                r.timed("eval", 1)
+    finally:
+        _PredictAndRoute.IMAGES = default
+    print(f"\nrouting chunk sizes (default IMAGES={default}), {rounds} rounds:")
+    for i, r in runners.items():
+        print(f"  IMAGES {i:3d}: train {r.img_s('train'):6.1f}  infer {r.img_s('eval'):6.1f} img/s")
 
 
 def main() -> None:
@@ -93,7 +94,7 @@ def main() -> None:
         for _ in range(a.steps):
             r.train_step()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
-    gemm_shapes()
+    gemm_shapes(a.batch_size)
     if a.sweep:
         sweep(a.batch_size)
 
