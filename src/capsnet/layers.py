@@ -166,20 +166,20 @@ class _SpectralConv(torch.autograd.Function):
         return torch.mm(tw, wt).view(tw.shape[0], o, -1)
 
     @staticmethod
-    def macs_saved(h: Tensor, weight: Tensor, s: int, weight_known: bool) -> float:
+    def macs_saved(h: Tensor, weight: Tensor, s: int) -> float:
         """Multiply-adds of the direct convolution minus those of this one: a cost model.
 
         The input transform counts double (a memory-bound GEMM), and each element of the
-        weight spectrum 150 unless it is already known (written and read, and in training its
-        gradient too): calibrated on this CPU, where the paper model gains from the DFT from a
-        training batch of about 48 on, and at any batch size for inference.
+        weight spectrum 70 (155 MB for the paper model, read by every call, and in training
+        also made, and its gradient written and read). Calibrated on this CPU with
+        ``capsnet bench``-style timings: the DFT pays from a batch of about 23 for the paper
+        model, training or inference (measured: im2col faster at 16, DFT at 32).
         """
         b, c, (o, k) = h.shape[0], h.shape[3], weight.shape[::2]
         nh, nw, _, oh, ow = _SpectralConv.sizes(h.shape, k, s)
         rows = _SpectralConv.matrices(h, k, s)[0].shape[0]
         per_image = rows * (2 * nh * nw * s * s * c + s * s * c * o + oh * ow * o)
-        weights = 0 if weight_known else 150 * rows * o * s * s * c
-        return b * (oh * ow * k * k * c * o - per_image) - weights
+        return b * (oh * ow * k * k * c * o - per_image) - 70 * rows * o * s * s * c
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, s: int,
@@ -273,9 +273,10 @@ class PrimaryCapsules(nn.Module):
     (channel ``t * dim + k`` is dimension ``k`` of capsule type ``t``), then ``squash``.
     How the convolution runs (same math and parameters as ``self.conv`` in every case):
     ``algorithm="auto"`` (default) picks on CPU, per call, ``"dft"`` (:class:`_SpectralConv`)
-    when its cost model says it pays, else ``"im2col"`` (:class:`_ConvAsGemm`); ``"torch"``
-    is ``self.conv`` itself, always used off CPU. Without gradients the weight spectrum is
-    kept (``_spectrum``, not saved) until the weights change.
+    when its cost model says it pays (batches of about 23 and more for the paper model), else
+    ``"im2col"`` (:class:`_ConvAsGemm`); ``"torch"`` is ``self.conv`` itself, always used off
+    CPU. Without gradients the weight spectrum is kept (``_spectrum``, not saved) until the
+    weights change.
 
     Shapes: ``x`` ``[B, C, H, W]`` -> ``u`` ``[B, I, K]`` with ``I = H' * W' * num_types``,
     ``K = dim``; capsules are ordered (row, column, type).
@@ -303,8 +304,7 @@ class PrimaryCapsules(nn.Module):
         if not fixed:
             self._spectrum = None
         if algorithm == "auto":
-            saved = _SpectralConv.macs_saved(h, conv.weight, s, weight_known=fixed)
-            algorithm = "dft" if saved > 0 else "im2col"
+            algorithm = "dft" if _SpectralConv.macs_saved(h, conv.weight, s) > 0 else "im2col"
         if algorithm == "dft":
             w_f = self._weight_spectrum(h) if fixed else None
             out = _SpectralConv.apply(h, conv.weight, conv.bias, s, w_f)
