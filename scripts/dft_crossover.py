@@ -1,0 +1,51 @@
+"""Where the frequency-domain PrimaryCaps starts to pay: im2col + GEMM against the DFT.
+
+    .venv/bin/python scripts/dft_crossover.py [--rounds 3] [SETTING ...]
+
+Each SETTING is ``BATCHxSIZE`` (default: 8x28 16x28 32x28 64x28 16x32 32x32 16x48 32x64):
+the paper model on SIZE x SIZE images, trained and run for inference at that batch with
+``PrimaryCapsules.algorithm`` forced to ``"im2col"`` and to ``"dft"``, in interleaved rounds
+(medians). The last column is what ``"auto"`` (``_SpectralConv.macs_saved``) picks, so this is
+the measurement behind the cost model's constant; run it to check it on another CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ablation import variant
+from capsnet.bench import retain_freed_memory
+from capsnet.layers import _SpectralConv
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("settings", nargs="*",
+                   default="8x28 16x28 32x28 64x28 16x32 32x32 16x48 32x64".split())
+    a = p.parse_args()
+    retain_freed_memory()
+    print(f"{'batch x size':14s}{'im2col train/infer':>22s}{'dft train/infer':>20s}   auto picks")
+    for setting in a.settings:
+        batch, size = map(int, setting.split("x"))
+        runs = {name: variant(batch, batch, algorithm=name, image_size=size)
+                for name in ("im2col", "dft")}
+        for r in runs.values():
+            r.train_step()
+            r.eval_step()
+        for _ in range(a.rounds):
+            for r in runs.values():
+                r.timed("train", 2)
+                r.timed("eval", 1)
+        conv = runs["dft"].model.primary.conv
+        grid = size - runs["dft"].model.conv1.kernel_size[0] + 1
+        h = torch.empty(batch, grid, grid, conv.in_channels)
+        pick = "dft" if _SpectralConv.macs_saved(h, conv.weight, conv.stride[0]) > 0 else "im2col"
+        cells = [f"{r.img_s('train'):9.1f} /{r.img_s('eval'):7.1f}" for r in runs.values()]
+        print(f"{setting:14s}{cells[0]:>22s}{cells[1]:>20s}   {pick}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
