@@ -4,7 +4,8 @@ Everything is measured in one process and one run, with the same threads:
 
 - FLOPs per image of a training step (forward, loss, backward) and of inference, counted by
   ``torch.utils.flop_counter.FlopCounterMode`` on the model with standard convolutions (the
-  paper model's multiply-adds; elementwise work is not counted);
+  paper model's multiply-adds; elementwise work is not counted), and the same count on our
+  model as it runs (fewer when PrimaryCaps is computed in the frequency domain);
 - the sustained fp32 matrix-multiply rate (square ``torch.mm``, best of several); the limit
   in images/s is that rate divided by the FLOPs per image;
 - images/s of a training step (forward, loss, backward, Adam) and of inference
