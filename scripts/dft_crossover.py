@@ -17,19 +17,27 @@ import torch
 
 from ablation import variant
 from capsnet.bench import retain_freed_memory
-from capsnet.layers import _SpectralConv
+from capsnet.layers import _SpectralConv, conv_output_size
+
+
+def setting(text: str) -> tuple[int, int]:
+    """``"BATCHxSIZE"`` -> ``(batch, size)``."""
+    try:
+        batch, size = map(int, text.split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not BATCHxSIZE, e.g. 32x28") from None
+    return batch, size
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("settings", nargs="*",
-                   default="8x28 16x28 32x28 64x28 16x32 32x32 16x48 32x64".split())
+    defaults = "8x28 16x28 32x28 64x28 16x32 32x32 16x48 32x64".split()
+    p.add_argument("settings", nargs="*", type=setting, default=[setting(t) for t in defaults])
     a = p.parse_args()
     retain_freed_memory()
     print(f"{'batch x size':14s}{'im2col train/infer':>22s}{'dft train/infer':>20s}   auto picks")
-    for setting in a.settings:
-        batch, size = map(int, setting.split("x"))
+    for batch, size in a.settings:
         runs = {name: variant(batch, batch, algorithm=name, image_size=size)
                 for name in ("im2col", "dft")}
         for r in runs.values():
@@ -39,12 +47,12 @@ def main() -> None:
             for r in runs.values():
                 r.timed("train", 2)
                 r.timed("eval", 1)
-        conv = runs["dft"].model.primary.conv
-        grid = size - runs["dft"].model.conv1.kernel_size[0] + 1
-        h = torch.empty(batch, grid, grid, conv.in_channels)
+        model = runs["dft"].model
+        conv, grid = model.primary.conv, conv_output_size(size, model.config.conv_kernel, 1)
+        h = torch.empty(batch, grid, grid, conv.in_channels)  # PrimaryCaps' input
         pick = "dft" if _SpectralConv.macs_saved(h, conv.weight, conv.stride[0]) > 0 else "im2col"
         cells = [f"{r.img_s('train'):9.1f} /{r.img_s('eval'):7.1f}" for r in runs.values()]
-        print(f"{setting:14s}{cells[0]:>22s}{cells[1]:>20s}   {pick}", flush=True)
+        print(f"{f'{batch}x{size}':14s}{cells[0]:>22s}{cells[1]:>20s}   {pick}", flush=True)
 
 
 if __name__ == "__main__":

@@ -150,7 +150,8 @@ def test_closed_form_squash_gradient_matches_autograd(scale):
 
 
 @pytest.mark.parametrize("shape", [  # B, H, W, C, O, kernel, stride
-    (3, 20, 20, 8, 6, 9, 2), (2, 21, 17, 5, 4, 9, 2), (2, 13, 13, 3, 5, 4, 3), (2, 9, 11, 3, 2, 3, 1)])
+    (3, 20, 20, 8, 6, 9, 2), (2, 21, 17, 5, 4, 9, 2),
+    (2, 13, 13, 3, 5, 4, 3), (2, 9, 11, 3, 2, 3, 1)])
 def test_spectral_convolution_matches_conv2d(shape):
     """Even and odd grids, kernels that do and do not divide by the stride, strides 1 to 3."""
     b, hh, ww, c, o, k, s = shape

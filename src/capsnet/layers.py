@@ -172,7 +172,7 @@ class _SpectralConv(torch.autograd.Function):
         The input transform counts double (a memory-bound GEMM), and each element of the
         weight spectrum 70 (155 MB for the paper model, read by every call, and in training
         also made, and its gradient written and read). Calibrated on this CPU with
-        ``capsnet bench``-style timings: the DFT pays from a batch of about 23 for the paper
+        ``scripts/dft_crossover.py``: the DFT pays from a batch of about 23 for the paper
         model, training or inference (measured: im2col faster at 16, DFT at 32).
         """
         b, c, (o, k) = h.shape[0], h.shape[3], weight.shape[::2]
@@ -197,23 +197,23 @@ class _SpectralConv(torch.autograd.Function):
         p = torch.bmm(x_f, w_f.transpose(1, 2))  # [R, B, O]: the products of every frequency
         out = torch.mm(mo, p.view(p.shape[0], -1))  # [H'*W', B*O]
         ctx.save_for_backward(x_f, w_f, tx, tw, mo)
-        ctx.shapes = (h.shape, hh, ww, k, s)
+        ctx.shapes = (hh, ww, c, k, s)
         return out.view(oh, ow, b, o).permute(2, 0, 1, 3).contiguous().add_(bias)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x_f, w_f, tx, tw, mo = ctx.saved_tensors
-        padded, hh, ww, k, s = ctx.shapes
+        hh, ww, c, k, s = ctx.shapes
         b, oh, ow, o = grad.shape
-        nh, nw, c, kp = padded[1] // s, padded[2] // s, padded[3], _ceil_div(k, s)
+        nh, nw, kp, _, _ = _SpectralConv.sizes((b, hh, ww), k, s)
         g = grad.permute(1, 2, 0, 3).reshape(oh * ow, -1)  # [H'*W', B*O]
         g_p = torch.mm(mo.t(), g).view(-1, b, o)  # [R, B, O]
         g_h = None
         if ctx.needs_input_grad[0]:
             g_x = torch.bmm(g_p, w_f)  # [R, B, s*s*C]
             g_xt = torch.mm(tx.t(), g_x.view(g_x.shape[0], -1))  # [N_h*N_w, B*s*s*C]
-            g_h = g_xt.view(nh, nw, b, s, s, c).permute(2, 0, 3, 1, 4, 5).reshape(padded)
-            g_h = g_h[:, :hh, :ww]
+            g_h = g_xt.view(nh, nw, b, s, s, c).permute(2, 0, 3, 1, 4, 5)
+            g_h = g_h.reshape(b, s * nh, s * nw, c)[:, :hh, :ww]
         g_w = torch.bmm(g_p.transpose(1, 2), x_f)  # [R, O, s*s*C]
         g_wt = torch.mm(tw.t(), g_w.view(g_w.shape[0], -1))  # [kp*kp, O*s*s*C]
         g_w = g_wt.view(kp, kp, o, s, s, c).permute(2, 0, 3, 1, 4, 5).reshape(o, s * kp, s * kp, c)
