@@ -21,7 +21,8 @@ import torch
 from torch.nn import functional as F
 
 from capsnet import CapsNet, layers
-from capsnet.bench import _Runner, retain_freed_memory
+from capsnet.bench import _Runner
+from capsnet.runtime import retain_freed_memory
 from capsnet.layers import squash
 
 

@@ -5,7 +5,7 @@
 Each SETTING is ``BATCHxSIZE`` (default: 8x28 16x28 32x28 64x28 16x32 32x32 16x48 32x64):
 the paper model on SIZE x SIZE images, trained and run for inference at that batch with
 ``PrimaryCapsules.algorithm`` forced to ``"im2col"`` and to ``"dft"``, in interleaved rounds
-(medians). The last column is what ``"auto"`` (``_SpectralConv.macs_saved``) picks, so this is
+(medians). The last column is what ``"auto"`` (``SpectralConv.macs_saved``) picks, so this is
 the measurement behind the cost model's constant; run it to check it on another CPU.
 """
 
@@ -16,8 +16,8 @@ import argparse
 import torch
 
 from ablation import variant
-from capsnet.bench import retain_freed_memory
-from capsnet.layers import _SpectralConv, conv_output_size
+from capsnet.runtime import retain_freed_memory
+from capsnet.kernels.conv import SpectralConv, conv_output_size
 
 
 def setting(text: str) -> tuple[int, int]:
@@ -50,7 +50,7 @@ def main() -> None:
         model = runs["dft"].model
         conv, grid = model.primary.conv, conv_output_size(size, model.config.conv_kernel, 1)
         h = torch.empty(batch, grid, grid, conv.in_channels)  # PrimaryCaps' input
-        pick = "dft" if _SpectralConv.macs_saved(h, conv.weight, conv.stride[0]) > 0 else "im2col"
+        pick = "dft" if SpectralConv.macs_saved(h, conv.weight, conv.stride[0]) > 0 else "im2col"
         cells = [f"{r.img_s('train'):9.1f} /{r.img_s('eval'):7.1f}" for r in runs.values()]
         print(f"{f'{batch}x{size}':14s}{cells[0]:>22s}{cells[1]:>20s}   {pick}", flush=True)
 

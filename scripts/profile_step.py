@@ -4,10 +4,10 @@
 
 1. ``torch.profiler`` over a few training steps of the paper model (after warm-up), the ops
    sorted by their own time;
-2. the matrix products of the frequency-domain PrimaryCaps (``_SpectralConv``) timed alone at
+2. the matrix products of the frequency-domain PrimaryCaps (``SpectralConv``) timed alone at
    the given batch, next to a 2048^3 GEMM;
 3. with ``--sweep``: training and inference images/s for other chunk sizes of the routing
-   (``_PredictAndRoute.IMAGES``), interleaved.
+   (``PredictAndRoute.IMAGES``), interleaved.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from ablation import variant  # noqa: E402
 
-from capsnet.bench import _stderr_silenced, retain_freed_memory  # noqa: E402
-from capsnet.layers import _PredictAndRoute, _SpectralConv  # noqa: E402
+from capsnet.bench.flops import stderr_silenced; from capsnet.runtime import retain_freed_memory  # noqa: E402
+from capsnet.kernels.conv import SpectralConv; from capsnet.kernels.routing import PredictAndRoute  # noqa: E402
 
 
 def gflop_s(fn, flop: float, repeats: int = 10) -> float:
@@ -40,7 +40,7 @@ def gemm_shapes(batch: int) -> None:
     a, b = torch.randn(n, n), torch.randn(n, n)
     print(f"\n2048^3 GEMM: {gflop_s(lambda: a @ b, 2 * n ** 3):.0f} GFLOP/s")
     h = torch.randn(batch, 20, 20, 256)  # PrimaryCaps' input: 20 x 20 x 256, 9 x 9, stride 2
-    tx, tw, mo = _SpectralConv.matrices(h, 9, 2)
+    tx, tw, mo = SpectralConv.matrices(h, 9, 2)
     r, k, o = tx.shape[0], 4 * 256, 256  # R frequency rows, 2 x 2 phases x 256 channels
     x_f, w_f, g_p = torch.randn(r, batch, k), torch.randn(r, o, k), torch.randn(r, batch, o)
     xt = torch.randn(tx.shape[1], batch * k)
@@ -61,19 +61,19 @@ def gemm_shapes(batch: int) -> None:
 def sweep(batch: int, rounds: int = 6) -> None:
     sizes = (2, 4, 8, 16)
     runners = {i: variant(batch, batch) for i in sizes}
-    default = _PredictAndRoute.IMAGES
+    default = PredictAndRoute.IMAGES
     try:
         for i, r in runners.items():
-            _PredictAndRoute.IMAGES = i
+            PredictAndRoute.IMAGES = i
             r.train_step()
             r.eval_step()
         for _ in range(rounds):
             for i, r in runners.items():
-                _PredictAndRoute.IMAGES = i
+                PredictAndRoute.IMAGES = i
                 r.timed("train", 1)
                 r.timed("eval", 1)
     finally:
-        _PredictAndRoute.IMAGES = default
+        PredictAndRoute.IMAGES = default
     print(f"\nrouting chunk sizes (default IMAGES={default}), {rounds} rounds:")
     for i, r in runners.items():
         print(f"  IMAGES {i:3d}: train {r.img_s('train'):6.1f}  infer {r.img_s('eval'):6.1f} img/s")
@@ -90,7 +90,7 @@ def main() -> None:
     for _ in range(3):
         r.train_step()
     from torch.profiler import ProfilerActivity, profile
-    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU]) as prof:
+    with stderr_silenced(), profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(a.steps):
             r.train_step()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))

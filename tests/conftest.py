@@ -1,5 +1,6 @@
 """Shared fixtures: the real Fashion-MNIST files and one short real training run."""
 
+import os
 import pathlib
 import sys
 
@@ -7,11 +8,22 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
-FASHION_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
+def _fashion_dir() -> pathlib.Path:
+    """Where the suite finds the real files: ``$CAPSNET_DATA`` (the folder or its
+    ``fashion-mnist/``), as capsnet itself looks, else the Debian package's folder."""
+    env = os.environ.get("CAPSNET_DATA")
+    for d in ([pathlib.Path(env), pathlib.Path(env) / "fashion-mnist"] if env else []):
+        if (d / "train-images-idx3-ubyte.gz").is_file():
+            return d
+    return pathlib.Path("/usr/share/datasets/fashion-mnist")
+
+
+FASHION_DIR = _fashion_dir()
 
 # A short real run: 1 epoch on the first 4,096 real training images, tested on 1,000 real
 # test images. Shared by every end-to-end test (train, evaluate, predict, resume, report).
-TINY_RUN_FLAGS = ["--train-size", "4096", "--test-size", "1000", "--epochs", "1",
+TINY_RUN_FLAGS = ["--train-size", "4096", "--val-size", "500", "--test-size", "1000",
+                  "--epochs", "1",
                   "--batch-size", "64", "--lr", "0.002", "--seed", "1", "--no-progress",
                   "--log-every", "8"]
 
@@ -31,6 +43,16 @@ def trained_run(tmp_path_factory, fashion_dir):
     assert main(["train", *TINY_RUN_FLAGS, "--data-dir", str(fashion_dir),
                  "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir(tmp_path_factory):
+    """Where tests keep screenshots to look at: ``$CAPSNET_TEST_ARTIFACTS`` if set, else a
+    temporary folder (never the source tree)."""
+    env = os.environ.get("CAPSNET_TEST_ARTIFACTS")
+    path = pathlib.Path(env) if env else tmp_path_factory.mktemp("artifacts")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def one_line_error(code, err) -> bool:

@@ -58,7 +58,7 @@ def test_numbers_are_positive_and_consistent(result):
 
 def test_flops_are_counted_not_typed_in():
     from capsnet import CapsNet, CapsNetConfig
-    from capsnet.bench import count_gflop_per_img
+    from capsnet.bench.flops import count_gflop_per_img
     import torch
     def count(model, algorithm, eval_batch=2):
         model.primary.algorithm = algorithm

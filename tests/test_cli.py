@@ -14,7 +14,7 @@ from PIL import Image
 from capsnet.callbacks import read_metrics
 from capsnet.checkpoints import load_model
 from capsnet.cli import main
-from capsnet.datasets import load_dataset
+from capsnet.data.datasets import load_dataset
 from conftest import one_line_error
 
 
@@ -100,7 +100,7 @@ def test_predict_bad_image(trained_run, tmp_path, capsys):
 
 # ---------------------------------------------------------------- resume and interruption
 
-SMALL = ["--train-size", "384", "--test-size", "128", "--batch-size", "64", "--seed", "3",
+SMALL = ["--train-size", "384", "--val-size", "128", "--test-size", "128", "--batch-size", "64", "--seed", "3",
          "--no-progress", "--no-tensorboard", "--routing-iterations", "1"]
 
 

@@ -12,7 +12,6 @@ from browser import chromium_dump_dom, chromium_screenshot
 from capsnet.cli import main
 from conftest import free_port
 
-ARTIFACTS = pathlib.Path(__file__).resolve().parent / "artifacts"
 ENV = "capsnet_training_test"
 NOTICE = "not reachable; training continues without the dashboard"
 # Window titles the dashboard must show, and what each must contain once drawn.
@@ -28,7 +27,7 @@ pytestmark = pytest.mark.filterwarnings(
 
 
 def train_args(out, *extra) -> list:
-    return ["train", "--train-size", "512", "--test-size", "256", "--epochs", "2",
+    return ["train", "--train-size", "512", "--val-size", "128", "--test-size", "256", "--epochs", "2",
             "--batch-size", "64", "--out", str(out), "--no-progress", "--log-every", "2",
             *extra]
 
@@ -52,7 +51,8 @@ def windows(dom: str) -> dict:
     return found
 
 
-def test_visdom_dashboard_renders_in_browser(visdom_run, visdom_port, fashion_dir, tmp_path):
+def test_visdom_dashboard_renders_in_browser(visdom_run, visdom_port, fashion_dir, tmp_path,
+                                            artifacts_dir):
     url = f"http://127.0.0.1:{visdom_port}/env/{ENV}"
     wins = windows(chromium_dump_dom(url, tmp_path))
     assert set(WINDOWS) <= set(wins), f"windows in page: {sorted(wins)}"
@@ -69,8 +69,7 @@ def test_visdom_dashboard_renders_in_browser(visdom_run, visdom_port, fashion_di
     png = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', wins["test reconstructions"])
     assert png and len(png.group(1)) > 5000, "reconstruction grid image is missing or tiny"
 
-    ARTIFACTS.mkdir(exist_ok=True)
-    shot = chromium_screenshot(url, ARTIFACTS / "visdom_training.png", tmp_path)
+    shot = chromium_screenshot(url, artifacts_dir / "visdom_training.png", tmp_path)
     with Image.open(shot) as img:
         assert img.format == "PNG" and img.size == (1400, 1000)
         pixels = np.asarray(img.convert("RGB"))
@@ -94,7 +93,7 @@ def test_tensorboard_gets_reconstruction_images(visdom_run):
 
 def test_training_continues_without_visdom_server(fashion_dir, tmp_path, capsys):
     port = free_port()  # nothing listens there
-    args = ["train", "--train-size", "64", "--test-size", "64", "--epochs", "1",
+    args = ["train", "--train-size", "64", "--val-size", "0", "--test-size", "64", "--epochs", "1",
             "--batch-size", "32", "--no-tensorboard", "--no-progress", "--log-every", "1",
             "--visdom", "--visdom-port", str(port), "--data-dir", str(fashion_dir),
             "--out", str(tmp_path / "run")]

@@ -6,10 +6,10 @@ import struct
 import pytest
 import torch
 
-from capsnet.augment import AugmentConfig, augment, random_shift
+from capsnet.data.augment import AugmentConfig, augment, random_shift
 from capsnet.cli import main
-from capsnet.data import ImageDataModule
-from capsnet.datasets import load_dataset, locate, read_idx
+from capsnet.data.datamodule import ImageDataModule
+from capsnet.data.datasets import load_dataset, locate, read_idx
 from capsnet.errors import CapsnetError
 from conftest import one_line_error
 
@@ -82,20 +82,29 @@ def test_corrupt_files_fail_clearly(tmp_path, capsys, damage, message):
     assert code == 2
     capsys.readouterr()
     code = main(["train", "--data-dir", str(folder), "--out", str(tmp_path / "run"),
-                 "--epochs", "1", "--no-progress"])
+                 "--epochs", "1", "--no-progress", "--val-size", "0"])
     err = capsys.readouterr().err
     assert one_line_error(code, err)
     assert message in err and str(folder) in err
 
 
-def test_missing_data_names_both_ways(tmp_path, capsys):
-    empty = tmp_path / "empty"
+def test_missing_data_names_both_ways(tmp_path, capsys, monkeypatch):
+    import urllib.request
+    calls = []
+
+    def offline(url, timeout=None):  # the network call alone is replaced
+        calls.append(url)
+        raise OSError("network unreachable (test)")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    empty = tmp_path / "mistyped"
     code = main(["train", "--data-dir", str(empty), "--out", str(tmp_path / "run"),
                  "--no-progress"])
     err = capsys.readouterr().err
     assert one_line_error(code, err)
     assert "apt-get install dataset-fashion-mnist" in err and "--data-dir" in err
-    assert "download" in err
+    assert "download" in err and "network unreachable" in err
+    assert calls and all(u.endswith("train-images-idx3-ubyte.gz") for u in calls)
+    assert not empty.exists()  # the failed download left no empty folder behind
 
 
 def test_search_order(tmp_path, monkeypatch):
@@ -146,11 +155,11 @@ def test_test_set_never_augmented(fashion_dir, monkeypatch, tmp_path):
 
     def recording_augment(x, cfg):
         seen.append(x.shape[0])
-        return capsnet.augment.augment(x, cfg)
+        return capsnet.data.augment.augment(x, cfg)
 
     monkeypatch.setattr(capsnet.lit, "augment", recording_augment)
     dm = ImageDataModule("fashion-mnist", fashion_dir, batch_size=16, eval_batch_size=40,
-                         train_size=48, test_size=80)
+                         train_size=48, val_size=0, test_size=80)
     module = LitCapsNet(model={"conv_channels": 8, "primary_types": 2})
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
@@ -161,7 +170,48 @@ def test_test_set_never_augmented(fashion_dir, monkeypatch, tmp_path):
 
 
 def test_validation_split(fashion_dir):
-    dm = ImageDataModule("fashion-mnist", fashion_dir, train_size=1000, val_size=200)
-    dm.setup()
-    assert len(dm.train) == 800 and len(dm.val) == 200
-    assert list(dm.eval_splits()) == ["val", "test"]
+    """5,000 images by default, class-stratified, disjoint from training, the same whatever
+    --train-size or run seed, and carved before --train-size applies."""
+    full = ImageDataModule("fashion-mnist", fashion_dir)
+    full.setup()
+    assert len(full.val) == 5000 and len(full.train) == 55000
+    assert full.val.labels.bincount(minlength=10).tolist() == [500] * 10  # stratified
+    small = ImageDataModule("fashion-mnist", fashion_dir, train_size=1000)
+    small.setup()
+    assert torch.equal(small.val.images, full.val.images)  # same split, reproducible
+    assert len(small.train) == 1000 and torch.equal(small.train.images, full.train.images[:1000])
+    # disjoint and complete: the indices into the 60,000 training images
+    assert set(full.val_index.tolist()).isdisjoint(full.train_index.tolist())
+    assert len(set(full.val_index.tolist()) | set(full.train_index.tolist())) == 60000
+    train, _ = load_dataset("fashion-mnist", fashion_dir)
+    assert torch.equal(full.val.images, train.images[full.val_index])
+
+
+def test_stratified_split_proportions_and_remainder():
+    from capsnet.data.datamodule import stratified_split
+    labels = torch.tensor([0] * 70 + [1] * 20 + [2] * 10)
+    held, rest = stratified_split(labels, 15, seed=5)
+    assert labels[held].bincount().tolist() == [11, 3, 1] or \
+        labels[held].bincount().tolist() == [10, 3, 2]  # 10.5/3/1.5: remainder to the largest
+    assert len(held) == 15 and len(rest) == 85
+    assert set(held.tolist()).isdisjoint(rest.tolist())
+    assert torch.equal(stratified_split(labels, 15, seed=5)[0], held)
+    assert not torch.equal(stratified_split(labels, 15, seed=6)[0], held)
+
+
+def test_hflip_refused_on_digits(tmp_path, capsys):
+    folder = fake_dataset(tmp_path / "mnist")
+    code = main(["train", "--dataset", "mnist", "--data-dir", str(folder), "--hflip",
+                 "--val-size", "0", "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert one_line_error(code, err) and "--hflip" in err and "mnist" in err
+    assert not (tmp_path / "run" / "last.ckpt").exists()
+
+
+def test_hflip_mirrors_about_half_the_images():
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 28, 28).repeat(400, 1, 1, 1)
+    y = augment(x, AugmentConfig(shift=0, hflip=True))
+    mirrored = (y == x.flip(-1)).flatten(1).all(1)
+    kept = (y == x).flatten(1).all(1)
+    assert bool((mirrored | kept).all()) and 150 < int(mirrored.sum()) < 250

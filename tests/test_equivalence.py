@@ -8,11 +8,11 @@ import torch
 from torch.nn import functional as F
 
 from capsnet import CapsNet, CapsNetConfig
-from capsnet.layers import (
-    PrimaryCapsules, _ConvAsGemm, _PredictAndRoute, _Routing, _SpectralConv, _squash_backward,
-    squash,
-)
+from capsnet.kernels.conv import ConvAsGemm, SpectralConv
+from capsnet.kernels.routing import PredictAndRoute, Routing, squash_backward
+from capsnet.layers import PrimaryCapsules, RoutingCapsules
 from capsnet.losses import capsule_loss
+from capsnet.routing import route_reference, squash
 
 
 def plain_squash(s):
@@ -72,8 +72,8 @@ def check_same(m, x, y, rtol, atol):
 @pytest.mark.parametrize("detach", [False, True])
 def test_small_model_float64(iterations, detach, algorithm, monkeypatch):
     # 2 images per chunk: 3 chunks (2, 2, 1) for 5 images
-    monkeypatch.setattr(_ConvAsGemm, "ROWS", 72)
-    monkeypatch.setattr(_PredictAndRoute, "IMAGES", 2)
+    monkeypatch.setattr(ConvAsGemm, "ROWS", 72)
+    monkeypatch.setattr(PredictAndRoute, "IMAGES", 2)
     torch.manual_seed(0)
     cfg = CapsNetConfig(conv_channels=16, primary_types=4, routing_iterations=iterations,
                         detach_routing=detach)
@@ -109,33 +109,65 @@ def test_three_channel_input_and_inference_mode():
     assert torch.equal(out.selected, lengths.argmax(dim=1))
 
 
-def test_couplings_match_plain_routing():
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_couplings_match_plain_routing(impl):
     torch.manual_seed(3)
-    m = CapsNet(conv_channels=16, primary_types=4).double()
+    m = CapsNet(conv_channels=16, primary_types=4, routing_impl=impl).double()
+    with torch.no_grad():  # large enough W that routing moves far from uniform couplings
+        m.digits.weight.mul_(300)
     x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
     u = m.primary(F.relu(m.conv1(x)))
     _, c = m.digits.route_with_couplings(m.digits.predictions(u))  # [b, o, i]
+    assert (c - 1 / 10).abs().max() > 0.3  # the comparison below means something
     plain_c = plain_forward(m, x, torch.zeros(2, dtype=torch.long))[3]  # [b, i, o]
     torch.testing.assert_close(c, plain_c.transpose(1, 2))
 
 
+@pytest.mark.parametrize("iterations", [1, 2, 3])
+@pytest.mark.parametrize("detach", [False, True])
+def test_fused_routing_matches_the_reference(iterations, detach, monkeypatch):
+    """The library's plain-autograd routing is the specification of the fused kernel:
+    same outputs, same gradients for u and W (float64, several chunks of images)."""
+    monkeypatch.setattr(PredictAndRoute, "IMAGES", 2)
+    torch.manual_seed(7)
+    layers = {impl: RoutingCapsules(12, 8, 5, 16, iterations, detach, init_std=0.5,
+                                    impl=impl).double() for impl in ("fused", "reference")}
+    layers["reference"].load_state_dict(layers["fused"].state_dict())
+    u0 = torch.randn(5, 12, 8, dtype=torch.float64)
+    g = torch.randn(5, 5, 16, dtype=torch.float64)
+    results = {}
+    for impl, layer in layers.items():
+        u = u0.clone().requires_grad_()
+        v = layer(u)
+        v.backward(g)
+        results[impl] = (v.detach(), u.grad, layer.weight.grad)
+    for a, b in zip(results["fused"], results["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    # and route() on given predictions agrees with route_reference itself
+    u_hat = layers["fused"].predictions(u0)
+    v, c = layers["fused"].route_with_couplings(u_hat)
+    v_ref, c_ref = route_reference(u_hat, iterations, detach and iterations > 1)
+    torch.testing.assert_close(v, v_ref)
+    torch.testing.assert_close(c, c_ref)
+
+
 def test_custom_backwards_pass_gradcheck(monkeypatch):
-    monkeypatch.setattr(_PredictAndRoute, "IMAGES", 2)
+    monkeypatch.setattr(PredictAndRoute, "IMAGES", 2)
     torch.manual_seed(4)
     h = torch.randn(3, 11, 13, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, 3 * 3 * 4, dtype=torch.float64, requires_grad=True)
     b = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda h, w, b: _ConvAsGemm.apply(h, w, b, 3, 2), (h, w, b))
+    assert torch.autograd.gradcheck(lambda h, w, b: ConvAsGemm.apply(h, w, b, 3, 2), (h, w, b))
     w4 = w.detach().view(5, 3, 3, 4).permute(0, 3, 1, 2).requires_grad_()  # [O, C, k, k]
-    assert torch.autograd.gradcheck(lambda h, w, b: _SpectralConv.apply(h, w, b, 2), (h, w4, b))
+    assert torch.autograd.gradcheck(lambda h, w, b: SpectralConv.apply(h, w, b, 2), (h, w4, b))
     u_hat = torch.randn(2, 3, 7, 4, dtype=torch.float64, requires_grad=True)
     u = torch.randn(3, 5, 2, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, 2, 3 * 4, dtype=torch.float64, requires_grad=True)
     for iterations in (1, 2, 3):  # (with detach the gradient is, on purpose, not the derivative)
         assert torch.autograd.gradcheck(
-            lambda u: _Routing.apply(u, iterations, False)[0], (u_hat,))
+            lambda u: Routing.apply(u, iterations, False)[0], (u_hat,))
         assert torch.autograd.gradcheck(
-            lambda u, w: _PredictAndRoute.apply(u, w, 3, iterations, False), (u, w))
+            lambda u, w: PredictAndRoute.apply(u, w, 3, iterations, False), (u, w))
 
 
 @pytest.mark.parametrize("scale", [0.0, 1e-6, 1e-2, 1.0, 1e3])
@@ -144,7 +176,7 @@ def test_closed_form_squash_gradient_matches_autograd(scale):
     s = (scale * torch.randn(3, 10, 16, dtype=torch.float64)).requires_grad_()
     g = torch.randn(3, 10, 16, dtype=torch.float64)
     (expected,) = torch.autograd.grad(squash(s), s, g)
-    got = _squash_backward(s.detach(), g)
+    got = squash_backward(s.detach(), g)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
 
@@ -160,7 +192,7 @@ def test_spectral_convolution_matches_conv2d(shape):
     w = torch.randn(o, c, k, k, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(o, dtype=torch.float64, requires_grad=True)
     expected = F.conv2d(h.permute(0, 3, 1, 2), w, bias, stride=s).permute(0, 2, 3, 1)
-    got = _SpectralConv.apply(h, w, bias, s)
+    got = SpectralConv.apply(h, w, bias, s)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     g = torch.randn_like(expected)
     for a, e in zip(torch.autograd.grad(got, (h, w, bias), g),
@@ -173,8 +205,8 @@ def test_auto_algorithm_choice_and_kept_weight_spectrum():
     it measured faster); without gradients the kept spectrum follows weight updates."""
     torch.manual_seed(7)
     w = PrimaryCapsules(256).conv.weight
-    assert _SpectralConv.macs_saved(torch.empty(32, 20, 20, 256), w, 2) > 0
-    assert _SpectralConv.macs_saved(torch.empty(16, 20, 20, 256), w, 2) < 0
+    assert SpectralConv.macs_saved(torch.empty(32, 20, 20, 256), w, 2) > 0
+    assert SpectralConv.macs_saved(torch.empty(16, 20, 20, 256), w, 2) < 0
     small = PrimaryCapsules(64, num_types=8, dim=8, algorithm="dft")
     x = torch.rand(2, 64, 20, 20)
     with torch.no_grad():

@@ -16,7 +16,7 @@ from PIL import Image
 from browser import chromium_dump_dom, chromium_screenshot
 from capsnet.checkpoints import load_model
 from capsnet.cli import main
-from capsnet.datasets import load_dataset
+from capsnet.data.datasets import load_dataset
 from capsnet.report import (REPORT_FILES, dimension_effect, perturbation_grid,
                             perturbation_offsets, save_sweep_gif)
 

@@ -13,7 +13,6 @@ from capsnet.visdom_server import serve
 from conftest import start_visdom_server
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "tests" / "artifacts"
 ENV = "capsnet_test"
 TITLES = ("capsnet loss", "capsnet heatmap")
 
@@ -36,7 +35,7 @@ def windows(dom: str) -> dict:
 
 
 @pytest.mark.filterwarnings("ignore:The .warn. method is deprecated:DeprecationWarning")
-def test_dashboard_draws_plots_offline(server, tmp_path):
+def test_dashboard_draws_plots_offline(server, tmp_path, artifacts_dir):
     import visdom
 
     viz = visdom.Visdom(server="http://127.0.0.1", port=server, env=ENV,
@@ -54,8 +53,7 @@ def test_dashboard_draws_plots_offline(server, tmp_path):
     assert 'class="js-line"' in wins["capsnet loss"]
     assert "heatmaplayer" in wins["capsnet heatmap"]
 
-    ARTIFACTS.mkdir(exist_ok=True)
-    png = chromium_screenshot(url, ARTIFACTS / "visdom_dashboard.png", tmp_path)
+    png = chromium_screenshot(url, artifacts_dir / "visdom_dashboard.png", tmp_path)
     with Image.open(png) as img:
         assert img.format == "PNG" and img.size == (1400, 1000)
         colours = img.convert("RGB").getcolors(maxcolors=1 << 20)

@@ -1,4 +1,4 @@
-"""Training callbacks: one row of metrics per epoch in ``metrics.csv``; the progress bar."""
+"""Lightning plug-ins of a run: metrics.csv, the divergence stop, safe checkpoint IO, the progress bar."""
 
 from __future__ import annotations
 
@@ -6,8 +6,14 @@ import csv
 import time
 from pathlib import Path
 
+import math
+
 import lightning as L
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import TQDMProgressBar
+
+from .checkpoints import atomic_torch_save, safe_load
+from .errors import CapsnetError
 
 COLUMNS = ["epoch", "train_loss", "train_margin", "train_recon", "train_acc",
            "val_loss", "val_margin", "val_recon", "val_acc",
@@ -66,6 +72,25 @@ class EpochMetricsCSV(L.Callback):
             csv.DictWriter(f, COLUMNS).writerow(row)
 
 
+class StopOnNonFinite(L.Callback):
+    """Stop the run at the first training step whose loss is NaN or infinite.
+
+    The step's weights are not saved: the error propagates out of ``trainer.fit`` before any
+    checkpoint of this epoch is written, and :class:`~capsnet.checkpoints.SafeCheckpointIO`
+    refuses non-finite weights in any case, so ``last.ckpt`` and ``best.ckpt`` keep the last
+    good epoch.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not math.isfinite(float(loss)):
+            lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+            raise CapsnetError(
+                f"the training loss became {float(loss)} at step {trainer.global_step} "
+                f"(epoch {trainer.current_epoch}); the run diverged, most likely a learning "
+                f"rate too high (lr {lr:g}); checkpoints on disk keep the last good epoch")
+
+
 class ProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar (it shows the ETA), with short names for the live metrics."""
 
@@ -75,3 +100,17 @@ class ProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer, pl_module) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
         return {short: metrics[key] for key, short in self.SHORT.items() if key in metrics}
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, with atomic writes and code-free (weights-only) reads."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        bad = [k for k, v in checkpoint.get("state_dict", {}).items()
+               if v.is_floating_point() and not bool(v.isfinite().all())]
+        if bad:  # never replace a good checkpoint by a diverged one
+            raise CapsnetError(f"{path}: not saved, the weights are not finite ({bad[0]})")
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return safe_load(path, map_location if map_location is not None else "cpu")

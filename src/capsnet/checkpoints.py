@@ -16,25 +16,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from .errors import CapsnetError
-from .model import CapsNet, CapsNetConfig
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the file private
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def safe_load(path: str | Path, map_location: Any = "cpu") -> dict:
@@ -67,36 +73,46 @@ def _refusal_reason(message: str) -> str:
     return "unpickling refused"
 
 
-class SafeCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO, with atomic writes and code-free (weights-only) reads."""
+def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu"
+                          ) -> tuple[torch.nn.Module, dict]:
+    """A trained model (in eval mode) and its metadata from a training checkpoint.
 
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        atomic_torch_save(checkpoint, path)
-
-    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
-        return safe_load(path, map_location if map_location is not None else "cpu")
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[CapsNet, dict]:
-    """A trained :class:`CapsNet` (in eval mode) and its metadata from a checkpoint.
-
-    The metadata dict has ``classes`` (names), ``dataset`` and ``epoch``.
+    The checkpoint names its architecture (``hyper_parameters.arch``; checkpoints from before
+    the registry hold the paper's CapsNet). With weight averaging (``--ema``) the averaged
+    weights are the model, as they were the ones evaluated during training.
     """
+    from .models import build_model
     ckpt = safe_load(path)
     hp = ckpt.get("hyper_parameters")
     state = ckpt.get("state_dict")
     if not isinstance(hp, dict) or not isinstance(state, dict) or "model" not in hp:
         raise CapsnetError(f"{path}: not a capsnet checkpoint (no model settings or weights)")
+    arch = hp.get("arch", "capsnet")
+    prefix = "ema.module." if any(k.startswith("ema.module.") for k in state) else "model."
     try:
-        model = CapsNet(CapsNetConfig.from_dict(hp["model"] or {}))
-        prefix = "model."
+        model = build_model(arch, hp["model"] or {})
         model.load_state_dict({k[len(prefix):]: v for k, v in state.items()
                                if k.startswith(prefix)})
     except (ValueError, TypeError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0]
-        raise CapsnetError(f"{path}: weights do not fit a CapsNet ({first[:200]})") from None
+        raise CapsnetError(f"{path}: weights do not fit a {arch} ({first[:200]})") from None
     n = model.config.num_classes
     classes = list(hp.get("classes") or [str(i) for i in range(n)])
     meta = {"classes": classes, "dataset": hp.get("dataset", "fashion-mnist"),
-            "epoch": ckpt.get("epoch")}
+            "epoch": ckpt.get("epoch"), "arch": arch,
+            "recon_weight": hp.get("recon_weight")}
     return model.to(device).eval(), meta
+
+
+def load_model(spec: str | Path, device: str | torch.device = "cpu"
+               ) -> tuple[torch.nn.Module, dict]:
+    """A model from a shipped model's name, a ``.safetensors`` weights file or a checkpoint.
+
+    Returns the model in eval mode and its metadata (``arch``, ``classes``, ``dataset``,
+    ``epoch`` where known). Nothing is unpickled beyond plain tensors and data.
+    """
+    from .weights import load_weights, resolve
+    path = resolve(spec)
+    if path.suffix == ".safetensors":
+        return load_weights(path, device)
+    return load_checkpoint_model(path, device)

@@ -1,4 +1,7 @@
-"""The ``capsnet`` command: train, evaluate, predict, bench, report, visdom.
+"""The ``capsnet`` command: train, evaluate, predict, export, bench, report, visdom.
+
+Every command's module is imported only when that command runs, so ``capsnet --help`` and
+``capsnet predict`` load neither Lightning nor TensorBoard.
 
 Every user error ends in one line ``capsnet: error: ...`` and exit code 2, never a traceback.
 """
@@ -26,8 +29,8 @@ def _flag(p, name: str, help: str, **kw):
 
 
 def _train_parser(sub) -> None:
-    from .train import DEFAULTS as D
-    p = sub.add_parser("train", help="train a CapsNet", description=(
+    from .settings import ARCHS, DEFAULTS as D
+    p = sub.add_parser("train", help="train a capsule network", description=(
         "Train a CapsNet. Settings: defaults < --config YAML < the resumed run's config.yaml "
         "< flags."))
     p.add_argument("--config", help="YAML file of settings (keys as the flags, - or _)")
@@ -35,6 +38,8 @@ def _train_parser(sub) -> None:
                    "last.ckpt (flags given here, e.g. --epochs, override its settings)")
     bool_ = argparse.BooleanOptionalAction
     flags = [
+        ("arch", f"architecture: {' or '.join(ARCHS)} (default {D['arch']})",
+         {"choices": list(ARCHS)}),
         ("dataset", f"fashion-mnist or mnist (default {D['dataset']})", {}),
         ("data_dir", "folder with the four IDX files; the only place looked at and the "
                      "download target when given", {}),
@@ -43,6 +48,13 @@ def _train_parser(sub) -> None:
         ("batch_size", f"default {D['batch_size']}", {"type": int}),
         ("eval_batch_size", f"default {D['eval_batch_size']}", {"type": int}),
         ("lr", f"Adam learning rate (default {D['lr']})", {"type": float}),
+        ("lr_schedule", "exp (the authors': x lr_decay every lr_decay_steps) or cosine "
+                        f"(to 0 at the last step) (default {D['lr_schedule']})",
+         {"choices": ["exp", "cosine"]}),
+        ("warmup_steps", "linear learning-rate warm-up steps for cosine (default 0)",
+         {"type": int}),
+        ("ema", "exponential moving average of the weights, e.g. 0.999; evaluated and "
+                "checkpointed as the model (default 0: off)", {"type": float}),
         ("lr_decay", f"learning-rate factor per --lr-decay-steps (default {D['lr_decay']})",
          {"type": float}),
         ("lr_decay_steps", f"default {D['lr_decay_steps']}", {"type": int}),
@@ -60,7 +72,9 @@ def _train_parser(sub) -> None:
          {"type": float}),
         ("hflip", "random horizontal flips (default off)", {"action": bool_}),
         ("train_size", "use only the first N training images", {"type": int}),
-        ("val_size", "carve N validation images out of the training set (default 0)",
+        ("val_size", "carve N validation images (class-stratified, fixed seed) out of the "
+                     f"training set; best.ckpt follows them (default {D['val_size']}; 0: "
+                     "no validation, no best.ckpt)",
          {"type": int}),
         ("test_size", "evaluate on the first N test images only (default: all)",
          {"type": int}),
@@ -84,7 +98,8 @@ def _train_parser(sub) -> None:
 
 
 def _cmd_train(a) -> int:
-    from .train import load_run_settings, read_config, train
+    from .settings import load_run_settings, read_config
+    from .train import train
     flags = {k: v for k, v in vars(a).items() if k not in ("command", "config", "resume")}
     settings = {}
     if a.config:
@@ -103,22 +118,33 @@ def _cmd_train(a) -> int:
     return 0
 
 
+def _model_arg(p, help_extra: str = "") -> None:
+    p.add_argument("model", metavar="MODEL", help="a shipped model's name (fashion-mnist), a "
+                   ".safetensors weights file or a training checkpoint (.ckpt)" + help_extra)
+
+
 def _cmd_evaluate(a) -> int:
     from .checkpoints import load_model
-    from .datasets import load_dataset
+    from .data.datasets import load_dataset
     from .evaluate import evaluate
-    from .train import torch_device
+    from .paper import RECON_WEIGHT
+    from .runtime import torch_device
+    from .settings import run_data_dir, settings_beside
+    if a.batch_size < 1 or (a.test_size is not None and a.test_size < 1):
+        raise CapsnetError("--batch-size and --test-size must be positive")
     device = torch_device(a.device)
-    model, meta = load_model(a.checkpoint, device)
-    _, test = load_dataset(a.dataset or meta["dataset"], a.data_dir)
+    model, meta = load_model(a.model, device)
+    run = settings_beside(a.model)
+    _, test = load_dataset(a.dataset or meta["dataset"], run_data_dir(a.data_dir, run))
     if a.test_size:
         test.images, test.labels = test.images[:a.test_size], test.labels[:a.test_size]
-    result = evaluate(model, test, a.batch_size, device)
-    result["checkpoint"] = str(a.checkpoint)
+    recon_weight = run.get("recon_weight", meta.get("recon_weight") or RECON_WEIGHT)
+    result = evaluate(model, test, a.batch_size, device, recon_weight)
+    result["model"] = str(a.model)
     if a.json:
         print(json.dumps(result))
         return 0
-    print(f"{a.checkpoint}: accuracy {result['accuracy']:.4f} on {result['n']:,} test images, "
+    print(f"{a.model}: accuracy {result['accuracy']:.4f} on {result['n']:,} test images, "
           f"loss {result['loss']:.4f} (margin {result['margin_loss']:.4f}, "
           f"reconstruction SSE {result['reconstruction_sse']:.2f})")
     width = max(len(c) for c in result["classes"])
@@ -131,13 +157,23 @@ def _cmd_evaluate(a) -> int:
     return 0
 
 
+def _looks_like_model(arg: str) -> bool:
+    from .weights import SHIPPED
+    return arg in SHIPPED or arg.endswith((".ckpt", ".safetensors"))
+
+
 def _cmd_predict(a) -> int:
     from .checkpoints import load_model
     from .evaluate import load_image, predict
-    model, meta = load_model(a.checkpoint)
+    from .weights import DEFAULT_MODEL
+    images = list(a.images)
+    spec = a.model
+    if spec is None and len(images) > 1 and _looks_like_model(images[0]):
+        spec = images.pop(0)  # the older form: capsnet predict MODEL IMAGE...
+    model, meta = load_model(spec or DEFAULT_MODEL)
     c = model.config
     status = 0
-    for path in a.images:
+    for path in images:
         try:
             x = load_image(path, c.in_channels, c.image_size, a.invert)
         except CapsnetError as e:
@@ -155,49 +191,136 @@ def _cmd_predict(a) -> int:
     return status
 
 
+def _cmd_export(a) -> int:
+    from .export import export
+    out = export(a.model, a.out, dtype=a.dtype, batch=a.batch)
+    print(out)
+    return 0
+
+
+def _cmd_bench(a) -> int:
+    from .bench import cmd_bench
+    return cmd_bench(a)
+
+
+def _cmd_report(a) -> int:
+    from .report import build_report
+    if a.mistakes < 0 or a.batch_size < 1:
+        raise CapsnetError("--mistakes must be >= 0 and --batch-size positive")
+    index = build_report(a.run_dir, a.checkpoint, a.data_dir, a.dataset, a.test_size,
+                         a.samples, a.mistakes, a.device, a.batch_size)
+    print(index)
+    return 0
+
+
+def _cmd_visdom(a) -> int:
+    from .visdom_server import serve
+    serve(host=a.host, port=a.port, env_path=a.env_path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="capsnet", description="Capsule Networks (Sabour, Frosst & Hinton 2017) "
-                "on Fashion-MNIST: train, evaluate, predict, benchmark, explain.")
+    p = _Parser(prog="capsnet", description="Capsule networks (Sabour, Frosst & Hinton 2017; "
+                "Efficient-CapsNet 2021) on Fashion-MNIST: train, evaluate, predict, export, "
+                "benchmark, explain.")
     from . import __version__
     p.add_argument("--version", action="version", version=f"capsnet {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(sub)
 
     e = sub.add_parser("evaluate", help="test-set accuracy, losses, confusion matrix")
-    e.add_argument("checkpoint")
-    e.add_argument("--dataset", help="default: the one the checkpoint was trained on")
-    e.add_argument("--data-dir")
+    _model_arg(e)
+    e.add_argument("--dataset", help="default: the one the model was trained on")
+    e.add_argument("--data-dir", help="default: the run's data_dir (or the usual places)")
     e.add_argument("--batch-size", type=int, default=512)
     e.add_argument("--test-size", type=int, help="first N test images only")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
-    r = sub.add_parser("predict", help="classify PNG/JPEG images")
-    r.add_argument("checkpoint")
+    r = sub.add_parser("predict", help="classify image files (PNG, JPEG, GIF, ...)")
     r.add_argument("images", nargs="+", metavar="IMAGE")
+    r.add_argument("-m", "--model", help="a shipped model's name, a .safetensors weights file "
+                   "or a checkpoint (default: the shipped fashion-mnist model)")
     r.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                    help="invert to light-on-dark like Fashion-MNIST (auto: if the border "
                         "is light)")
     r.add_argument("--json", action="store_true", help="one JSON object per image")
-    _extra_commands(sub)
+
+    x = sub.add_parser("export", help="a model as ONNX (inference graph) or as a safetensors "
+                       "weights file", description="Write MODEL as OUT: OUT.onnx is an ONNX "
+                       "graph of inference (input images [B, C, H, W] in [0, 1]; outputs "
+                       "capsule lengths [B, classes] and poses [B, classes, dim]); "
+                       "OUT.safetensors is a weights file like the shipped ones.")
+    _model_arg(x)
+    x.add_argument("out", metavar="OUT", help="file ending .onnx or .safetensors")
+    x.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="weights precision of a .safetensors file (default float32)")
+    x.add_argument("--batch", type=int, default=1, help="example batch size for tracing the "
+                   "ONNX graph; the batch axis stays dynamic (default 1)")
+
+    b = sub.add_parser("bench", help="throughput vs this machine's limit and a naive CapsNet",
+                       description="Throughput of a training step and of inference against "
+                       "this machine's arithmetic limit (GEMM rate / FLOPs per image) and a "
+                       "naive CapsNet. Prints a table, or with --json one JSON object.")
+    b.add_argument("--arch", default="capsnet", help="capsnet or efficient-capsnet "
+                   "(default capsnet; the naive reference exists for capsnet only)")
+    b.add_argument("--batch-size", type=int, default=128, help="training batch (default 128)")
+    b.add_argument("--eval-batch-size", type=int,
+                   help="inference batch (default: the training batch)")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    b.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    b.add_argument("--steps", type=int, default=12,
+                   help="timed steps per measurement (default 12)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    b.add_argument("--image-size", type=int, default=28, help="square input side (default 28)")
+    b.add_argument("--channels", type=int, default=1, help="input channels (default 1)")
+    b.add_argument("--routing-iterations", type=int, default=3, help="default 3")
+    b.add_argument("--detach-routing", action="store_true",
+                   help="no gradient through the intermediate routing iterations")
+    b.add_argument("--no-naive", dest="naive", action="store_false",
+                   help="skip the naive reference (faster)")
+    b.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="have glibc keep freed memory for reuse, for both models, as "
+                        "`capsnet train` does (default on)")
+    b.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    rp = sub.add_parser("report", help="HTML report of a run: curves, confusion, "
+                        "reconstructions, mistakes, capsule perturbations",
+                        description="Write RUN_DIR/report/index.html and the PNG/GIF files it "
+                        "shows, from the run's checkpoint, its metrics.csv and the test set.")
+    rp.add_argument("run_dir", metavar="RUN_DIR")
+    rp.add_argument("--checkpoint", default=None, help="best, last, a checkpoint, a weights "
+                    "file or a shipped model's name (default: best.ckpt, else last.ckpt)")
+    rp.add_argument("--dataset", help="default: the run's")
+    rp.add_argument("--data-dir", help="default: the run's data_dir (or the usual places)")
+    rp.add_argument("--test-size", type=int, help="first N test images only (default: all)")
+    rp.add_argument("--samples", type=int, default=3,
+                    help="test images in the Figure 4 panel (default 3)")
+    rp.add_argument("--mistakes", type=int, default=8,
+                    help="confident mistakes shown (default 8)")
+    rp.add_argument("--device", default="auto")
+    rp.add_argument("--batch-size", type=int, default=256)
+
+    v = sub.add_parser("visdom", help="serve the live Visdom dashboard (offline)",
+                       description="Serve the Visdom dashboard that `capsnet train --visdom` "
+                       "streams to. It has no login: keep the default 127.0.0.1 unless the "
+                       "network is trusted.")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    v.add_argument("--port", type=int, default=8097, help="default 8097")
+    v.add_argument("--env-path", default=None,
+                   help="folder where environments are saved (default ~/.visdom)")
     return p
 
 
-def _extra_commands(sub) -> None:
-    """Commands that live in their own modules (bench, report, visdom)."""
-    from . import bench, report, visdom_server
-    for mod in (bench, report, visdom_server):
-        mod.add_parser(sub)
-
-
-COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict}
+COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
+            "export": _cmd_export, "bench": _cmd_bench, "report": _cmd_report,
+            "visdom": _cmd_visdom}
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        handler = COMMANDS.get(args.command) or args.handler
-        return handler(args)
+        return COMMANDS[args.command](args)
     except CapsnetError as e:
         msg = str(e)
         print(msg if msg.startswith("capsnet") else f"capsnet: error: {msg}", file=sys.stderr)

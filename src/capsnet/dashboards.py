@@ -19,6 +19,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import make_grid
 
+from .inference import confusion_matrix
+
 RECON_CAPTION = "test images, each followed by its reconstruction"
 
 
@@ -62,9 +64,8 @@ class EvalSamples(L.Callback):
         """Counts ``[true, predicted]`` over the last test pass."""
         if not self.preds:
             return np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
-        idx = torch.cat(self.targets) * self.num_classes + torch.cat(self.preds)
-        counts = torch.bincount(idx, minlength=self.num_classes ** 2)
-        return counts.view(self.num_classes, self.num_classes).numpy()
+        return confusion_matrix(torch.cat(self.targets), torch.cat(self.preds),
+                                self.num_classes).numpy()
 
     def grid(self) -> torch.Tensor | None:
         return None if self.images is None else recon_grid(self.images, self.recons)

@@ -7,9 +7,11 @@ from typing import NamedTuple
 from torch import Tensor
 from torch.nn import functional as F
 
+from .paper import LAMBDA, M_NEG, M_POS, RECON_WEIGHT
 
-def margin_loss(lengths: Tensor, target: Tensor, m_pos: float = 0.9, m_neg: float = 0.1,
-                lam: float = 0.5) -> Tensor:
+
+def margin_loss(lengths: Tensor, target: Tensor, m_pos: float = M_POS, m_neg: float = M_NEG,
+                lam: float = LAMBDA) -> Tensor:
     """Margin loss of the paper, summed over classes (not averaged).
 
     ``L_k = T_k max(0, m+ - |v_k|)^2 + lam (1 - T_k) max(0, |v_k| - m-)^2``
@@ -37,7 +39,7 @@ class CapsuleLoss(NamedTuple):
 
 
 def capsule_loss(lengths: Tensor, target: Tensor, recon: Tensor, images: Tensor,
-                 recon_weight: float = 0.0005) -> CapsuleLoss:
+                 recon_weight: float = RECON_WEIGHT) -> CapsuleLoss:
     """``margin + recon_weight * reconstruction``, averaged over the batch.
 
     Shapes: ``lengths`` ``[B, O]``, ``target`` ``[B]``, ``recon`` and ``images`` ``[B, C, H, W]``.

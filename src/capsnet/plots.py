@@ -15,6 +15,8 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.gridspec import GridSpecFromSubplotSpec
 
+from .paper import RECON_WEIGHT
+
 TRAIN, TEST, VAL = "#1f77b4", "#d62728", "#2ca02c"
 
 
@@ -49,7 +51,8 @@ def _hide_axes(ax) -> None:
         s.set_visible(False)
 
 
-def training_curves(rows: list[dict], steps: dict | None = None) -> Figure:
+def training_curves(rows: list[dict], steps: dict | None = None,
+                    recon_weight: float = RECON_WEIGHT) -> Figure:
     """Loss and accuracy per epoch, train vs test (and validation when the run had one).
 
     ``rows``: the rows of ``metrics.csv`` (:func:`capsnet.callbacks.read_metrics`). ``steps``
@@ -59,7 +62,7 @@ def training_curves(rows: list[dict], steps: dict | None = None) -> Figure:
     fig = Figure(figsize=(10, 3.8), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
     epochs = [r["epoch"] + 1 for r in rows]
-    for ax, key, title in ((ax_loss, "loss", "loss (margin + 0.0005 x reconstruction)"),
+    for ax, key, title in ((ax_loss, "loss", f"loss (margin + {recon_weight:g} x reconstruction)"),
                            (ax_acc, "acc", "accuracy")):
         if steps and key in steps:
             x, y = steps[key]

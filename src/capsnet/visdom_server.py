@@ -98,21 +98,3 @@ def wait_until_up(host: str = "127.0.0.1", port: int = 8097, timeout: float = 30
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.2)
-
-
-def _cmd_visdom(args) -> int:
-    serve(host=args.host, port=args.port, env_path=args.env_path)
-    return 0
-
-
-def add_parser(sub) -> None:
-    """Register ``capsnet visdom [--host H] [--port P] [--env-path DIR]``."""
-    p = sub.add_parser("visdom", help="serve the live Visdom dashboard (offline)",
-                       description="Serve the Visdom dashboard that `capsnet train --visdom` "
-                       "streams to. It has no login: keep the default 127.0.0.1 unless the "
-                       "network is trusted.")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8097, help="default 8097")
-    p.add_argument("--env-path", default=None,
-                   help="folder where environments are saved (default ~/.visdom)")
-    p.set_defaults(handler=_cmd_visdom)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import CapsnetError
+from ..errors import CapsnetError
 
 FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -182,9 +182,23 @@ def download(info: DatasetInfo, target: Path, timeout: float = 30.0) -> dict[str
     """Fetch the four ``.gz`` files from the official mirrors into ``target``, md5-checked.
 
     Each file is written to a temporary name and renamed only once its checksum matches.
-    Raises :class:`CapsnetError` if no mirror delivers a file.
+    Raises :class:`CapsnetError` if no mirror delivers a file; a folder this call created is
+    removed again then, so a mistyped ``--data-dir`` leaves nothing behind.
     """
+    created = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
+    try:
+        _fetch_all(info, target, timeout)
+    except BaseException:
+        if created:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    found = files_in(target)
+    assert found is not None
+    return found
+
+
+def _fetch_all(info: DatasetInfo, target: Path, timeout: float) -> None:
     for stem in FILES.values():
         name = stem + ".gz"
         dest = target / name
@@ -209,9 +223,6 @@ def download(info: DatasetInfo, target: Path, timeout: float = 30.0) -> dict[str
                     os.unlink(tmp)
         else:
             raise CapsnetError(f"could not download {name}: " + "; ".join(errors))
-    found = files_in(target)
-    assert found is not None
-    return found
 
 
 def locate(name: str = "fashion-mnist", data_dir: str | Path | None = None,

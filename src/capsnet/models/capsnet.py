@@ -1,19 +1,21 @@
-"""The CapsNet of the paper, with every size inferred from the input shape."""
+"""The CapsNet of the paper ("Dynamic Routing Between Capsules"), every size inferred from
+the input shape."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .layers import Decoder, PrimaryCapsules, RoutingCapsules, conv_output_size
+from ..layers import Decoder, PrimaryCapsules, RoutingCapsules, conv_output_size
+from ..paper import ROUTING_ITERATIONS
+from .base import CapsuleOutput, ConfigBase
 
 
 @dataclass(frozen=True)
-class CapsNetConfig:
+class CapsNetConfig(ConfigBase):
     """Every size of the network. The defaults are the paper's model for 28x28x1, 10 classes."""
 
     in_channels: int = 1
@@ -26,25 +28,10 @@ class CapsNetConfig:
     primary_kernel: int = 9
     primary_stride: int = 2
     class_dim: int = 16
-    routing_iterations: int = 3
+    routing_iterations: int = ROUTING_ITERATIONS
     detach_routing: bool = False
     decoder_hidden: tuple[int, int] = (512, 1024)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["decoder_hidden"] = list(self.decoder_hidden)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CapsNetConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model settings: {sorted(unknown)}")
-        d = dict(d)
-        if "decoder_hidden" in d:
-            d["decoder_hidden"] = tuple(d["decoder_hidden"])
-        return cls(**d)
+    routing_impl: str = "fused"  # how to run the routing (same function): fused | reference
 
     @property
     def primary_grid(self) -> int:
@@ -58,17 +45,7 @@ class CapsNetConfig:
         return self.primary_grid ** 2 * self.primary_types
 
 
-class CapsNetOutput(NamedTuple):
-    """What :class:`CapsNet` returns.
-
-    ``lengths`` ``[B, O]`` (class scores |v_j|), ``poses`` ``[B, O, D]`` (the output capsules
-    v_j), ``reconstructions`` ``[B, C, H, W]``, ``selected`` ``[B]`` (the class fed to the decoder).
-    """
-
-    lengths: Tensor
-    poses: Tensor
-    reconstructions: Tensor
-    selected: Tensor
+CapsNetOutput = CapsuleOutput  # the name this output had before the registry
 
 
 class CapsNet(nn.Module):
@@ -92,7 +69,8 @@ class CapsNet(nn.Module):
         self.primary = PrimaryCapsules(c.conv_channels, c.primary_types, c.primary_dim,
                                        c.primary_kernel, c.primary_stride)
         self.digits = RoutingCapsules(c.num_primary_capsules, c.primary_dim, c.num_classes,
-                                      c.class_dim, c.routing_iterations, c.detach_routing)
+                                      c.class_dim, c.routing_iterations, c.detach_routing,
+                                      impl=c.routing_impl)
         self.decoder = Decoder(c.num_classes, c.class_dim,
                                (c.in_channels, c.image_size, c.image_size), c.decoder_hidden)
         # Channels-last convolution weights make the activations channels-last, the layout
@@ -104,11 +82,11 @@ class CapsNet(nn.Module):
         # ReLU in place: the convolution's backward needs its input, not its output.
         return self.digits(self.primary(F.relu(self.conv1(x), inplace=True)))
 
-    def forward(self, x: Tensor, target: Tensor | None = None) -> CapsNetOutput:
+    def forward(self, x: Tensor, target: Tensor | None = None) -> CapsuleOutput:
         v = self.capsules(x)
         lengths = v.norm(dim=-1)
         selected = lengths.argmax(dim=1) if target is None else target
-        return CapsNetOutput(lengths, v, self.decoder(v, selected), selected)
+        return CapsuleOutput(lengths, v, self.decoder(v, selected), selected)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

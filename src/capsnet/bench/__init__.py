@@ -16,61 +16,29 @@ Everything is measured in one process and one run, with the same threads:
   between steps (parameters, Adam state, the batch). On CPU this is the PyTorch allocator's
   live bytes, summed from the profiler's allocation events; on CUDA
   ``torch.cuda.max_memory_allocated``;
-- the same for :class:`capsnet.naive.NaiveCapsNet`, the common practice, under identical
+- the same for :class:`capsnet.bench.naive.NaiveCapsNet`, the common practice, under identical
   conditions (it keeps the default NCHW layout, as such code does).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
-import math
-import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
 
-from .errors import CapsnetError
-from .lit import adam
-from .train import retain_freed_memory, torch_device
-from .losses import capsule_loss
-from .model import CapsNet, CapsNetConfig
+from ..errors import CapsnetError
+from ..losses import capsule_loss
+from ..models import architecture
+from ..optim import adam
+from ..runtime import retain_freed_memory, torch_device
+from .flops import GEMM_SIZE, count_gflop_per_img, cpu_name, cpu_peak_bytes, gemm_rate, sync
 from .naive import NaiveCapsNet
 
-GEMM_SIZE = 2048
 
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="throughput vs this machine's limit and a naive CapsNet",
-                       description=__doc__.split("\n\n")[0] + " Prints a table, or with "
-                       "--json one JSON object.")
-    p.add_argument("--batch-size", type=int, default=128, help="training batch (default 128)")
-    p.add_argument("--eval-batch-size", type=int,
-                   help="inference batch (default: the training batch)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
-    p.add_argument("--steps", type=int, default=12,
-                   help="timed steps per measurement (default 12)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    p.add_argument("--image-size", type=int, default=28, help="square input side (default 28)")
-    p.add_argument("--channels", type=int, default=1, help="input channels (default 1)")
-    p.add_argument("--routing-iterations", type=int, default=3, help="default 3")
-    p.add_argument("--detach-routing", action="store_true",
-                   help="no gradient through the intermediate routing iterations")
-    p.add_argument("--no-naive", dest="naive", action="store_false",
-                   help="skip the naive reference (faster)")
-    p.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="have glibc keep freed memory for reuse, for both models, as "
-                        "`capsnet train` does (default on)")
-    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    p.set_defaults(handler=_cmd_bench)
-
-
-def _cmd_bench(a) -> int:
+def cmd_bench(a) -> int:
     for name in ("batch_size", "eval_batch_size", "threads", "steps", "image_size",
                  "channels", "routing_iterations"):
         value = getattr(a, name)
@@ -78,7 +46,7 @@ def _cmd_bench(a) -> int:
             raise CapsnetError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if a.warmup < 0:
         raise CapsnetError(f"--warmup must not be negative, got {a.warmup}")
-    result = bench(batch_size=a.batch_size, eval_batch_size=a.eval_batch_size,
+    result = bench(arch=a.arch, batch_size=a.batch_size, eval_batch_size=a.eval_batch_size,
                    device=a.device, threads=a.threads, steps=a.steps, warmup=a.warmup,
                    image_size=a.image_size, channels=a.channels,
                    routing_iterations=a.routing_iterations, detach_routing=a.detach_routing,
@@ -86,43 +54,6 @@ def _cmd_bench(a) -> int:
                    log=None if a.json else sys.stderr)
     print(json.dumps(result) if a.json else format_table(result))
     return 0
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def cpu_name() -> str:
-    """The CPU model and its widest vector extension, e.g. ``Intel Xeon ... (AVX-512)``."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and name in ("", platform.machine(), "x86_64"):
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
-    return f"{name} ({simd})" if simd else name
-
-
-def gemm_rate(device: torch.device, size: int = GEMM_SIZE, repeats: int = 3) -> float:
-    """Best fp32 GFLOP/s of ``repeats`` timed ``size``^3 square matrix multiplies."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    out = torch.empty(size, size, device=device)
-    torch.mm(a, b, out=out)
-    best = math.inf
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        torch.mm(a, b, out=out)
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * size ** 3 / best / 1e9
 
 
 class _Runner:
@@ -142,6 +73,7 @@ class _Runner:
         self.times: dict[str, list[float]] = {"train": [], "eval": []}
 
     def train_step(self) -> None:
+        self.model.train()
         self.opt.zero_grad(set_to_none=True)
         out = self.model(self.x, self.y)
         loss = capsule_loss(out.lengths, self.y, out.reconstructions, self.x).total
@@ -149,16 +81,17 @@ class _Runner:
         self.opt.step()
 
     def eval_step(self) -> None:
+        self.model.eval()
         with torch.inference_mode():
             self.model(self.x_eval)
 
     def timed(self, kind: str, n: int) -> None:
         step = self.train_step if kind == "train" else self.eval_step
         for _ in range(n):
-            _sync(self.device)
+            sync(self.device)
             t = time.perf_counter()
             step()
-            _sync(self.device)
+            sync(self.device)
             self.times[kind].append(time.perf_counter() - t)
 
     def img_s(self, kind: str) -> float:
@@ -168,51 +101,13 @@ class _Runner:
     def train_peak_mb(self) -> float:
         """Peak memory of one training step above what is held between steps, in MiB."""
         if self.device.type == "cuda":
-            _sync(self.device)
+            sync(self.device)
             base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.train_step()
-            _sync(self.device)
+            sync(self.device)
             return (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
-        return _cpu_peak_bytes(self.train_step) / 2**20
-
-
-@contextlib.contextmanager
-def _stderr_silenced():
-    """Send file descriptor 2 to /dev/null: the profiler's C++ side logs start/stop lines."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def _cpu_peak_bytes(fn) -> int:
-    """Most bytes held at once by PyTorch's CPU allocator during ``fn()``, above the start.
-
-    Replays the allocation and free events that ``torch.profiler`` records.
-    """
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU],
-                                     profile_memory=True) as prof:
-        fn()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        stack.extend(e.children)
-        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
-            events.append((e.start_time_ns, e.extra_fields.alloc_size))
-    held = peak = 0
-    for _, size in sorted(events):
-        held += size
-        peak = max(peak, held)
-    return peak
+        return cpu_peak_bytes(self.train_step) / 2**20
 
 
 def data_ms_per_batch(batch: int, shape: tuple[int, int, int], device: torch.device,
@@ -222,45 +117,21 @@ def data_ms_per_batch(batch: int, shape: tuple[int, int, int], device: torch.dev
     uint8 images (already batched by tensor indexing) -> float in [0, 1] -> the paper's
     augmentation (random shifts of up to 2 pixels, per image) -> channels-last.
     """
-    from .augment import AugmentConfig, augment
+    from ..data.augment import AugmentConfig, augment
+    from ..data.batches import to_unit
     images = torch.randint(0, 256, (batch, *shape), dtype=torch.uint8, device=device)
     times = []
     for _ in range(repeats + 1):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
-        x = augment(images.float().div_(255), AugmentConfig())
+        x = augment(to_unit(images), AugmentConfig())
         x = x.contiguous(memory_format=torch.channels_last)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times[1:]) * 1e3
 
 
-def count_gflop_per_img(model: torch.nn.Module, device: torch.device, batch: int = 2,
-                        eval_batch: int | None = None) -> tuple[float, float]:
-    """GFLOP per image of (a training step, inference), counted by FlopCounterMode.
-
-    The count is of the matrix products the model runs, so it depends on the algorithm:
-    on the model with standard convolutions it is the paper model's arithmetic; on ours it is
-    what our (batch-dependent) algorithms execute.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-    c = model.config
-    shape = (c.in_channels, c.image_size, c.image_size)
-    x = torch.rand(batch, *shape, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, c.num_classes, (batch,), device=device)
-    with FlopCounterMode(display=False) as counter:
-        out = model(x, y)
-        capsule_loss(out.lengths, y, out.reconstructions, x).total.backward()
-    train = counter.get_total_flops() / batch / 1e9
-    model.zero_grad(set_to_none=True)
-    eval_batch = eval_batch or batch
-    x = torch.rand(eval_batch, *shape, device=device).contiguous(memory_format=torch.channels_last)
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(x)
-    return train, counter.get_total_flops() / eval_batch / 1e9
-
-
-def bench(batch_size: int = 128, eval_batch_size: int | None = None, device: str = "auto",
+def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | None = None, device: str = "auto",
           threads: int | None = None, steps: int = 12, warmup: int = 2, image_size: int = 28,
           channels: int = 1, routing_iterations: int = 3, detach_routing: bool = False,
           naive: bool = True, retain_memory: bool = True, rounds: int = 3, log=None) -> dict:
@@ -271,22 +142,29 @@ def bench(batch_size: int = 128, eval_batch_size: int | None = None, device: str
     if threads:
         torch.set_num_threads(threads)
     eval_batch_size = eval_batch_size or batch_size
+    paper = arch == "capsnet"
     try:
-        config = CapsNetConfig(in_channels=channels, image_size=image_size,
-                               routing_iterations=routing_iterations,
-                               detach_routing=detach_routing)
+        config_cls, model_cls = architecture(arch)
+        config = dict(in_channels=channels, image_size=image_size)
+        if paper:
+            config.update(routing_iterations=routing_iterations, detach_routing=detach_routing)
+        elif routing_iterations != 3 or detach_routing:
+            raise ValueError(f"{arch} has no routing iterations to set")
+        config = config_cls(**config)
         torch.manual_seed(0)
-        ours = CapsNet(config)
+        ours = model_cls(config)
     except ValueError as e:
         raise CapsnetError(str(e)) from None
+    naive = naive and paper  # the naive reference is of the paper's model
 
     def say(msg: str) -> None:
         if log is not None:
             print(f"[{time.perf_counter() - started:5.0f} s] {msg}", file=log, flush=True)
 
     # FLOPs of the model's math: the same model with standard convolutions.
-    reference = CapsNet(config).to(dev)
-    reference.primary.algorithm = "torch"
+    reference = model_cls(config).to(dev)
+    if paper:
+        reference.primary.algorithm = "torch"
     train_gflop, eval_gflop = count_gflop_per_img(reference, dev)
     del reference
     runners = {"ours": _Runner(ours, dev, batch_size, eval_batch_size, channels_last=True)}
@@ -332,6 +210,8 @@ def bench(batch_size: int = 128, eval_batch_size: int | None = None, device: str
         "train_peak_mb": peaks["ours"],
         "data_ms_per_batch": data_ms,
         "naive_train_peak_mb": peaks.get("naive"),
+        "arch": arch,
+        "parameters": ours.num_parameters(),
         "batch_size": batch_size,
         "eval_batch_size": eval_batch_size,
         "image_size": image_size,
@@ -364,15 +244,16 @@ def format_table(r: dict) -> str:
     threads = f", {r['threads']} threads" if r["threads"] else ""
     lines = [
         f"capsnet bench: {r['device']}{threads}, torch {r['torch']}, {r['cpu']}",
-        f"paper model on {r['image_size']}x{r['image_size']}x{r['channels']}, "
-        f"{r['routing_iterations']} routing iterations"
+        f"{r['arch']} ({r['parameters']:,} parameters) on "
+        f"{r['image_size']}x{r['image_size']}x{r['channels']}"
+        + (f", {r['routing_iterations']} routing iterations" if r["arch"] == "capsnet" else "")
         + (" (detached)" if r["detach_routing"] else "")
         + f", batch {r['batch_size']} (inference {r['eval_batch_size']}), fp32",
         f"sustained fp32 GEMM ({r['gemm_size']}^3, best of the run): "
         f"{r['gemm_gflop_s']:.1f} GFLOP/s",
         "",
         f"{'':28s}{'training step':>16s}{'inference':>14s}",
-        f"{'GFLOP per image (paper)':28s}{r['train_gflop_per_img']:16.3f}"
+        f"{'GFLOP per image (model)':28s}{r['train_gflop_per_img']:16.3f}"
         f"{r['eval_gflop_per_img']:14.3f}",
         f"{'limit (images/s)':28s}{r['limit_train_img_s']:16.1f}{r['limit_eval_img_s']:14.1f}",
         f"{'capsnet (images/s)':28s}{r['train_img_s']:16.1f}{r['eval_img_s']:14.1f}",

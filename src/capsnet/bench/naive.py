@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .layers import Decoder
-from .model import CapsNetConfig, CapsNetOutput
+from ..layers import Decoder
+from ..models.base import CapsuleOutput as CapsNetOutput
+from ..models.capsnet import CapsNetConfig
 
 
 def _squash(s: Tensor, dim: int = -1) -> Tensor:

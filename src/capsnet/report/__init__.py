@@ -19,12 +19,14 @@ import datetime as _dt
 import html
 import sys
 from pathlib import Path
+from string import Template
 
 import torch
 from torch import Tensor
 
-from .errors import CapsnetError
-from .model import CapsNet
+from ..data.batches import to_unit
+from ..errors import CapsnetError
+from ..paper import RECON_WEIGHT
 
 REPORT_FILES = ("curves.png", "confusion.png", "per_class.png", "reconstructions.png",
                 "mistakes.png", "perturbation.png", "sweep.gif")
@@ -46,7 +48,7 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def perturbation_grid(model: CapsNet, x: Tensor, target: int | None = None,
+def perturbation_grid(model: torch.nn.Module, x: Tensor, target: int | None = None,
                       offsets: Tensor | None = None) -> Tensor:
     """Figure 4 of the paper for one image: decode the capsule with one dimension nudged.
 
@@ -140,7 +142,7 @@ def sweep_frames(image: Tensor, grid: Tensor, offsets: Tensor, dims: list[int],
     return frames
 
 
-def save_sweep_gif(model: CapsNet, x: Tensor, path: str | Path, dims: list[int] | None = None,
+def save_sweep_gif(model: torch.nn.Module, x: Tensor, path: str | Path, dims: list[int] | None = None,
                    top: int = 4, caption: str = "", frame_ms: int = 80,
                    scale: int = 5) -> list[int]:
     """Write an animated GIF (looping forever) of the perturbation sweep of image ``x``.
@@ -166,27 +168,6 @@ def save_sweep_gif(model: CapsNet, x: Tensor, path: str | Path, dims: list[int] 
 
 
 # --------------------------------------------------------------------------- the report
-
-@torch.no_grad()
-def _infer(model: CapsNet, images: Tensor, labels: Tensor, batch_size: int,
-           recon_weight: float = 0.0005) -> tuple[Tensor, dict]:
-    """Capsule lengths ``[N, O]`` for uint8 ``images`` ``[N, C, H, W]``, and the mean losses."""
-    from .losses import capsule_loss
-
-    dev = _device(model)
-    lengths, totals = [], torch.zeros(3, dtype=torch.float64)
-    for i in range(0, len(labels), batch_size):
-        x = images[i:i + batch_size].to(dev).float().div_(255)
-        y = labels[i:i + batch_size].to(dev)
-        out = model(x)
-        loss = capsule_loss(out.lengths, y, out.reconstructions, x, recon_weight)
-        totals += torch.tensor([loss.total.item(), loss.margin.item(),
-                                loss.reconstruction.item()], dtype=torch.float64) * len(y)
-        lengths.append(out.lengths.float().cpu())
-    n = max(1, len(labels))
-    loss, margin, recon = (totals / n).tolist()
-    return torch.cat(lengths), {"loss": loss, "margin_loss": margin, "reconstruction_sse": recon}
-
 
 def _step_curves(run_dir: Path, rows: list[dict]) -> dict | None:
     """Per-step training loss/accuracy from the run's TensorBoard log, x in epochs (or None)."""
@@ -264,11 +245,13 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
                  test_size: int | None = None, samples: int = 3, mistakes: int = 8,
                  device: str = "auto", batch_size: int = 256, log=None) -> Path:
     """Write ``run_dir/report/index.html`` and its figures; returns the path of index.html."""
-    from . import __version__, plots
-    from .callbacks import read_metrics
-    from .checkpoints import load_model
-    from .datasets import load_dataset
-    from .train import load_run_settings, torch_device
+    from .. import __version__, plots
+    from ..callbacks import read_metrics
+    from ..checkpoints import load_model
+    from ..data.datasets import load_dataset
+    from ..inference import check_fits, infer, summarize
+    from ..runtime import torch_device
+    from ..settings import load_run_settings, run_data_dir
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -283,12 +266,9 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     model, meta = load_model(ckpt, dev)
     c = model.config
     dataset = dataset or settings.get("dataset") or meta["dataset"]
-    _, test = load_dataset(dataset, data_dir if data_dir is not None
-                           else settings.get("data_dir"))
-    if test.shape != (c.in_channels, c.image_size, c.image_size):
-        raise CapsnetError(f"the model expects images of shape "
-                           f"{(c.in_channels, c.image_size, c.image_size)}, {dataset} has "
-                           f"{test.shape}")
+    _, test = load_dataset(dataset, run_data_dir(data_dir, settings))
+    check_fits(model, test.shape, len(test.classes), dataset)
+    recon_weight = settings.get("recon_weight", RECON_WEIGHT)
     images, labels = test.images, test.labels
     if test_size:
         images, labels = images[:test_size], labels[:test_size]
@@ -302,19 +282,21 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     log(f"report: {ckpt.name}{_after(meta)} on {n:,} {dataset} test images")
 
     # ---- predictions, accuracy, confusion
-    lengths, losses = _infer(model, images, labels, batch_size)
+    run = infer(model, images, labels, batch_size, recon_weight)
+    lengths = run.lengths
+    losses = {"loss": run.loss, "margin_loss": run.margin_loss,
+              "reconstruction_sse": run.reconstruction_sse}
     pred = lengths.argmax(dim=1)
     correct = pred == labels
-    accuracy = float(correct.float().mean())
-    confusion = torch.zeros(n_cls, n_cls, dtype=torch.long)
-    confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    summary = summarize(lengths, labels, classes)
+    accuracy, per_class = summary["accuracy"], summary["per_class"]
+    confusion = torch.tensor(summary["confusion"])
     per_class_n = confusion.sum(dim=1)
-    per_class = {name: float(confusion[i, i] / max(1, int(per_class_n[i])))
-                 for i, name in enumerate(classes)}
 
     # ---- training curves
     rows = read_metrics(run_dir / "metrics.csv")
-    _save(plots.training_curves(rows, _step_curves(run_dir, rows)), out / "curves.png")
+    _save(plots.training_curves(rows, _step_curves(run_dir, rows), recon_weight),
+          out / "curves.png")
     _save(plots.confusion_matrix(confusion.tolist(), classes), out / "confusion.png")
     _save(plots.per_class_accuracy(per_class, accuracy), out / "per_class.png")
 
@@ -326,7 +308,7 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
             if hits:
                 idx.append(hits[0])
     idx_t = torch.tensor(idx, dtype=torch.long)
-    x = images[idx_t].float().div(255)
+    x = to_unit(images[idx_t])
     with torch.no_grad():
         rec = model(x.to(dev)).reconstructions.float().cpu()
     titles = [f"{classes[int(labels[i])]}\n-> {classes[int(pred[i])]}" for i in idx]
@@ -337,14 +319,14 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     conf = lengths.max(dim=1).values
     wrong = wrong[conf[wrong].argsort(descending=True)][:mistakes]
     mis = wrong.tolist()
-    _save(plots.mistakes(images[wrong].float().div(255), lengths[wrong],
+    _save(plots.mistakes(to_unit(images[wrong]), lengths[wrong],
                          labels[wrong].tolist(), pred[wrong].tolist(), classes),
           out / "mistakes.png")
 
     # ---- Figure 4 and the GIF
     offsets = perturbation_offsets()
     picks = _pick_distinct(labels, pred, min(samples, n))
-    grids = torch.stack([perturbation_grid(model, images[i].float().div(255), offsets=offsets)
+    grids = torch.stack([perturbation_grid(model, to_unit(images[i]), offsets=offsets)
                          for i in picks])
     ptitles = [f"test image {i}: {classes[int(labels[i])]}"
                + ("" if int(pred[i]) == int(labels[i]) else f" (predicted {classes[int(pred[i])]})")
@@ -352,7 +334,7 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     _save(plots.perturbation_panels(grids, ptitles, offsets), out / "perturbation.png",
           dpi="figure")
     g = picks[0]
-    gif_dims = save_sweep_gif(model, images[g].float().div(255), out / "sweep.gif",
+    gif_dims = save_sweep_gif(model, to_unit(images[g]), out / "sweep.gif",
                               caption=classes[int(pred[g])])
 
     # ---- the page
@@ -368,17 +350,6 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     return index
 
 
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px;
-       margin: 2em auto; padding: 0 1em; color: #222; line-height: 1.45; }
-h1 { margin-bottom: 0.2em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
-img { max-width: 100%; height: auto; border: 1px solid #eee; }
-table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
-th, td { border: 1px solid #ddd; padding: 0.25em 0.7em; text-align: left; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-th { background: #f4f4f4; } .muted { color: #777; font-size: 0.9em; }
-.big { font-size: 1.6em; font-weight: 600; } nav a { margin-right: 1em; }
-"""
 
 
 def _html(*, run_dir, ckpt, meta, dataset, n, accuracy, losses, rows, classes, per_class,
@@ -422,112 +393,14 @@ def _html(*, run_dir, ckpt, meta, dataset, n, accuracy, losses, rows, classes, p
     step = float(offsets[1] - offsets[0]) if len(offsets) > 1 else 0.0
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
 
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>CapsNet report: {e(run_dir.name)}</title>
-<style>{_CSS}</style>
-</head>
-<body>
-<h1>CapsNet report: {e(run_dir.name)}</h1>
-<p class=muted>Capsule network of Sabour, Frosst &amp; Hinton, <em>Dynamic Routing Between
-Capsules</em> (2017). Generated by capsnet {e(version)} on {when}.</p>
-<nav><a href="#curves">curves</a><a href="#confusion">confusion</a><a
-href="#reconstructions">reconstructions</a><a href="#mistakes">mistakes</a><a
-href="#figure4">Figure 4</a><a href="#sweep">sweep</a></nav>
-
-<h2 id="summary">Summary</h2>
-<table>
-{s_rows}
-</table>
-
-<h2 id="curves">Training curves</h2>
-<p>Loss and accuracy after every epoch, from the run's <code>metrics.csv</code>: training
-(the mean over the epoch's batches, with augmentation, decoder fed the true class) versus
-the test set (decoder fed the longest capsule). The faint line is the training value of
-every logged step, when the run kept its TensorBoard log.</p>
-<img src="curves.png" alt="loss and accuracy per epoch, train vs test">
-
-<h2 id="confusion">Confusion matrix and per-class accuracy</h2>
-<p>Row: the true class, column: the predicted class (the longest output capsule); a cell
-counts the test images, its colour is the fraction of the row. Off-diagonal cells are the
-classes the network mixes up.</p>
-<img src="confusion.png" alt="confusion matrix with class names">
-<img src="per_class.png" alt="per-class accuracy">
-<table>
-<tr><th>class</th><th>test images</th><th>correct</th><th>accuracy</th>
-<th>most often mistaken for</th></tr>
-{''.join(pc_rows)}
-</table>
-
-<h2 id="reconstructions">Reconstructions</h2>
-<p>Test images (top) and what the decoder draws from the longest capsule alone, every other
-capsule masked to zero (bottom); two images of every class, titled <em>true class -&gt;
-predicted class</em>. A good reconstruction shows that the winning capsule's 16 numbers
-hold the object's shape, not just its class.</p>
-<img src="reconstructions.png" alt="test images beside their reconstructions">
-
-<h2 id="mistakes">Most confident mistakes</h2>
-<p>The wrongly classified test images whose winning capsule is longest, i.e. where the
-network is most sure and wrong. Bars: the length |v| of every class capsule (red: the
-predicted class, green: the true class); a length near 1 means "present".</p>
-<img src="mistakes.png" alt="the most confident mistakes with their capsule lengths">
-{mk_table}
-
-<h2 id="figure4">What the capsule dimensions encode (the paper's Figure 4)</h2>
-<p>For each test image the winning capsule's {dims} dimensions are perturbed one at a time:
-row <em>d</em> adds an offset from {lo:+.2f} to {hi:+.2f} in steps of {step:.2f} to
-dimension <em>d</em> only, and the decoder redraws the image from that capsule (the other
-capsules zero). The middle column (offset 0) is the plain reconstruction. Rows that change
-the picture show what the dimension has learned: width, thickness, length, a strap,
-a heel&hellip;</p>
-<img src="perturbation.png" alt="perturbation grid: one row per capsule dimension">
-
-<h2 id="sweep">One perturbation sweep, animated</h2>
-<p>Test image {gif_image} (left) and its reconstruction (right) while dimensions
-{', '.join(map(str, gif_dims))} &mdash; the ones that change the picture most &mdash; each
-sweep from 0 to {hi:+.2f}, down to {lo:+.2f} and back.</p>
-<img src="sweep.gif" alt="animated perturbation sweep">
-
-<p class=muted>Test images shown: {', '.join(map(str, picks))} (Figure 4). All files of this
-page are in this folder; it works offline.</p>
-</body>
-</html>
-"""
-
-
-# --------------------------------------------------------------------------- CLI
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("report", help="HTML report of a run: curves, confusion, "
-                       "reconstructions, mistakes, capsule perturbations",
-                       description="Write RUN_DIR/report/index.html and the PNG/GIF files it "
-                       "shows, from the run's checkpoint, its metrics.csv and the test set.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--checkpoint", default=None, help="best, last or a checkpoint file "
-                   "(default: best.ckpt, else last.ckpt)")
-    p.add_argument("--dataset", help="default: the run's")
-    p.add_argument("--data-dir", help="default: the run's data_dir (or the usual places)")
-    p.add_argument("--test-size", type=int, help="first N test images only (default: all)")
-    p.add_argument("--samples", type=int, default=3,
-                   help="test images in the Figure 4 panel (default 3)")
-    p.add_argument("--mistakes", type=int, default=8,
-                   help="confident mistakes shown (default 8)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.set_defaults(handler=_cmd_report)
-
-
-def _cmd_report(a) -> int:
-    if a.mistakes < 0 or a.batch_size < 1:
-        raise CapsnetError("--mistakes must be >= 0 and --batch-size positive")
-    index = build_report(a.run_dir, a.checkpoint, a.data_dir, a.dataset, a.test_size,
-                         a.samples, a.mistakes, a.device, a.batch_size)
-    print(index)
-    return 0
+    fields = {"title": e(run_dir.name), "version": e(version), "when": when,
+              "summary_rows": s_rows, "class_rows": "".join(pc_rows), "dims": dims,
+              "lo": f"{lo:+.2f}", "hi": f"{hi:+.2f}", "step": f"{step:.2f}",
+              "gif_image": gif_image, "gif_dims": ", ".join(map(str, gif_dims)),
+              "mistakes_table": mk_table, "picks": ", ".join(map(str, picks))}
+    return Template((Path(__file__).parent / "template.html").read_text("utf-8")
+                    ).substitute(fields)
 
 
 __all__ = ["perturbation_offsets", "perturbation_grid", "dimension_effect", "sweep_frames",
-           "save_sweep_gif", "build_report", "add_parser"]
+           "save_sweep_gif", "build_report"]

@@ -1,0 +1,88 @@
+"""`capsnet export`: a model as an ONNX inference graph or as a safetensors weights file.
+
+ONNX: the graph takes images ``[B, C, H, W]`` in [0, 1] and returns the capsule lengths
+``[B, O]`` and the output capsules (poses) ``[B, O, D]``, with a dynamic batch axis. It is
+traced from the reference routing (:func:`capsnet.routing.route_reference`) and PyTorch's own
+convolution, so it holds only standard operators (the fused kernels' custom autograd
+functions are training-time engines; the function is the same).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .errors import CapsnetError
+
+
+class _Inference(nn.Module):
+    """``x`` -> ``(lengths, poses)``: the part of a model an ONNX user runs."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        v = self.model.capsules(x)
+        return v.norm(dim=-1), v
+
+
+def for_export(model: nn.Module) -> nn.Module:
+    """The same model (same weights) running on standard operators only."""
+    from .layers import PrimaryCapsules, RoutingCapsules
+    for m in model.modules():
+        if isinstance(m, RoutingCapsules):
+            m.impl = "reference"
+        if isinstance(m, PrimaryCapsules):
+            m.algorithm = "torch"
+    return model.to(memory_format=torch.contiguous_format).eval()
+
+
+def export_onnx(model: nn.Module, out: Path, batch: int = 1) -> Path:
+    try:
+        import onnx  # noqa: F401  (the exporter needs it)
+    except ImportError:
+        raise CapsnetError("ONNX export needs the onnx packages: pip install "
+                           "'capsnet[onnx]' (onnx, onnxscript)") from None
+    import warnings
+
+    from .checkpoints import atomic_write
+    c = model.config
+    # torch.export specializes a dimension of size 1, so trace with at least 2 images.
+    x = torch.rand(max(2, batch), c.in_channels, c.image_size, c.image_size)
+    wrapped = _Inference(for_export(model))
+    tmp = out.with_name(out.name + ".export.tmp.onnx")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapped, (x,), str(tmp), input_names=["images"],
+                              output_names=["lengths", "poses"],
+                              dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+                              dynamo=True, external_data=False, verbose=False)
+        data = tmp.read_bytes()
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_write(out, lambda f: f.write(data))
+    return out
+
+
+def export(spec: str, out: str | Path, dtype: str = "float32", batch: int = 1) -> Path:
+    """Write the model ``spec`` (name, weights file or checkpoint) to ``out`` (.onnx or
+    .safetensors)."""
+    from .checkpoints import load_model
+    from .weights import save_weights
+    out = Path(out)
+    if out.suffix not in (".onnx", ".safetensors"):
+        raise CapsnetError(f"{out}: the output must end in .onnx or .safetensors")
+    if batch < 1:
+        raise CapsnetError(f"--batch must be positive, got {batch}")
+    if out.parent and not out.parent.is_dir():
+        raise CapsnetError(f"{out.parent}: no such folder")
+    model, meta = load_model(spec)
+    if out.suffix == ".onnx":
+        return export_onnx(model, out, batch)
+    info = {"classes": meta["classes"], "dataset": meta.get("dataset"),
+            "source": Path(str(spec)).name, "epoch": meta.get("epoch")}
+    return save_weights(model, out, info, getattr(torch, dtype))

@@ -1,0 +1,73 @@
+"""One inference loop and one confusion matrix, shared by evaluate, report and the dashboards."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .data.batches import to_unit
+from .errors import CapsnetError
+from .losses import capsule_loss
+from .paper import RECON_WEIGHT
+
+
+class Inference(NamedTuple):
+    """``lengths`` ``[N, O]`` (float32, CPU) and the mean losses over the ``N`` images."""
+
+    lengths: Tensor
+    loss: float
+    margin_loss: float
+    reconstruction_sse: float
+
+
+def check_fits(model: nn.Module, shape: tuple, n_classes: int, what: str = "the data") -> None:
+    """One-line error unless ``model`` takes images of ``shape`` ``(C, H, W)`` and has
+    ``n_classes`` classes."""
+    c = model.config
+    expected = (c.in_channels, c.image_size, c.image_size)
+    if tuple(shape) != expected:
+        raise CapsnetError(f"the model expects images of shape {expected}, {what} has "
+                           f"{tuple(shape)}")
+    if n_classes != c.num_classes:
+        raise CapsnetError(f"the model has {c.num_classes} classes, {what} {n_classes}")
+
+
+@torch.inference_mode()
+def infer(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 512,
+          recon_weight: float = RECON_WEIGHT) -> Inference:
+    """Run ``model`` (on its own device) over uint8 ``images`` ``[N, C, H, W]``.
+
+    The losses are those of training (:func:`capsnet.losses.capsule_loss`) with the run's
+    ``recon_weight``; the decoder is fed the longest capsule, as at test time.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    lengths, totals = [], torch.zeros(3, dtype=torch.float64)
+    for i in range(0, len(labels), batch_size):
+        x = to_unit(images[i:i + batch_size].to(device))
+        y = labels[i:i + batch_size].to(device)
+        out = model(x)
+        loss = capsule_loss(out.lengths, y, out.reconstructions, x, recon_weight)
+        totals += torch.tensor([loss.total.item(), loss.margin.item(),
+                                loss.reconstruction.item()], dtype=torch.float64) * len(y)
+        lengths.append(out.lengths.float().cpu())
+    mean = (totals / max(1, len(labels))).tolist()
+    return Inference(torch.cat(lengths) if lengths else torch.zeros(0), *mean)
+
+
+def confusion_matrix(true: Tensor, pred: Tensor, num_classes: int) -> Tensor:
+    """Counts ``[true class, predicted class]``: ``[O, O]`` int64."""
+    idx = true.long().cpu() * num_classes + pred.long().cpu()
+    return torch.bincount(idx, minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def summarize(lengths: Tensor, labels: Tensor, classes: list[str]) -> dict:
+    """Accuracy, per-class accuracy and the confusion matrix of capsule lengths ``[N, O]``."""
+    pred = lengths.argmax(dim=1)
+    confusion = confusion_matrix(labels, pred, len(classes))
+    per_class = confusion.diagonal() / confusion.sum(dim=1).clamp(min=1)
+    return {"accuracy": float((pred == labels).float().mean()), "n": len(labels),
+            "per_class": dict(zip(classes, per_class.tolist())),
+            "confusion": confusion.tolist(), "classes": list(classes)}

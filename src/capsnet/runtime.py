@@ -1,0 +1,47 @@
+"""Where and how a run executes: device resolution, threads, the allocator setting."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import CapsnetError
+
+
+def retain_freed_memory() -> bool:
+    """Have glibc keep freed memory for reuse instead of returning it to the kernel.
+
+    By default glibc serves every allocation above 32 MB with a fresh ``mmap`` and unmaps it
+    when freed, so each large tensor of every step faults its pages in again (about a GB per
+    training step of the naive model; page faults can cost more than the arithmetic of many
+    layers; the measured gains are in docs/performance.md). Allocating from the heap and
+    never trimming it makes a step reuse the memory of the previous one. Process-wide; returns False where not glibc.
+    """
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
+def resolve_device(device: str) -> tuple[str, list[int] | str]:
+    """``auto``/``cpu``/``cuda``/``cuda:N`` -> Lightning ``(accelerator, devices)``."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return "cpu", 1
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise CapsnetError(f"--device {device}: CUDA is not available on this machine")
+        index = device.split(":")[1] if ":" in device else "0"
+        if index.isdigit():
+            return "gpu", [int(index)]
+    raise CapsnetError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def torch_device(device: str) -> torch.device:
+    """``auto``/``cpu``/``cuda``/``cuda:N`` -> the ``torch.device`` to run on."""
+    accelerator, devices = resolve_device(device)
+    return torch.device("cpu") if accelerator == "cpu" else torch.device("cuda", devices[0])

@@ -1,0 +1,128 @@
+"""Every setting of a run, defined once: defaults, YAML files, validation, one-line errors.
+
+Settings come, lowest priority first, from :data:`DEFAULTS`, a YAML file (``--config``), the
+``config.yaml`` of a run being resumed, and the command-line flags. ``capsnet train``,
+``evaluate``, ``report`` and the dashboards all read a run's settings through here. This
+module imports neither torch nor Lightning, so the command line starts fast.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import yaml
+
+from .errors import CapsnetError
+from .paper import RECON_WEIGHT, ROUTING_ITERATIONS
+
+ARCHS = ("capsnet", "efficient-capsnet")  # keep in step with capsnet.models.ARCHITECTURES
+LR_SCHEDULES = ("exp", "cosine")
+
+DEFAULTS: dict = {
+    "arch": "capsnet", "dataset": "fashion-mnist", "data_dir": None, "out": "runs/capsnet",
+    "epochs": 10, "batch_size": 128, "eval_batch_size": 512,
+    "lr": 1e-3, "lr_schedule": "exp", "lr_decay": 0.96, "lr_decay_steps": 2000,
+    "warmup_steps": 0, "ema": 0.0,
+    "routing_iterations": ROUTING_ITERATIONS, "detach_routing": False,
+    "recon_weight": RECON_WEIGHT,
+    "shift": 2, "rotate": 0.0, "scale": 0.0, "shear": 0.0, "translate": 0.0, "hflip": False,
+    "train_size": None, "val_size": 5000, "test_size": None,
+    "seed": 0, "device": "auto", "threads": None, "channels_last": True,
+    "log_every": 20, "tensorboard": True, "progress": True,
+    "visdom": False, "visdom_server": "http://127.0.0.1", "visdom_port": 8097,
+    "visdom_env": "capsnet",
+}
+
+# Settings that must be positive numbers, and those that must not be negative.
+_POSITIVE = ("epochs", "batch_size", "eval_batch_size", "lr", "lr_decay", "lr_decay_steps",
+             "routing_iterations", "train_size", "test_size", "log_every", "threads")
+_NON_NEGATIVE = ("warmup_steps", "ema", "recon_weight", "shift", "rotate", "scale", "shear", "translate", "val_size")
+
+
+def read_config(path: str | Path) -> dict:
+    """Settings from a YAML file (keys with ``-`` or ``_``), checked against :data:`DEFAULTS`."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise CapsnetError(f"{path}: cannot read config ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise CapsnetError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CapsnetError(f"{path}: a config file must be a mapping of setting: value")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in DEFAULTS:
+            raise CapsnetError(f"{path}: unknown setting {key!r}")
+        out[name] = value
+    return out
+
+
+def check_settings(s: dict) -> dict:
+    """Type-check and range-check merged settings; returns them with numbers coerced."""
+    s = dict(s)
+    for key, default in DEFAULTS.items():
+        value = s.get(key)
+        if value is None or default is None:
+            continue
+        kind = type(default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise CapsnetError(f"setting {key!r} must be {kind.__name__}, got {value!r}")
+        s[key] = value
+    for key in ("train_size", "test_size", "threads"):  # optional whole numbers
+        v = s.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise CapsnetError(f"setting {key!r} must be int, got {v!r}")
+    for key in _POSITIVE:
+        v = s.get(key)
+        if v is not None and (not math.isfinite(v) or v <= 0):
+            raise CapsnetError(f"setting {key!r} must be positive, got {v!r}")
+    for key in _NON_NEGATIVE:
+        v = s.get(key)
+        if v is not None and (not math.isfinite(v) or v < 0):
+            raise CapsnetError(f"setting {key!r} must not be negative, got {v!r}")
+    if s["lr_decay"] > 1:
+        raise CapsnetError(f"setting 'lr_decay' must be at most 1, got {s['lr_decay']}")
+    if s["ema"] >= 1:
+        raise CapsnetError(f"setting 'ema' must be below 1 (0: off), got {s['ema']}")
+    if s["arch"] not in ARCHS:
+        raise CapsnetError(f"setting 'arch' must be one of {', '.join(ARCHS)}, "
+                           f"got {s['arch']!r}")
+    if s["lr_schedule"] not in LR_SCHEDULES:
+        raise CapsnetError(f"setting 'lr_schedule' must be one of {', '.join(LR_SCHEDULES)}, "
+                           f"got {s['lr_schedule']!r}")
+    return s
+
+
+def load_run_settings(run_dir: str | Path) -> dict:
+    """The settings a run was started with (its ``config.yaml``)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise CapsnetError(f"{run_dir}: not a capsnet run directory (no config.yaml)")
+    s = read_config(path)
+    s["out"] = str(run_dir)
+    return s
+
+
+def run_data_dir(flag: str | None, run_settings: dict) -> str | None:
+    """The one rule for where a run's data is: ``--data-dir`` when given, else the run's own
+    ``data_dir`` setting, else None (the standard search of :mod:`capsnet.data.datasets`)."""
+    return flag if flag is not None else run_settings.get("data_dir")
+
+
+def settings_beside(checkpoint: str | Path) -> dict:
+    """The settings of the run a checkpoint file sits in (its ``config.yaml``), or ``{}``."""
+    path = Path(checkpoint)
+    config = path.parent / "config.yaml"
+    if not path.is_file() or not config.is_file():
+        return {}
+    try:
+        return read_config(config)
+    except CapsnetError:
+        return {}

@@ -1,0 +1,108 @@
+"""Weights files: a model as safetensors (no pickle, no code) with its architecture and config.
+
+A weights file holds the tensors of one model and, in its safetensors metadata, one JSON
+entry ``capsnet``: ``{"arch", "config", "classes", "dataset", "source", "sha256"}``, where
+``sha256`` is the digest of every tensor's name, dtype, shape and bytes, checked on load, so a
+truncated or altered file is refused with one line. Shipped models (:data:`SHIPPED`) live in
+``capsnet/weights/`` and are found by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CapsnetError
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+# name -> file in WEIGHTS_DIR; `capsnet predict IMAGE` without a model uses DEFAULT_MODEL.
+SHIPPED = {"fashion-mnist": "fashion-mnist.safetensors"}
+DEFAULT_MODEL = "fashion-mnist"
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_weights(model: nn.Module, path: str | Path, meta: dict,
+                 dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``model``'s state (floats cast to ``dtype``) and ``meta`` (arch, classes, ...)."""
+    from safetensors.torch import save_file
+
+    from .checkpoints import atomic_write
+    from .models import arch_name
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}
+    info = {"arch": arch_name(model), "config": model.config.to_dict(), **meta,
+            "sha256": _digest(tensors)}
+    path = Path(path)
+    atomic_write(path, lambda f: f.write(_serialize(tensors, info)))
+    return path
+
+
+def _serialize(tensors: dict, info: dict) -> bytes:
+    from safetensors.torch import save
+    return save(tensors, metadata={"capsnet": json.dumps(info, sort_keys=True)})
+
+
+def resolve(spec: str | Path) -> Path:
+    """A shipped model's name or a path -> the file to load (one-line error if none)."""
+    if str(spec) in SHIPPED:
+        path = WEIGHTS_DIR / SHIPPED[str(spec)]
+        if not path.is_file():
+            raise CapsnetError(f"shipped model {spec!r}: {path} is missing from this install")
+        return path
+    path = Path(spec)
+    if not path.exists():
+        raise CapsnetError(f"{spec}: no such file, and not a shipped model (shipped: "
+                           f"{', '.join(SHIPPED)})")
+    if path.is_dir():
+        raise CapsnetError(f"{spec}: is a folder; give a weights file, a checkpoint or a "
+                           f"shipped model's name ({', '.join(SHIPPED)})")
+    return path
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu"
+                 ) -> tuple[nn.Module, dict]:
+    """A model (eval mode, fp32) and its metadata from a safetensors weights file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    from .models import build_model
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + header_len])
+        info = json.loads(header.get("__metadata__", {})["capsnet"])
+    except OSError as e:
+        raise CapsnetError(f"{path}: cannot read ({e.strerror})") from None
+    except (SafetensorError, ValueError, KeyError, TypeError) as e:
+        raise CapsnetError(f"{path}: not a capsnet weights file "
+                           f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
+                           ) from None
+    if not isinstance(info, dict) or _digest(tensors) != info.get("sha256"):
+        raise CapsnetError(f"{path}: the tensors do not match the file's checksum (truncated "
+                           "or altered); get the file again")
+    try:
+        model = build_model(info["arch"], info["config"])
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                               for k, v in tensors.items()})
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CapsnetError(f"{path}: weights do not fit the model they name ({first[:200]})"
+                           ) from None
+    meta = {k: info.get(k) for k in ("classes", "dataset", "source", "epoch")}
+    meta["arch"] = info["arch"]
+    meta["classes"] = list(meta["classes"] or range(model.config.num_classes))
+    return model.to(device).eval(), meta
