@@ -5,86 +5,83 @@ batches of the paper model's shape, with the same threads:
 
     .venv/bin/python scripts/ablation.py [--batch-size 128] [--rounds 6] [--no-retain-memory]
 
-``before`` is the first version of the library: oneDNN convolutions (channels-last), routing
-differentiated by autograd through every iteration, Adam's default implementation (a Python
-loop over the parameters on CPU). Variants that need an older or an experimental version of a
-routing function of ``capsnet.layers`` swap it in around their own steps only.
+Every variant is the library as it is, set up through its public switches only:
+``CapsNetConfig.routing_impl`` (``"reference"``: routing differentiated by autograd through
+every iteration; ``"fused"``: per chunk of images, hand-written backward),
+``PrimaryCapsules.algorithm`` (``"torch"``, ``"im2col"``, ``"auto"``), the optimizer (Adam's
+default implementation, a Python loop over the parameters on CPU, or
+:func:`capsnet.optim.adam`), the memory layout and the batch. ``before`` is the first
+version of the library: oneDNN convolutions (channels-last), autograd routing, default Adam.
+
+Rows of earlier versions of this script that needed functions of the library swapped for
+older or experimental ones (patching module globals), and are no longer measured:
+``+ routing backward by hand`` (a hand-written backward on the whole batch's ``u_hat``),
+``+ predictions and routing per chunk`` and ``+ squash gradient in closed form`` as separate
+steps (squash's gradient from a nested autograd call), and ``now, routing by torch.compile``.
+The three routing steps are now the one row ``+ fused routing``.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import types
+import statistics
+import time
 
 import torch
-from torch.nn import functional as F
 
-from capsnet import CapsNet, layers
-from capsnet.bench import _Runner
+from capsnet import CapsNet
+from capsnet.losses import capsule_loss
+from capsnet.optim import adam
 from capsnet.runtime import retain_freed_memory
-from capsnet.layers import squash
 
 
-def autograd_routing(self, u):
-    """The routing of the first version: autograd keeps every intermediate ``u_hat`` use."""
-    u_hat = self.predictions(u)  # [B, O, I, D]
-    bsz, n_out, n_in, _ = u_hat.shape
-    c = u_hat.new_full((bsz, n_out, n_in), 1.0 / n_out)
-    logits = None
-    for it in range(self.iterations):
-        if it > 0:
-            c = F.softmax(logits, dim=1)
-        v = squash(torch.matmul(c.unsqueeze(2), u_hat).squeeze(2))
-        if it < self.iterations - 1:
-            a = torch.matmul(u_hat, v.unsqueeze(3)).squeeze(3)
-            logits = a if logits is None else logits + a
-    return v
+class Runner:
+    """One model with its optimizer and random batches on CPU; times its steps."""
+
+    def __init__(self, model: CapsNet, batch: int, eval_batch: int, channels_last: bool = True,
+                 fused_adam: bool = True):
+        c = model.config
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(memory_format=fmt)
+        params = self.model.parameters()
+        self.opt = adam(params) if fused_adam else torch.optim.Adam(params, lr=1e-3)
+        shape = (c.in_channels, c.image_size, c.image_size)
+        self.x = torch.rand(batch, *shape).contiguous(memory_format=fmt)
+        self.y = torch.randint(0, c.num_classes, (batch,))
+        self.x_eval = torch.rand(eval_batch, *shape).contiguous(memory_format=fmt)
+        self.times: dict[str, list[float]] = {"train": [], "eval": []}
+
+    def train_step(self) -> None:
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        out = self.model(self.x, self.y)
+        capsule_loss(out.lengths, self.y, out.reconstructions, self.x).total.backward()
+        self.opt.step()
+
+    def eval_step(self) -> None:
+        self.model.eval()
+        with torch.inference_mode():
+            self.model(self.x_eval)
+
+    def timed(self, kind: str, n: int) -> None:
+        step = self.train_step if kind == "train" else self.eval_step
+        for _ in range(n):
+            t = time.perf_counter()
+            step()
+            self.times[kind].append(time.perf_counter() - t)
+
+    def img_s(self, kind: str) -> float:
+        batch = self.x.shape[0] if kind == "train" else self.x_eval.shape[0]
+        return batch / statistics.median(self.times[kind])
 
 
-def unfused_routing(self, u):
-    """Hand-written routing backward, on the whole batch's ``u_hat`` at once."""
-    return self.route(self.predictions(u))
-
-
-def autograd_squash_backward(s, grad_v):
-    """The first hand-written routing backward got squash's gradient from a nested autograd call."""
-    with torch.enable_grad():
-        s = s.detach().requires_grad_()
-        (grad_s,) = torch.autograd.grad(squash(s), s, grad_v)
-    return grad_s
-
-
-OLD_SQUASH = {"_squash_backward": autograd_squash_backward}
-COMPILED_ROUTING = {"_route": torch.compile(layers._route, dynamic=False),
-                    "_route_backward": torch.compile(layers._route_backward, dynamic=False)}
-
-
-@contextlib.contextmanager
-def patched(functions: dict):
-    """Replace functions of ``capsnet.layers`` for the duration of the block."""
-    old = {name: getattr(layers, name) for name in functions}
-    for name, f in functions.items():
-        setattr(layers, name, f)
-    try:
-        yield
-    finally:
-        for name, f in old.items():
-            setattr(layers, name, f)
-
-
-def variant(batch: int, eval_batch: int, algorithm="auto", routing=None, fused_adam=True,
-            channels_last=True, patches=None, **config) -> _Runner:
+def variant(batch: int, eval_batch: int, algorithm: str = "auto", routing: str = "fused",
+            fused_adam: bool = True, channels_last: bool = True, **config) -> Runner:
+    """The paper model with ``PrimaryCapsules.algorithm`` and ``routing_impl`` chosen."""
     torch.manual_seed(0)
-    m = CapsNet(**config)
+    m = CapsNet(routing_impl=routing, **config)
     m.primary.algorithm = algorithm
-    if routing is not None:
-        m.digits.forward = types.MethodType(routing, m.digits)
-    r = _Runner(m, torch.device("cpu"), batch, eval_batch, channels_last)
-    if not fused_adam:
-        r.opt = torch.optim.Adam(r.model.parameters(), lr=1e-3)
-    r.patches = patches or {}
-    return r
+    return Runner(m, batch, eval_batch, channels_last, fused_adam)
 
 
 def main() -> None:
@@ -103,30 +100,23 @@ def main() -> None:
         retain_freed_memory()
     b = a.batch_size
     variants = {
-        "before": variant(b, b, algorithm="torch", routing=autograd_routing, fused_adam=False),
-        "+ routing backward by hand": variant(b, b, algorithm="torch", routing=unfused_routing,
-                                               fused_adam=False, patches=OLD_SQUASH),
-        "+ predictions and routing per chunk": variant(b, b, algorithm="torch", fused_adam=False,
-                                                        patches=OLD_SQUASH),
-        "+ PrimaryCaps as im2col + GEMM": variant(b, b, algorithm="im2col", fused_adam=False,
-                                                   patches=OLD_SQUASH),
-        "+ fused Adam": variant(b, b, algorithm="im2col", patches=OLD_SQUASH),
-        "+ squash gradient in closed form": variant(b, b, algorithm="im2col"),
+        "before": variant(b, b, algorithm="torch", routing="reference", fused_adam=False),
+        "+ fused routing": variant(b, b, algorithm="torch", fused_adam=False),
+        "+ PrimaryCaps as im2col + GEMM": variant(b, b, algorithm="im2col", fused_adam=False),
+        "+ fused Adam": variant(b, b, algorithm="im2col"),
         "+ PrimaryCaps by DFT (= now)": variant(b, b),
         "now, NCHW activations": variant(b, b, channels_last=False),
         f"now, inference batch {a.eval_batch_size}": variant(b, a.eval_batch_size),
         "now, detached routing": variant(b, b, detach_routing=True),
-        "now, routing by torch.compile": variant(b, b, patches=COMPILED_ROUTING),
+        "now, autograd routing (reference)": variant(b, b, routing="reference"),
     }
-    for r in variants.values():  # warm-up (and compilation)
-        with patched(r.patches):
-            r.train_step()
-            r.eval_step()
+    for r in variants.values():  # warm-up
+        r.train_step()
+        r.eval_step()
     for i in range(a.rounds):
         for r in variants.values():
-            with patched(r.patches):
-                r.timed("train", 1)
-                r.timed("eval", 1)
+            r.timed("train", 1)
+            r.timed("eval", 1)
         print(f"round {i + 1}/{a.rounds}", flush=True)
     print(f"\n{torch.get_num_threads()} threads, batch {b}, torch {torch.__version__}"
           f"{', freed memory retained' if a.retain_memory else ''}")

@@ -1,29 +1,51 @@
 """Where a training step's time goes, and what the PrimaryCaps GEMMs could reach alone.
 
-    .venv/bin/python scripts/profile_step.py [--batch-size 128] [--steps 3] [--sweep]
+    .venv/bin/python scripts/profile_step.py [--batch-size 128] [--steps 3]
 
 1. ``torch.profiler`` over a few training steps of the paper model (after warm-up), the ops
    sorted by their own time;
 2. the matrix products of the frequency-domain PrimaryCaps (``SpectralConv``) timed alone at
-   the given batch, next to a 2048^3 GEMM;
-3. with ``--sweep``: training and inference images/s for other chunk sizes of the routing
-   (``PredictAndRoute.IMAGES``), interleaved.
+   the given batch, next to a 2048^3 GEMM.
+
+The ``--sweep`` of earlier versions (images/s for other chunk sizes of the routing) is gone:
+the chunk size, ``capsnet.kernels.routing.PredictAndRoute.IMAGES``, can only be changed by
+assigning to the library's class, and the scripts use the library's public switches only.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from ablation import variant  # noqa: E402
+from capsnet import CapsNet
+from capsnet.bench.flops import stderr_silenced
+from capsnet.kernels.conv import SpectralConv
+from capsnet.losses import capsule_loss
+from capsnet.optim import adam
+from capsnet.runtime import retain_freed_memory
 
-from capsnet.bench.flops import stderr_silenced; from capsnet.runtime import retain_freed_memory  # noqa: E402
-from capsnet.kernels.conv import SpectralConv; from capsnet.kernels.routing import PredictAndRoute  # noqa: E402
+
+class Runner:
+    """The paper model with Adam and a random batch on CPU, for profiling training steps."""
+
+    def __init__(self, batch: int):
+        torch.manual_seed(0)
+        self.model = CapsNet()  # channels-last, as `capsnet train` runs it
+        self.opt = adam(self.model.parameters())
+        c = self.model.config
+        shape = (c.in_channels, c.image_size, c.image_size)
+        self.x = torch.rand(batch, *shape).contiguous(memory_format=torch.channels_last)
+        self.y = torch.randint(0, c.num_classes, (batch,))
+
+    def train_step(self) -> None:
+        """Forward, loss, backward, Adam."""
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        out = self.model(self.x, self.y)
+        capsule_loss(out.lengths, self.y, out.reconstructions, self.x).total.backward()
+        self.opt.step()
 
 
 def gflop_s(fn, flop: float, repeats: int = 10) -> float:
@@ -58,35 +80,13 @@ def gemm_shapes(batch: int) -> None:
         print(f"  {name:40s}{gflop_s(f, flop):6.0f}")
 
 
-def sweep(batch: int, rounds: int = 6) -> None:
-    sizes = (2, 4, 8, 16)
-    runners = {i: variant(batch, batch) for i in sizes}
-    default = PredictAndRoute.IMAGES
-    try:
-        for i, r in runners.items():
-            PredictAndRoute.IMAGES = i
-            r.train_step()
-            r.eval_step()
-        for _ in range(rounds):
-            for i, r in runners.items():
-                PredictAndRoute.IMAGES = i
-                r.timed("train", 1)
-                r.timed("eval", 1)
-    finally:
-        PredictAndRoute.IMAGES = default
-    print(f"\nrouting chunk sizes (default IMAGES={default}), {rounds} rounds:")
-    for i, r in runners.items():
-        print(f"  IMAGES {i:3d}: train {r.img_s('train'):6.1f}  infer {r.img_s('eval'):6.1f} img/s")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=3, help="profiled training steps")
-    p.add_argument("--sweep", action="store_true", help="also time other chunk sizes")
     a = p.parse_args()
     retain_freed_memory()
-    r = variant(a.batch_size, a.batch_size)
+    r = Runner(a.batch_size)
     for _ in range(3):
         r.train_step()
     from torch.profiler import ProfilerActivity, profile
@@ -95,8 +95,6 @@ def main() -> None:
             r.train_step()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     gemm_shapes(a.batch_size)
-    if a.sweep:
-        sweep(a.batch_size)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,237 @@
+"""Any image file a user gives ``predict``: a model input, or a one-line error naming the file."""
+
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from capsnet.cli import main
+from capsnet.errors import CapsnetError
+from capsnet.evaluate import load_image
+
+SIZE = 28
+
+
+def square(mode, fg, bg, n=56):
+    """An n x n image of colour ``bg`` with a centred square of colour ``fg`` (half its side)."""
+    img = Image.new(mode, (n, n), bg)
+    img.paste(fg, (n // 4, n // 4, 3 * n // 4, 3 * n // 4))
+    return img
+
+
+def check(x, channels=1):
+    """A well-formed model input; returns it as [C, SIZE, SIZE]."""
+    assert x.shape == (channels, SIZE, SIZE) and x.dtype == torch.float32
+    assert torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
+    return x
+
+
+def centre_and_corner(x):
+    return float(x[:, 10:18, 10:18].mean()), float(x[:, :3, :3].mean())
+
+
+def fake_png(path, width, height):
+    """A PNG whose header claims width x height, but with (almost) no pixel data behind it."""
+    def chunk(kind, data):
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit grey
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                     + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b""))
+    return path
+
+
+# ---------------------------------------------------------------- images that must work
+
+@pytest.mark.parametrize("suffix", ["png", "tif"])
+def test_16_bit_scaled_not_clipped(tmp_path, suffix):
+    a = np.full((56, 56), 1000, np.uint16)  # dim background: 1000/65535, not 255/255
+    a[14:42, 14:42] = 60000
+    path = tmp_path / f"deep.{suffix}"
+    img = Image.fromarray(a) if suffix == "png" else Image.fromarray(a.astype(np.int32))
+    img.save(path)
+    assert Image.open(path).mode == ("I;16" if suffix == "png" else "I")
+    centre, corner = centre_and_corner(check(load_image(path, 1, SIZE, "no")))
+    assert centre == pytest.approx(60000 / 65535, abs=0.01)
+    assert corner == pytest.approx(1000 / 65535, abs=0.01)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_cmyk_jpeg(tmp_path, channels):
+    path = tmp_path / "cmyk.jpg"
+    square("CMYK", (0, 0, 0, 0), (0, 0, 0, 255)).save(path, quality=95)  # white on black
+    centre, corner = centre_and_corner(check(load_image(path, channels, SIZE), channels))
+    assert centre > 0.9 and corner < 0.1
+
+
+def test_animated_gif_first_frame(tmp_path):
+    path = tmp_path / "anim.gif"
+    first, second = square("L", 255, 0), Image.new("L", (56, 56), 128)
+    first.save(path, save_all=True, append_images=[second], duration=100, loop=0)
+    assert Image.open(path).n_frames == 2
+    centre, corner = centre_and_corner(check(load_image(path, 1, SIZE, "no")))
+    assert centre > 0.9 and corner < 0.1
+
+
+def transparent(mode, grey):
+    """A ``grey`` opaque square in a transparent field of the same hidden colour."""
+    rgba = square("RGBA", (grey, grey, grey, 255), (grey, grey, grey, 0))
+    if mode == "LA":
+        return rgba.convert("LA")
+    if mode == "P":  # a palette with one transparent entry
+        p = square("P", 1, 0)
+        p.putpalette([grey] * 6)
+        p.info["transparency"] = 0
+        return p
+    return rgba
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+@pytest.mark.parametrize("grey", [255, 0], ids=["light-object", "dark-object"])
+def test_transparency_becomes_background(tmp_path, mode, grey):
+    """Either way the model sees what Fashion-MNIST shows: a light object on black."""
+    path = tmp_path / f"{mode}-{grey}.png"
+    transparent(mode, grey).save(path)
+    for channels in (1, 3):
+        centre, corner = centre_and_corner(check(load_image(path, channels, SIZE), channels))
+        assert centre > 0.9 and corner < 0.1, (channels, centre, corner)
+
+
+def test_transparency_with_forced_inversion(tmp_path):
+    path = tmp_path / "dark.png"
+    transparent("RGBA", 0).save(path)
+    assert centre_and_corner(load_image(path, 1, SIZE, "yes")) == pytest.approx((1, 0), abs=0.01)
+    path = tmp_path / "light.png"
+    transparent("RGBA", 255).save(path)
+    assert centre_and_corner(load_image(path, 1, SIZE, "no")) == pytest.approx((1, 0), abs=0.01)
+
+
+def test_fully_transparent_is_blank(tmp_path):
+    path = tmp_path / "clear.png"
+    Image.new("RGBA", (30, 30), (255, 255, 255, 0)).save(path)
+    assert check(load_image(path, 1, SIZE)).max() == 0
+
+
+@pytest.mark.parametrize("suffix", ["jpg", "png"])
+def test_large_photo_is_fast(tmp_path, suffix):
+    path = tmp_path / f"big.{suffix}"
+    img = Image.new("RGB", (5000, 3000), "black")
+    img.paste((255, 255, 255), (1250, 750, 3750, 2250))
+    img.save(path, **({"quality": 90} if suffix == "jpg" else {"compress_level": 1}))
+    t = time.perf_counter()
+    x = check(load_image(path, 3, SIZE), 3)
+    assert time.perf_counter() - t < 2  # here 0.01 s (jpg: decoded at 1/8), 0.15 s (png)
+    centre, corner = centre_and_corner(x)
+    assert centre > 0.9 and corner < 0.1
+
+
+def test_non_square_is_stretched(tmp_path):
+    path = tmp_path / "wide.png"
+    img = Image.new("L", (90, 30), 0)
+    img.paste(255, (0, 0, 45, 30))  # left half light
+    img.save(path)
+    x = check(load_image(path, 1, SIZE, "no"))
+    assert x[:, :, :12].min() > 0.9 and x[:, :, 16:].max() < 0.1
+
+
+def test_exif_orientation_applied(tmp_path):
+    path = tmp_path / "phone.jpg"
+    img = Image.new("L", (56, 56), 0)
+    img.paste(255, (0, 0, 28, 56))  # stored: left half light
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    img.save(path, exif=exif, quality=95)
+    x = check(load_image(path, 1, SIZE, "no"))
+    assert x[:, :12].mean() > 0.9 and x[:, 16:].mean() < 0.1  # displayed: top half light
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "1", "P"])
+def test_one_pixel(tmp_path, mode):
+    path = tmp_path / f"dot-{mode}.png"
+    Image.new(mode, (1, 1), 1).save(path)
+    for channels in (1, 3):
+        x = check(load_image(path, channels, SIZE), channels)
+        assert (x == x[:, :1, :1]).all()  # uniform
+
+
+# ---------------------------------------------------------------- files that must be refused
+
+def truncated(path, img, **kw):
+    img.save(path, **kw)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    return path
+
+
+def noise():
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
+    return Image.fromarray(pixels)
+
+
+BAD = {  # file name: (how to make it in a folder, words the error must contain)
+    "empty.png": (lambda p: p.write_bytes(b""), "empty"),
+    "missing.png": (lambda p: None, "no such file"),
+    "folder.png": (lambda p: p.mkdir(), "folder"),
+    "notes.png": (lambda p: p.write_text("just some text\nover two lines\n"), "not an image"),
+    "cut.png": (lambda p: truncated(p, noise()), "cut.png"),
+    "cut.jpg": (lambda p: truncated(p, noise(), quality=95), "truncated"),
+    "huge.png": (lambda p: fake_png(p, 20000, 20000), "too large"),
+}
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_file_one_line_error(tmp_path, name):
+    make, words = BAD[name]
+    path = tmp_path / name
+    make(path)
+    with pytest.raises(CapsnetError) as e:
+        load_image(path, 1, SIZE)
+    msg = str(e.value)
+    assert name in msg and words in msg and "\n" not in msg, msg
+
+
+def test_enormous_image_refused_from_its_header(tmp_path, monkeypatch):
+    from PIL import ImageFile
+    loads = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self))
+    t = time.perf_counter()
+    path = fake_png(tmp_path / "huge.png", 20000, 20000)  # 400 megapixels, 98 bytes
+    with pytest.raises(CapsnetError, match=r"huge.png: image too large .*400000000 pixels"):
+        load_image(path, 1, SIZE)
+    assert time.perf_counter() - t < 0.5 and loads == []  # no pixel decoded
+
+
+# ---------------------------------------------------------------- the command, end to end
+
+def test_predict_command_mixed_files(tmp_path, capsys):
+    from capsnet.models import build_model
+    from capsnet.weights import save_weights
+    model = tmp_path / "m.safetensors"
+    save_weights(build_model("capsnet", {"conv_channels": 8, "primary_types": 2}), model,
+                 {"classes": [str(i) for i in range(10)], "dataset": "fashion-mnist"})
+    a = np.zeros((40, 40), np.uint16)
+    a[10:30, 10:30] = 50000
+    Image.fromarray(a).save(good16 := tmp_path / "deep.png")
+    transparent("RGBA", 0).save(rgba := tmp_path / "cutout.png")
+    square("CMYK", (0, 0, 0, 0), (0, 0, 0, 255)).save(cmyk := tmp_path / "cmyk.jpg")
+    square("L", 255, 0).save(gif := tmp_path / "anim.gif", save_all=True,
+                             append_images=[Image.new("L", (56, 56))])
+    Image.new("L", (1, 1), 200).save(dot := tmp_path / "dot.png")
+    good = [good16, rgba, cmyk, gif, dot]
+    bad = []
+    for name, (make, _) in BAD.items():
+        make(tmp_path / name)
+        bad.append(tmp_path / name)
+    files = [good[0], *bad[:3], *good[1:], *bad[3:]]  # interleaved: errors do not stop it
+    code = main(["predict", "--model", str(model), *map(str, files)])
+    out, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in err
+    assert [line.split(":")[0] for line in out.splitlines()] == [str(p) for p in good]
+    errors = err.splitlines()
+    assert len(errors) == len(bad)
+    for line, path in zip(errors, bad):
+        assert line.startswith(f"capsnet: error: {path}: "), line
