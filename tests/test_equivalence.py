@@ -224,3 +224,19 @@ def test_auto_algorithm_choice_and_kept_weight_spectrum():
     assert small._spectrum is None
     with pytest.raises(ValueError, match="algorithm"):
         PrimaryCapsules(8, algorithm="fft")
+
+
+def test_spectral_matrices_made_in_inference_mode_still_train():
+    """The DFT matrices are cached process-wide; when inference (e.g. Lightning's validation)
+    asks for them first, a later training step must still be able to use them."""
+    from capsnet.kernels.conv import spectral_matrices
+    spectral_matrices.cache_clear()
+    torch.manual_seed(8)
+    m = CapsNet(conv_channels=16, primary_types=4)
+    m.primary.algorithm = "dft"
+    x = torch.rand(4, 1, 28, 28)
+    with torch.inference_mode():
+        m(x)
+    out = m(x, torch.zeros(4, dtype=torch.long))
+    out.lengths.sum().backward()
+    assert m.primary.conv.weight.grad is not None

@@ -53,6 +53,23 @@ def build_module(s: dict, classes, shape) -> LitCapsNet:
                       channels_last=s["channels_last"])
 
 
+def _check_resumable(path: Path, module: LitCapsNet) -> None:
+    """One-line error unless ``path`` loads without code and fits ``module`` exactly.
+
+    Lightning would otherwise fail deep inside ``fit`` with a traceback.
+    """
+    from .checkpoints import safe_load
+    ckpt = safe_load(path)
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict) or "optimizer_states" not in ckpt:
+        raise CapsnetError(f"{path}: not a capsnet training checkpoint (nothing to resume)")
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CapsnetError(f"{path}: does not fit this run's model ({first[:160]})") from None
+
+
 def _extra_callbacks(s: dict, datamodule) -> list:
     """Live dashboards: reconstruction images in TensorBoard, the optional Visdom page."""
     if not (s["visdom"] or s["tensorboard"]):
@@ -98,6 +115,8 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
         raise CapsnetError(f"--hflip does not keep the class on {s['dataset']} (mirrored "
                            "digits are not digits); leave it off")
     module = build_module(s, dm.classes, dm.shape)
+    if resume:
+        _check_resumable(last, module)
     module.split_names = list(dm.eval_splits())
     n = module.model.num_parameters()
     print(f"{s['arch']}: {n:,} parameters ({n / 1e6:.1f}M); {len(dm.train):,} training images, "

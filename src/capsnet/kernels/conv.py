@@ -226,6 +226,14 @@ def spectral_matrices(nh: int, nw: int, kp: int, oh: int, ow: int, dtype: torch.
     ``R = 3 * 48 + 4 = 148`` rows for the paper's 10 x 10 phase grids. Built in float64
     from ``torch.fft`` applied to unit vectors, then cast.
     """
+    # Made outside inference mode even when first asked for there (Lightning validates in
+    # inference mode): the cache is shared, and inference tensors cannot enter autograd later.
+    with torch.inference_mode(False):
+        return _make_spectral_matrices(nh, nw, kp, oh, ow, dtype, device)
+
+
+def _make_spectral_matrices(nh: int, nw: int, kp: int, oh: int, ow: int, dtype: torch.dtype,
+                            device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     half = nw // 2 + 1
     pixels = torch.eye(nh * nw, dtype=torch.float64).view(-1, nh, nw)
     spectrum = torch.fft.rfft2(pixels).flatten(1).t()  # [F, N_h*N_w]: F = N_h * half

@@ -1,0 +1,163 @@
+"""Weights files, export (safetensors, ONNX), checkpoints that must not be trusted, divergence."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from capsnet.cli import main
+from capsnet.errors import CapsnetError
+from capsnet.models import build_model
+from capsnet.weights import load_weights, save_weights
+from conftest import one_line_error
+
+TINY = {"conv_channels": 8, "primary_types": 2}
+META = {"classes": [f"c{i}" for i in range(10)], "dataset": "fashion-mnist"}
+
+
+@pytest.fixture
+def weights_file(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("capsnet", TINY)
+    return model, save_weights(model, tmp_path / "m.safetensors", META)
+
+
+def test_roundtrip_keeps_function_and_metadata(weights_file):
+    model, path = weights_file
+    loaded, meta = load_weights(path)
+    assert meta["arch"] == "capsnet" and meta["classes"] == META["classes"]
+    x = torch.rand(3, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x).lengths, model.eval()(x).lengths)
+    assert oct(path.stat().st_mode & 0o777) != oct(0o600)  # readable like any file
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "foreign", "empty", "text"])
+def test_damaged_weights_are_one_line_errors(weights_file, tmp_path, capsys, damage):
+    _, path = weights_file
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "flip":
+        data[-100] ^= 0xFF  # a byte of tensor data: the checksum must catch it
+    elif damage == "foreign":
+        from safetensors.torch import save
+        data = save({"w": torch.zeros(3)})
+    elif damage == "empty":
+        data = b""
+    else:
+        data = b"hello, not weights"
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CapsnetError):
+        load_weights(bad)
+    code = main(["predict", "--model", str(bad), str(tmp_path / "whatever.png")])
+    err = capsys.readouterr().err
+    assert one_line_error(code, err) and "bad.safetensors" in err
+
+
+def test_hostile_checkpoint_is_refused_without_running_it(tmp_path, capsys, fashion_dir):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("epochs: 1\n")
+    with open(run / "last.ckpt", "wb") as f:  # a zip like torch.save, with a code payload
+        torch.save({"state_dict": {}, "evil": Evil()}, f, pickle_protocol=2)
+    for args in (["train", "--resume", str(run), "--data-dir", str(fashion_dir)],
+                 ["evaluate", str(run / "last.ckpt")],
+                 ["export", str(run / "last.ckpt"), str(tmp_path / "x.onnx")]):
+        code = main(args)
+        err = capsys.readouterr().err
+        assert one_line_error(code, err) and "refused" in err, (args, err)
+    assert not marker.exists()
+
+
+def test_resume_from_wrong_shaped_checkpoint(trained_run, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    ckpt = torch.load(run / "last.ckpt", weights_only=True)
+    ckpt["state_dict"]["model.digits.weight"] = torch.zeros(3, 3)
+    torch.save(ckpt, run / "last.ckpt")
+    code = main(["train", "--resume", str(run), "--epochs", "3"])
+    err = capsys.readouterr().err
+    assert one_line_error(code, err) and "does not fit" in err
+
+
+def test_failed_save_keeps_the_old_checkpoint(tmp_path):
+    from capsnet.callbacks import SafeCheckpointIO
+    from capsnet.checkpoints import atomic_write
+    path = tmp_path / "last.ckpt"
+    SafeCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
+    before = path.read_bytes()
+
+    def dies(f):
+        f.write(b"partial")
+        raise OSError("disk full (test)")
+    with pytest.raises(OSError):
+        atomic_write(path, dies)
+    with pytest.raises(CapsnetError, match="not finite"):  # NaN weights never replace it
+        SafeCheckpointIO().save_checkpoint({"state_dict": {"w": torch.tensor([1.0, float("nan")])}},
+                                           path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary left
+
+
+def test_diverging_run_stops_with_one_line_and_writes_no_checkpoint(fashion_dir, tmp_path,
+                                                                    capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--data-dir", str(fashion_dir), "--train-size", "512",
+                 "--val-size", "64", "--test-size", "64", "--batch-size", "64", "--lr", "1e8",
+                 "--epochs", "1", "--no-progress", "--no-tensorboard",
+                 "--routing-iterations", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert one_line_error(code, err), err
+    assert "step" in err and "learning rate" in err
+    assert not (out / "last.ckpt").exists() and not (out / "best.ckpt").exists()
+
+
+def test_export_safetensors_and_onnx_from_a_checkpoint(trained_run, tmp_path, capsys,
+                                                       fashion_dir):
+    import numpy as np
+    import onnxruntime as ort
+
+    from capsnet.checkpoints import load_model
+    from capsnet.data import load_dataset, to_unit
+    ckpt = trained_run / "best.ckpt"
+    st = tmp_path / "m.safetensors"
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", str(ckpt), str(st)]) == 0
+    assert main(["export", str(st), str(onnx_path)]) == 0
+    capsys.readouterr()
+    # the weights file evaluates exactly like the checkpoint
+    results = []
+    for spec in (ckpt, st):
+        assert main(["evaluate", str(spec), "--json", "--test-size", "500",
+                     "--data-dir", str(fashion_dir)]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0]["accuracy"] == results[1]["accuracy"]
+    assert results[0]["confusion"] == results[1]["confusion"]
+    # ONNX Runtime on real test images: same classes, lengths within 1e-4
+    model, _ = load_model(st)
+    _, test = load_dataset("fashion-mnist", fashion_dir)
+    x = to_unit(test.images[:64])
+    with torch.inference_mode():
+        out = model(x)
+    session = ort.InferenceSession(str(onnx_path))
+    lengths, poses = session.run(None, {"images": x.numpy()})
+    assert np.abs(lengths - out.lengths.numpy()).max() < 1e-4
+    assert np.abs(poses - out.poses.numpy()).max() < 1e-4
+    assert (lengths.argmax(1) == out.lengths.argmax(1).numpy()).all()
+    assert session.run(None, {"images": x[:1].numpy()})[0].shape == (1, 10)  # dynamic batch
+
+
+def test_export_bad_output(weights_file, tmp_path, capsys):
+    _, path = weights_file
+    for out in ("m.pt", str(tmp_path / "no" / "such" / "m.onnx")):
+        code = main(["export", str(path), out])
+        assert one_line_error(code, capsys.readouterr().err)
