@@ -227,3 +227,31 @@ def test_config_file_and_flag_override(tmp_path, fashion_dir, capsys):
     bad.write_text("epocs: 3\n")
     code, _, err = run_cli(capsys, "train", "--config", bad, "--out", tmp_path / "r2")
     assert one_line_error(code, err) and "epocs" in err
+
+
+def test_help_and_predict_load_neither_lightning_nor_tensorboard(tmp_path):
+    """Fast start: `capsnet --help` imports no torch at all; `predict` on one image loads the
+    model without Lightning, TensorBoard or torchmetrics (checked in a fresh interpreter)."""
+    from PIL import Image
+
+    from capsnet.models import build_model
+    from capsnet.weights import save_weights
+    save_weights(build_model("capsnet", {"conv_channels": 8, "primary_types": 2}),
+                 tmp_path / "m.safetensors", {"classes": [str(i) for i in range(10)]})
+    Image.new("L", (40, 30), 200).save(tmp_path / "x.png")
+    heavy = ("lightning", "tensorboard", "torchmetrics")
+    code = f"""
+import contextlib, io, sys
+from capsnet.cli import main
+with contextlib.redirect_stdout(io.StringIO()):
+    try:
+        main(["--help"])
+    except SystemExit:
+        pass
+assert "torch" not in sys.modules, "--help imported torch"
+assert main(["predict", "--model", {str(tmp_path / 'm.safetensors')!r},
+             {str(tmp_path / 'x.png')!r}]) == 0
+loaded = [m for m in {heavy!r} if m in sys.modules]
+assert not loaded, loaded
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)

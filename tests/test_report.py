@@ -186,3 +186,40 @@ def test_bad_run_dir_real_command(tmp_path):
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("capsnet: error:")
     assert done.stdout == ""
+
+
+def test_page_agrees_with_evaluate(report, trained_run, fashion_dir, capsys):
+    """The page's accuracy, per-class counts (the confusion diagonal) and the mistakes it
+    lists are those `capsnet evaluate` computes for the same checkpoint and images."""
+    import json
+    import re
+    page = report[0].read_text()
+    assert main(["evaluate", str(trained_run / "best.ckpt"), "--test-size", "500", "--json",
+                 "--data-dir", str(fashion_dir)]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert f"{100 * ev['accuracy']:.1f}%</span>" in page
+    assert f"{ev['loss']:.4f}" in page  # the same loss, with the run's reconstruction weight
+    rows = re.findall(r"<tr><td>([^<]+)</td><td class=num>(\d+)</td><td class=num>(\d+)</td>",
+                      page)
+    assert len(rows) == 10
+    for i, (name, n, correct) in enumerate(rows):
+        assert html.unescape(name) == ev["classes"][i]
+        assert int(n) == sum(ev["confusion"][i]) and int(correct) == ev["confusion"][i][i]
+    classes = ev["classes"]
+    mistakes = re.findall(r"<tr><td class=num>(\d+)</td><td>([^<]+)</td><td>([^<]+)</td>", page)
+    assert mistakes, "the page lists mistakes"
+    for idx, true, pred in mistakes:
+        t, p = classes.index(html.unescape(true)), classes.index(html.unescape(pred))
+        assert t != p and ev["confusion"][t][p] > 0
+        _, test = load_dataset("fashion-mnist", fashion_dir)
+        assert int(test.labels[int(idx)]) == t
+
+
+def test_report_of_a_model_alone(trained_run, tmp_path, fashion_dir):
+    st = tmp_path / "m.safetensors"
+    assert main(["export", str(trained_run / "best.ckpt"), str(st)]) == 0
+    out = tmp_path / "page"
+    assert main(["report", str(st), "--out", str(out), "--test-size", "200",
+                 "--data-dir", str(fashion_dir)]) == 0
+    page = (out / "index.html").read_text()
+    assert "m.safetensors" in page and "Figure 4" in page

@@ -80,6 +80,8 @@ def _train_parser(sub) -> None:
          {"type": int}),
         ("seed", f"default {D['seed']}", {"type": int}),
         ("device", "auto, cpu, cuda or cuda:N (default auto)", {}),
+        ("precision", "32, bf16-mixed or 16-mixed (GPU only) (default 32)",
+         {"choices": ["32", "bf16-mixed", "16-mixed"]}),
         ("threads", "CPU threads (default: torch's choice)", {"type": int}),
         ("channels_last", "channels-last convolutions (default on: faster on CPU)",
          {"action": bool_}),
@@ -208,7 +210,7 @@ def _cmd_report(a) -> int:
     if a.mistakes < 0 or a.batch_size < 1:
         raise CapsnetError("--mistakes must be >= 0 and --batch-size positive")
     index = build_report(a.run_dir, a.checkpoint, a.data_dir, a.dataset, a.test_size,
-                         a.samples, a.mistakes, a.device, a.batch_size)
+                         a.samples, a.mistakes, a.device, a.batch_size, out=a.out)
     print(index)
     return 0
 
@@ -288,7 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "reconstructions, mistakes, capsule perturbations",
                         description="Write RUN_DIR/report/index.html and the PNG/GIF files it "
                         "shows, from the run's checkpoint, its metrics.csv and the test set.")
-    rp.add_argument("run_dir", metavar="RUN_DIR")
+    rp.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or a model alone (a "
+                    "shipped model's name, a weights file or a checkpoint)")
+    rp.add_argument("--out", help="folder for the page (default RUN_DIR/report, or "
+                    "report-NAME for a model alone)")
     rp.add_argument("--checkpoint", default=None, help="best, last, a checkpoint, a weights "
                     "file or a shipped model's name (default: best.ckpt, else last.ckpt)")
     rp.add_argument("--dataset", help="default: the run's")

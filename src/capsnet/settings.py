@@ -18,6 +18,7 @@ from .paper import RECON_WEIGHT, ROUTING_ITERATIONS
 
 ARCHS = ("capsnet", "efficient-capsnet")  # keep in step with capsnet.models.ARCHITECTURES
 LR_SCHEDULES = ("exp", "cosine")
+PRECISIONS = ("32", "bf16-mixed", "16-mixed")  # Lightning's names
 
 DEFAULTS: dict = {
     "arch": "capsnet", "dataset": "fashion-mnist", "data_dir": None, "out": "runs/capsnet",
@@ -28,7 +29,7 @@ DEFAULTS: dict = {
     "recon_weight": RECON_WEIGHT,
     "shift": 2, "rotate": 0.0, "scale": 0.0, "shear": 0.0, "translate": 0.0, "hflip": False,
     "train_size": None, "val_size": 5000, "test_size": None,
-    "seed": 0, "device": "auto", "threads": None, "channels_last": True,
+    "seed": 0, "device": "auto", "precision": "32", "threads": None, "channels_last": True,
     "log_every": 20, "tensorboard": True, "progress": True,
     "visdom": False, "visdom_server": "http://127.0.0.1", "visdom_port": 8097,
     "visdom_env": "capsnet",
@@ -72,6 +73,8 @@ def check_settings(s: dict) -> dict:
             value = float(value)
         if kind is int and isinstance(value, float) and value.is_integer():
             value = int(value)
+        if key == "precision" and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # YAML reads `precision: 32` as a number
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise CapsnetError(f"setting {key!r} must be {kind.__name__}, got {value!r}")
         s[key] = value
@@ -94,6 +97,10 @@ def check_settings(s: dict) -> dict:
     if s["arch"] not in ARCHS:
         raise CapsnetError(f"setting 'arch' must be one of {', '.join(ARCHS)}, "
                            f"got {s['arch']!r}")
+    if str(s["precision"]) not in PRECISIONS:
+        raise CapsnetError(f"setting 'precision' must be one of {', '.join(PRECISIONS)}, "
+                           f"got {s['precision']!r}")
+    s["precision"] = str(s["precision"])
     if s["lr_schedule"] not in LR_SCHEDULES:
         raise CapsnetError(f"setting 'lr_schedule' must be one of {', '.join(LR_SCHEDULES)}, "
                            f"got {s['lr_schedule']!r}")

@@ -105,6 +105,8 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
     if s["threads"]:
         torch.set_num_threads(s["threads"])
     accelerator, devices = resolve_device(s["device"])
+    if accelerator == "cpu" and s["precision"] == "16-mixed":
+        raise CapsnetError("--precision 16-mixed needs a GPU; on the CPU use bf16-mixed or 32")
     if accelerator == "cpu":
         retain_freed_memory()  # faster CPU steps: see `capsnet bench --no-retain-memory`
     L.seed_everything(s["seed"], verbose=False)
@@ -138,6 +140,7 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
               if s["tensorboard"] else False)
     trainer = L.Trainer(
         accelerator=accelerator, devices=devices, max_epochs=s["epochs"],
+        precision=s["precision"],
         logger=logger, callbacks=callbacks, plugins=[SafeCheckpointIO()],
         enable_progress_bar=s["progress"], enable_model_summary=False,
         num_sanity_val_steps=0, log_every_n_steps=s["log_every"], deterministic=False,

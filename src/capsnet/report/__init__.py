@@ -216,14 +216,14 @@ def _pick_distinct(true: Tensor, pred: Tensor, k: int) -> list[int]:
     return picked
 
 
-def _resolve_checkpoint(run_dir: Path, choice: str | None) -> Path:
+def _resolve_checkpoint(run_dir: Path, choice: str | None) -> str | Path:
     if choice in (None, "best", "last"):
         names = [f"{choice}.ckpt"] if choice else ["best.ckpt", "last.ckpt"]
         for name in names:
             if (run_dir / name).is_file():
                 return run_dir / name
         raise CapsnetError(f"{run_dir}: no {' or '.join(names)} in this run directory")
-    return Path(choice)
+    return choice  # a checkpoint or weights file, or a shipped model's name
 
 
 def _save(fig, path: Path, dpi: int | str = 110) -> None:
@@ -236,6 +236,12 @@ def _after(meta: dict) -> str:
     return f" (saved after epoch {epoch + 1})" if isinstance(epoch, int) else ""
 
 
+def _selection(name: str) -> str:
+    """How the checkpoint was chosen, in words (the test set never chooses)."""
+    return {"best.ckpt": ", the epoch of highest validation accuracy",
+            "last.ckpt": ", the last epoch"}.get(name, "")
+
+
 def _pct(v: float) -> str:
     return f"{100 * v:.1f}%"
 
@@ -243,8 +249,14 @@ def _pct(v: float) -> str:
 def build_report(run_dir: str | Path, checkpoint: str | None = None,
                  data_dir: str | None = None, dataset: str | None = None,
                  test_size: int | None = None, samples: int = 3, mistakes: int = 8,
-                 device: str = "auto", batch_size: int = 256, log=None) -> Path:
-    """Write ``run_dir/report/index.html`` and its figures; returns the path of index.html."""
+                 device: str = "auto", batch_size: int = 256, log=None,
+                 out: str | Path | None = None) -> Path:
+    """Write ``run_dir/report/index.html`` and its figures; returns the path of index.html.
+
+    ``run_dir`` may also be a model on its own (a shipped model's name, a weights file or a
+    checkpoint): the page then has no training curves and goes to ``out`` (default
+    ``report-<name>/``).
+    """
     from .. import __version__, plots
     from ..callbacks import read_metrics
     from ..checkpoints import load_model
@@ -253,10 +265,16 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     from ..runtime import torch_device
     from ..settings import load_run_settings, run_data_dir
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CapsnetError(f"{run_dir}: no such run directory")
-    settings = load_run_settings(run_dir)
+    from ..weights import SHIPPED
+    spec, run_dir = str(run_dir), Path(run_dir)
+    if run_dir.is_dir():
+        settings = load_run_settings(run_dir)
+    elif spec in SHIPPED or run_dir.is_file():  # a model without its run
+        checkpoint, settings = spec, {}
+        out = Path(out) if out else Path(f"report-{run_dir.stem}")
+    else:
+        raise CapsnetError(f"{run_dir}: no such run directory, weights file or shipped model "
+                           f"({', '.join(SHIPPED)})")
     if test_size is not None and test_size < 1:
         raise CapsnetError(f"--test-size must be positive, got {test_size}")
     if samples < 1:
@@ -276,10 +294,10 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     if len(classes) != c.num_classes:
         classes = list(test.classes)
     n, n_cls = len(labels), c.num_classes
-    out = run_dir / "report"
-    out.mkdir(exist_ok=True)
+    out = Path(out) if out else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    log(f"report: {ckpt.name}{_after(meta)} on {n:,} {dataset} test images")
+    log(f"report: {Path(str(ckpt)).name}{_after(meta)} on {n:,} {dataset} test images")
 
     # ---- predictions, accuracy, confusion
     run = infer(model, images, labels, batch_size, recon_weight)
@@ -294,7 +312,7 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     per_class_n = confusion.sum(dim=1)
 
     # ---- training curves
-    rows = read_metrics(run_dir / "metrics.csv")
+    rows = read_metrics(run_dir / "metrics.csv") if run_dir.is_dir() else []
     _save(plots.training_curves(rows, _step_curves(run_dir, rows), recon_weight),
           out / "curves.png")
     _save(plots.confusion_matrix(confusion.tolist(), classes), out / "confusion.png")
@@ -359,7 +377,7 @@ def _html(*, run_dir, ckpt, meta, dataset, n, accuracy, losses, rows, classes, p
     last = rows[-1] if rows else {}
     summary = [
         ("run directory", e(str(run_dir))),
-        ("checkpoint", e(ckpt.name) + _after(meta)),
+        ("model", e(Path(str(ckpt)).name) + _after(meta) + _selection(Path(str(ckpt)).name)),
         ("dataset", f"{e(dataset)}, first {n:,} test images" if n < 10000 else e(dataset)),
         ("test accuracy", f"<span class=big>{_pct(accuracy)}</span>"),
         ("test loss", f"{losses['loss']:.4f} (margin {losses['margin_loss']:.4f}, "

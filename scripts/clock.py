@@ -1,0 +1,88 @@
+"""Accuracy against the clock for a finished run: a table and a plot from its metrics.csv.
+
+    python scripts/clock.py RUN_DIR [--png docs/accuracy_vs_time.png] [--cpu "Intel Xeon ..."]
+
+Wall time is the sum of the epochs' ``epoch_time_s`` (training plus the per-epoch evaluation
+of the validation and test sets), so it continues across ``--resume``. Per-epoch test accuracy
+is a record only: the test set chose nothing (best.ckpt follows validation accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from capsnet.callbacks import read_metrics
+
+THRESHOLDS = (0.90, 0.92, 0.93, 0.936, 0.94)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| epoch | wall time (min) | val acc | test acc |", "|---:|---:|---:|---:|"]
+    elapsed = 0.0
+    for r in rows:
+        elapsed += r["epoch_time_s"]
+        lines.append(f"| {r['epoch'] + 1} | {elapsed / 60:.1f} | {r.get('val_acc', float('nan')):.2%} "
+                     f"| {r['test_acc']:.2%} |")
+    return "\n".join(lines)
+
+
+def first_reached(rows: list[dict], key: str = "test_acc") -> dict:
+    out, elapsed = {}, 0.0
+    for r in rows:
+        elapsed += r["epoch_time_s"]
+        for t in THRESHOLDS:
+            if t not in out and r.get(key, 0) >= t:
+                out[t] = (r["epoch"] + 1, elapsed / 60)
+    return out
+
+
+def plot(rows: list[dict], path: Path, cpu: str) -> None:
+    minutes, elapsed = [], 0.0
+    for r in rows:
+        elapsed += r["epoch_time_s"]
+        minutes.append(elapsed / 60)
+    epochs = [r["epoch"] + 1 for r in rows]
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    for ax, x, label in zip(fig.subplots(1, 2), (minutes, epochs),
+                            ("wall-clock training time (minutes)", "epoch")):
+        for key, colour, name in (("val_acc", "#d95f02", "validation (5,000)"),
+                                  ("test_acc", "#1b9e77", "test (10,000)")):
+            ax.plot(x, [100 * r[key] for r in rows], "o-", ms=3, color=colour, label=name)
+        for t in (90, 92, 93):
+            ax.axhline(t, color="#999", lw=0.6, ls=":")
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(84, 95)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"capsnet, configs/fashion-mnist.yaml, 2 threads on {cpu}", fontsize=10)
+    fig.savefig(path, dpi=90, facecolor="white")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir")
+    p.add_argument("--png", help="write the plot here")
+    p.add_argument("--cpu", default="this CPU", help="CPU name for the plot's title")
+    a = p.parse_args(argv)
+    rows = read_metrics(Path(a.run_dir) / "metrics.csv")
+    if not rows:
+        print(f"{a.run_dir}: no metrics.csv rows", file=sys.stderr)
+        return 2
+    print(table(rows))
+    print()
+    for key in ("test_acc", "val_acc"):
+        for t, (epoch, minutes) in first_reached(rows, key).items():
+            print(f"{key} first >= {t:.1%}: epoch {epoch}, {minutes:.1f} min")
+    if a.png:
+        plot(rows, Path(a.png), a.cpu)
+        print(f"wrote {a.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
