@@ -255,3 +255,22 @@ loaded = [m for m in {heavy!r} if m in sys.modules]
 assert not loaded, loaded
 """
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+
+
+def test_no_channels_last_is_honoured():
+    from capsnet.lit import LitCapsNet
+    small = {"conv_channels": 8, "primary_types": 2}
+    on = LitCapsNet(model=small, channels_last=True).model.primary.conv.weight
+    off = LitCapsNet(model=small, channels_last=False).model.primary.conv.weight
+    assert on.is_contiguous(memory_format=torch.channels_last) and not on.is_contiguous()
+    assert off.is_contiguous()
+
+
+def test_evaluate_uses_the_runs_reconstruction_weight(fashion_dir, tmp_path, capsys):
+    out = tmp_path / "rw"
+    assert main(["train", *SMALL, "--data-dir", str(fashion_dir), "--epochs", "1",
+                 "--recon-weight", "0.01", "--no-tensorboard", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "last.ckpt"), "--json", "--test-size", "200"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["loss"] == pytest.approx(r["margin_loss"] + 0.01 * r["reconstruction_sse"])

@@ -148,3 +148,59 @@ def test_training_decodes_true_class():
 def test_too_small_images_rejected():
     with pytest.raises(ValueError):
         CapsNet(CapsNetConfig(image_size=12))
+
+
+def test_loss_is_the_batch_mean_of_per_image_losses():
+    from capsnet.losses import margin_loss, reconstruction_loss
+    torch.manual_seed(0)
+    lengths = torch.rand(6, 10)
+    target = torch.randint(0, 10, (6,))
+    recon, images = torch.rand(6, 1, 28, 28), torch.rand(6, 1, 28, 28)
+    loss = capsule_loss(lengths, target, recon, images, recon_weight=0.01)
+    per_image = [margin_loss(lengths[i:i + 1], target[i:i + 1])
+                 + 0.01 * reconstruction_loss(recon[i:i + 1], images[i:i + 1])
+                 for i in range(6)]
+    torch.testing.assert_close(loss.total, torch.cat(per_image).mean())
+    # and one image's margin loss by hand: present class below m+, absent ones above m-
+    by_hand = sum((max(0.0, 0.9 - float(v)) ** 2 if k == int(target[0])
+                   else 0.5 * max(0.0, float(v) - 0.1) ** 2) for k, v in enumerate(lengths[0]))
+    assert abs(float(margin_loss(lengths[:1], target[:1])) - by_hand) < 1e-6
+
+
+def test_learning_rate_schedules():
+    import math
+
+    from capsnet.lit import LitCapsNet
+    from capsnet.optim import lr_factor
+    assert lr_factor(0, 1000, 100) == pytest.approx(0.01)  # warm-up
+    assert lr_factor(99, 1000, 100) == pytest.approx(1.0)
+    assert lr_factor(100, 1000, 100) == pytest.approx(1.0)  # cosine from the top ...
+    assert lr_factor(550, 1000, 100) == pytest.approx(0.5)  # ... half-way ...
+    assert lr_factor(1000, 1000, 100) == pytest.approx(0.0, abs=1e-12)  # ... to 0
+    assert lr_factor(5000, 1000, 100) == pytest.approx(0.0, abs=1e-12)
+    # the authors' schedule: x0.96 every 2000 steps, applied per step
+    lit = LitCapsNet(model={"conv_channels": 8, "primary_types": 2}, lr=1e-3)
+    sched = lit.configure_optimizers()["lr_scheduler"]["scheduler"]
+    opt = sched.optimizer
+    for _ in range(2000):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.96, rel=1e-6)
+    assert math.isclose(sched.get_last_lr()[0], 0.96e-3, rel_tol=1e-6)
+
+
+def test_ema_follows_then_averages():
+    from torch.optim.swa_utils import AveragedModel
+
+    from capsnet.optim import ema_update
+    p = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        p.weight.fill_(0.0)
+    avg = AveragedModel(p, multi_avg_fn=ema_update(0.99))
+    with torch.no_grad():
+        p.weight.fill_(1.0)
+    avg.update_parameters(p)  # first call copies
+    with torch.no_grad():
+        p.weight.fill_(2.0)
+    avg.update_parameters(p)  # n = 1: weight of the old average min(0.99, 2/11)
+    assert float(avg.module.weight) == pytest.approx(1 * 2 / 11 + 2 * 9 / 11)
