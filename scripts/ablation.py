@@ -24,64 +24,26 @@ The three routing steps are now the one row ``+ fused routing``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from capsnet import CapsNet
-from capsnet.losses import capsule_loss
-from capsnet.optim import adam
+from capsnet.bench import StepRunner
 from capsnet.runtime import retain_freed_memory
 
 
-class Runner:
-    """One model with its optimizer and random batches on CPU; times its steps."""
-
-    def __init__(self, model: CapsNet, batch: int, eval_batch: int, channels_last: bool = True,
-                 fused_adam: bool = True):
-        c = model.config
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = model.to(memory_format=fmt)
-        params = self.model.parameters()
-        self.opt = adam(params) if fused_adam else torch.optim.Adam(params, lr=1e-3)
-        shape = (c.in_channels, c.image_size, c.image_size)
-        self.x = torch.rand(batch, *shape).contiguous(memory_format=fmt)
-        self.y = torch.randint(0, c.num_classes, (batch,))
-        self.x_eval = torch.rand(eval_batch, *shape).contiguous(memory_format=fmt)
-        self.times: dict[str, list[float]] = {"train": [], "eval": []}
-
-    def train_step(self) -> None:
-        self.model.train()
-        self.opt.zero_grad(set_to_none=True)
-        out = self.model(self.x, self.y)
-        capsule_loss(out.lengths, self.y, out.reconstructions, self.x).total.backward()
-        self.opt.step()
-
-    def eval_step(self) -> None:
-        self.model.eval()
-        with torch.inference_mode():
-            self.model(self.x_eval)
-
-    def timed(self, kind: str, n: int) -> None:
-        step = self.train_step if kind == "train" else self.eval_step
-        for _ in range(n):
-            t = time.perf_counter()
-            step()
-            self.times[kind].append(time.perf_counter() - t)
-
-    def img_s(self, kind: str) -> float:
-        batch = self.x.shape[0] if kind == "train" else self.x_eval.shape[0]
-        return batch / statistics.median(self.times[kind])
 
 
 def variant(batch: int, eval_batch: int, algorithm: str = "auto", routing: str = "fused",
-            fused_adam: bool = True, channels_last: bool = True, **config) -> Runner:
+            fused_adam: bool = True, channels_last: bool = True, **config) -> StepRunner:
     """The paper model with ``PrimaryCapsules.algorithm`` and ``routing_impl`` chosen."""
     torch.manual_seed(0)
     m = CapsNet(routing_impl=routing, **config)
     m.primary.algorithm = algorithm
-    return Runner(m, batch, eval_batch, channels_last, fused_adam)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    m = m.to(memory_format=fmt)
+    opt = None if fused_adam else torch.optim.Adam(m.parameters(), lr=1e-3)
+    return StepRunner(m, "cpu", batch, eval_batch, channels_last, optimizer=opt)
 
 
 def main() -> None:

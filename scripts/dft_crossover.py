@@ -12,57 +12,24 @@ the measurement behind the cost model's constant; run it to check it on another 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from capsnet import CapsNet
 from capsnet.kernels.conv import SpectralConv, conv_output_size
-from capsnet.losses import capsule_loss
-from capsnet.optim import adam
+from capsnet.bench import StepRunner
 from capsnet.runtime import retain_freed_memory
 
 
-class Runner:
-    """A CapsNet with Adam and random batches on CPU; times its training steps (forward,
-    loss, backward, Adam) and its inference steps."""
 
-    def __init__(self, batch: int, eval_batch: int, algorithm: str = "auto", **config):
-        torch.manual_seed(0)
-        self.model = CapsNet(**config)  # channels-last, as `capsnet train` runs it
-        self.model.primary.algorithm = algorithm
-        self.opt = adam(self.model.parameters())
-        c = self.model.config
-        shape = (c.in_channels, c.image_size, c.image_size)
-        self.x = torch.rand(batch, *shape).contiguous(memory_format=torch.channels_last)
-        self.y = torch.randint(0, c.num_classes, (batch,))
-        self.x_eval = torch.rand(eval_batch, *shape).contiguous(
-            memory_format=torch.channels_last)
-        self.times: dict[str, list[float]] = {"train": [], "eval": []}
 
-    def train_step(self) -> None:
-        self.model.train()
-        self.opt.zero_grad(set_to_none=True)
-        out = self.model(self.x, self.y)
-        capsule_loss(out.lengths, self.y, out.reconstructions, self.x).total.backward()
-        self.opt.step()
-
-    def eval_step(self) -> None:
-        self.model.eval()
-        with torch.inference_mode():
-            self.model(self.x_eval)
-
-    def timed(self, kind: str, n: int) -> None:
-        step = self.train_step if kind == "train" else self.eval_step
-        for _ in range(n):
-            t = time.perf_counter()
-            step()
-            self.times[kind].append(time.perf_counter() - t)
-
-    def img_s(self, kind: str) -> float:
-        batch = self.x.shape[0] if kind == "train" else self.x_eval.shape[0]
-        return batch / statistics.median(self.times[kind])
+def runner(batch: int, algorithm: str, image_size: int) -> StepRunner:
+    """The paper model (channels-last, as `capsnet train` runs it) with one PrimaryCaps
+    algorithm."""
+    torch.manual_seed(0)
+    model = CapsNet(image_size=image_size)
+    model.primary.algorithm = algorithm
+    return StepRunner(model, "cpu", batch, batch)
 
 
 def setting(text: str) -> tuple[int, int]:
@@ -83,7 +50,7 @@ def main() -> None:
     retain_freed_memory()
     print(f"{'batch x size':14s}{'im2col train/infer':>22s}{'dft train/infer':>20s}   auto picks")
     for batch, size in a.settings:
-        runs = {name: Runner(batch, batch, algorithm=name, image_size=size)
+        runs = {name: runner(batch, name, size)
                 for name in ("im2col", "dft")}
         for r in runs.values():
             r.train_step()

@@ -22,30 +22,10 @@ import torch
 from capsnet import CapsNet
 from capsnet.bench.flops import stderr_silenced
 from capsnet.kernels.conv import SpectralConv
-from capsnet.losses import capsule_loss
-from capsnet.optim import adam
+from capsnet.bench import StepRunner
 from capsnet.runtime import retain_freed_memory
 
 
-class Runner:
-    """The paper model with Adam and a random batch on CPU, for profiling training steps."""
-
-    def __init__(self, batch: int):
-        torch.manual_seed(0)
-        self.model = CapsNet()  # channels-last, as `capsnet train` runs it
-        self.opt = adam(self.model.parameters())
-        c = self.model.config
-        shape = (c.in_channels, c.image_size, c.image_size)
-        self.x = torch.rand(batch, *shape).contiguous(memory_format=torch.channels_last)
-        self.y = torch.randint(0, c.num_classes, (batch,))
-
-    def train_step(self) -> None:
-        """Forward, loss, backward, Adam."""
-        self.model.train()
-        self.opt.zero_grad(set_to_none=True)
-        out = self.model(self.x, self.y)
-        capsule_loss(out.lengths, self.y, out.reconstructions, self.x).total.backward()
-        self.opt.step()
 
 
 def gflop_s(fn, flop: float, repeats: int = 10) -> float:
@@ -86,7 +66,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="profiled training steps")
     a = p.parse_args()
     retain_freed_memory()
-    r = Runner(a.batch_size)
+    torch.manual_seed(0)
+    r = StepRunner(CapsNet(), "cpu", a.batch_size)
     for _ in range(3):
         r.train_step()
     from torch.profiler import ProfilerActivity, profile

@@ -1,7 +1,6 @@
 """Live dashboards: a real short training streams to Visdom (checked in headless Chromium),
 keeps going without a server, and writes reconstruction images to TensorBoard."""
 
-import pathlib
 import re
 
 import numpy as np

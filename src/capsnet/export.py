@@ -41,11 +41,10 @@ def for_export(model: nn.Module) -> nn.Module:
 
 
 def export_onnx(model: nn.Module, out: Path, batch: int = 1) -> Path:
-    try:
-        import onnx  # noqa: F401  (the exporter needs it)
-    except ImportError:
+    import importlib.util
+    if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None:
         raise CapsnetError("ONNX export needs the onnx packages: pip install "
-                           "'capsnet[onnx]' (onnx, onnxscript)") from None
+                           "'capsnet[onnx]' (onnx, onnxscript)")
     import warnings
 
     from .checkpoints import atomic_write

@@ -36,8 +36,6 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 def save_weights(model: nn.Module, path: str | Path, meta: dict,
                  dtype: torch.dtype = torch.float32) -> Path:
     """Write ``model``'s state (floats cast to ``dtype``) and ``meta`` (arch, classes, ...)."""
-    from safetensors.torch import save_file
-
     from .checkpoints import atomic_write
     from .models import arch_name
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()

@@ -56,16 +56,21 @@ def cmd_bench(a) -> int:
     return 0
 
 
-class _Runner:
-    """One model with its Adam optimizer and random batches; times its steps."""
+class StepRunner:
+    """One model with its optimizer (fused Adam unless given) and random batches of the
+    model's input shape; times its training steps (forward, loss, backward, optimizer) and
+    inference steps. Also what ``scripts/`` time their variants with."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, batch: int,
-                 eval_batch: int, channels_last: bool):
+    def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu",
+                 batch: int = 128, eval_batch: int | None = None, channels_last: bool = True,
+                 optimizer: torch.optim.Optimizer | None = None):
         c = model.config
+        device = torch.device(device)
+        eval_batch = eval_batch or batch
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(device=device, memory_format=fmt)
         self.device = device
-        self.opt = adam(self.model.parameters())
+        self.opt = optimizer or adam(self.model.parameters())
         shape = (c.in_channels, c.image_size, c.image_size)
         self.x = torch.rand(batch, *shape, device=device).contiguous(memory_format=fmt)
         self.y = torch.randint(0, c.num_classes, (batch,), device=device)
@@ -167,11 +172,11 @@ def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | N
         reference.primary.algorithm = "torch"
     train_gflop, eval_gflop = count_gflop_per_img(reference, dev)
     del reference
-    runners = {"ours": _Runner(ours, dev, batch_size, eval_batch_size, channels_last=True)}
+    runners = {"ours": StepRunner(ours, dev, batch_size, eval_batch_size, channels_last=True)}
     # What ours executes: fewer FLOPs when PrimaryCaps runs in the frequency domain.
     train_done, eval_done = count_gflop_per_img(ours, dev, batch_size, eval_batch_size)
     if naive:
-        runners["naive"] = _Runner(NaiveCapsNet(config), dev, batch_size, eval_batch_size,
+        runners["naive"] = StepRunner(NaiveCapsNet(config), dev, batch_size, eval_batch_size,
                                    channels_last=False)
     say(f"{train_gflop:.3f} GFLOP per image per training step, {eval_gflop:.3f} per "
         f"inference; warming up")

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from ..layers import Decoder, conv_output_size
 from .base import CapsuleOutput, ConfigBase
