@@ -274,3 +274,17 @@ def test_evaluate_uses_the_runs_reconstruction_weight(fashion_dir, tmp_path, cap
     assert main(["evaluate", str(out / "last.ckpt"), "--json", "--test-size", "200"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["loss"] == pytest.approx(r["margin_loss"] + 0.01 * r["reconstruction_sse"])
+
+
+def test_bf16_mixed_precision_trains_and_16_mixed_needs_a_gpu(fashion_dir, tmp_path, capsys):
+    out = tmp_path / "bf16"
+    assert main(["train", *SMALL, "--data-dir", str(fashion_dir), "--epochs", "1",
+                 "--precision", "bf16-mixed", "--no-tensorboard", "--out", str(out)]) == 0
+    (row,) = read_metrics(out / "metrics.csv")
+    assert all(torch.isfinite(torch.tensor(v)) for v in row.values())
+    model, _ = load_model(out / "last.ckpt")
+    assert model.digits.weight.dtype == torch.float32  # weights stay fp32
+    if not torch.cuda.is_available():
+        code, _, err = run_cli(capsys, "train", "--precision", "16-mixed", "--device", "cpu",
+                               "--out", tmp_path / "x", "--data-dir", fashion_dir)
+        assert one_line_error(code, err) and "16-mixed" in err

@@ -32,6 +32,10 @@ from .routing import route_reference, squash
 __all__ = ["squash", "conv_output_size", "PrimaryCapsules", "RoutingCapsules", "Decoder"]
 
 
+def _autocast(x: Tensor) -> bool:
+    return torch.is_autocast_enabled(x.device.type)
+
+
 class PrimaryCapsules(nn.Module):
     """PrimaryCaps: ONE convolution with ``num_types * dim`` channels, regrouped into capsules.
 
@@ -61,9 +65,11 @@ class PrimaryCapsules(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         conv, algorithm = self.conv, self.algorithm
-        if algorithm == "torch" or x.device.type != "cpu":
+        # Under mixed precision (autocast) PyTorch's own convolution runs in the low precision;
+        # the engines here are fp32 GEMMs.
+        if algorithm == "torch" or x.device.type != "cpu" or _autocast(x):
             out = conv(x).permute(0, 2, 3, 1)  # [B, H', W', T*K]; a view when channels-last
-            return squash(out.reshape(out.shape[0], -1, self.dim))
+            return squash(out.reshape(out.shape[0], -1, self.dim).float())
         h = x.permute(0, 2, 3, 1).contiguous()  # [B, H, W, C]: free if x is channels-last
         k, s = conv.kernel_size[0], conv.stride[0]
         fixed = not (torch.is_grad_enabled() and conv.weight.requires_grad)
@@ -128,6 +134,9 @@ class RoutingCapsules(nn.Module):
         return torch.einsum("bik,ikoh->boih", u, w)
 
     def forward(self, u: Tensor) -> Tensor:
+        if _autocast(u):  # routing (softmax, squash, agreements) stays in fp32
+            with torch.autocast(u.device.type, enabled=False):
+                return self.forward(u.float())
         detach = self.detach_routing and self.iterations > 1
         if self.impl == "reference":
             return route_reference(self.predictions(u), self.iterations, detach)[0]
