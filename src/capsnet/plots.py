@@ -77,7 +77,8 @@ def training_curves(rows: list[dict], steps: dict | None = None,
         if epochs:
             ax.set_xlim(0, max(epochs) + 0.25)
             ax.set_xticks(range(0, max(epochs) + 1, max(1, (max(epochs) + 9) // 10)))
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     ax_acc.set_ylim(0, 1)
     if not rows:
         fig.suptitle("no metrics.csv rows yet")

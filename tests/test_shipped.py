@@ -1,0 +1,46 @@
+"""The shipped Fashion-MNIST model: loads by name, scores what the README says, to the image."""
+
+import json
+import re
+from pathlib import Path
+
+from capsnet.cli import main
+from capsnet.weights import SHIPPED, WEIGHTS_DIR
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_figure() -> int:
+    """The correct test images the README quotes for the shipped model."""
+    m = re.search(r"shipped model[^\n]*?\*\*[\d.]+%\*\* \(([\d,]+) of 10,000 test images\)",
+                  README.read_text())
+    assert m, "README: no 'shipped model ... **NN.NN%** (N of 10,000 test images)' line"
+    return int(m.group(1).replace(",", ""))
+
+
+def test_shipped_weights_score_the_readme_figure(fashion_dir, capsys):
+    assert (WEIGHTS_DIR / SHIPPED["fashion-mnist"]).is_file()
+    assert main(["evaluate", "fashion-mnist", "--json", "--data-dir", str(fashion_dir)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 10000
+    correct = sum(result["confusion"][i][i] for i in range(10))
+    assert correct == readme_figure()
+
+
+def test_predict_without_a_model_uses_the_shipped_one(fashion_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from capsnet.data import load_dataset
+    _, test = load_dataset("fashion-mnist", fashion_dir)
+    paths = []
+    for i in range(20):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(test.images[i, 0].numpy()).save(path)
+        paths.append(str(path))
+    assert main(["predict", "--json", *paths]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["file"] for r in rows] == paths
+    hits = sum(r["index"] == int(test.labels[i]) for i, r in enumerate(rows))
+    assert hits >= 17  # a 93% model on 20 real test images
+    assert rows[0]["class"] in ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
