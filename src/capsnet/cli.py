@@ -29,7 +29,7 @@ def _flag(p, name: str, help: str, **kw):
 
 
 def _train_parser(sub) -> None:
-    from .settings import ARCHS, DEFAULTS as D
+    from .settings import DEFAULTS as D
     p = sub.add_parser("train", help="train a capsule network", description=(
         "Train a CapsNet. Settings: defaults < --config YAML < the resumed run's config.yaml "
         "< flags."))
@@ -38,8 +38,8 @@ def _train_parser(sub) -> None:
                    "last.ckpt (flags given here, e.g. --epochs, override its settings)")
     bool_ = argparse.BooleanOptionalAction
     flags = [
-        ("arch", f"architecture: {' or '.join(ARCHS)} (default {D['arch']})",
-         {"choices": list(ARCHS)}),
+        ("arch", "a registered architecture (capsnet.models.ARCHITECTURES: capsnet, "
+                 f"efficient-capsnet, ...) (default {D['arch']})", {}),
         ("dataset", f"fashion-mnist or mnist (default {D['dataset']})", {}),
         ("data_dir", "folder with the four IDX files; the only place looked at and the "
                      "download target when given", {}),

@@ -16,7 +16,6 @@ import yaml
 from .errors import CapsnetError
 from .paper import RECON_WEIGHT, ROUTING_ITERATIONS
 
-ARCHS = ("capsnet", "efficient-capsnet")  # keep in step with capsnet.models.ARCHITECTURES
 LR_SCHEDULES = ("exp", "cosine")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")  # Lightning's names
 
@@ -94,8 +93,9 @@ def check_settings(s: dict) -> dict:
         raise CapsnetError(f"setting 'lr_decay' must be at most 1, got {s['lr_decay']}")
     if s["ema"] >= 1:
         raise CapsnetError(f"setting 'ema' must be below 1 (0: off), got {s['ema']}")
-    if s["arch"] not in ARCHS:
-        raise CapsnetError(f"setting 'arch' must be one of {', '.join(ARCHS)}, "
+    from .models import ARCHITECTURES  # the registry is the one list (imports torch)
+    if s["arch"] not in ARCHITECTURES:
+        raise CapsnetError(f"setting 'arch' must be one of {', '.join(ARCHITECTURES)}, "
                            f"got {s['arch']!r}")
     if str(s["precision"]) not in PRECISIONS:
         raise CapsnetError(f"setting 'precision' must be one of {', '.join(PRECISIONS)}, "
