@@ -69,7 +69,8 @@ class PrimaryCapsules(nn.Module):
         # the engines here are fp32 GEMMs.
         if algorithm == "torch" or x.device.type != "cpu" or _autocast(x):
             out = conv(x).permute(0, 2, 3, 1)  # [B, H', W', T*K]; a view when channels-last
-            return squash(out.reshape(out.shape[0], -1, self.dim).float())
+            out = out.reshape(out.shape[0], -1, self.dim)
+            return squash(out.float() if _autocast(x) else out)
         h = x.permute(0, 2, 3, 1).contiguous()  # [B, H, W, C]: free if x is channels-last
         k, s = conv.kernel_size[0], conv.stride[0]
         fixed = not (torch.is_grad_enabled() and conv.weight.requires_grad)
