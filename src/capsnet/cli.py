@@ -140,7 +140,7 @@ def _cmd_evaluate(a) -> int:
     _, test = load_dataset(a.dataset or meta["dataset"], run_data_dir(a.data_dir, run))
     if a.test_size:
         test.images, test.labels = test.images[:a.test_size], test.labels[:a.test_size]
-    recon_weight = run.get("recon_weight", meta.get("recon_weight") or RECON_WEIGHT)
+    recon_weight = meta.get("recon_weight") or RECON_WEIGHT  # the run's own, as in report
     result = evaluate(model, test, a.batch_size, device, recon_weight)
     result["model"] = str(a.model)
     if a.json:

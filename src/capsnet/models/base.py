@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, fields
 from typing import NamedTuple
 
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class ConfigBase:
@@ -34,3 +34,24 @@ class CapsuleOutput(NamedTuple):
     poses: Tensor
     reconstructions: Tensor
     selected: Tensor
+
+
+class CapsuleModel(nn.Module):
+    """What every architecture shares after its own ``capsules(x)``: class scores are the
+    capsule lengths, and the decoder redraws the image from one capsule.
+
+    ``forward(x, target=None)``: ``x`` ``[B, C, H, W]`` in [0, 1]; ``target`` ``[B]`` picks the
+    capsule fed to the decoder (the true class during training); without it the longest.
+    Subclasses define ``capsules(x)`` -> ``v`` ``[B, O, D]`` and ``decoder``.
+    """
+
+    def forward(self, x: Tensor, target: Tensor | None = None) -> CapsuleOutput:
+        v = self.capsules(x)
+        lengths = v.norm(dim=-1)
+        selected = lengths.argmax(dim=1) if target is None else target
+        return CapsuleOutput(lengths, v, self.decoder(v, selected), selected)
+
+    def num_parameters(self, decoder: bool = True) -> int:
+        """Trainable parameters (batch norm's running statistics are buffers, not counted)."""
+        return sum(p.numel() for name, p in self.named_parameters()
+                   if decoder or not name.startswith("decoder."))

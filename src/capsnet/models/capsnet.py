@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from ..layers import Decoder, PrimaryCapsules, RoutingCapsules, conv_output_size
 from ..paper import ROUTING_ITERATIONS
-from .base import CapsuleOutput, ConfigBase
+from .base import CapsuleModel, CapsuleOutput, ConfigBase
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class CapsNetConfig(ConfigBase):
 CapsNetOutput = CapsuleOutput  # the name this output had before the registry
 
 
-class CapsNet(nn.Module):
+class CapsNet(CapsuleModel):
     """Conv1 -> PrimaryCaps -> DigitCaps (routing-by-agreement) -> lengths, plus the decoder.
 
     ``forward(x, target=None)``: ``x`` ``[B, C, H, W]`` with pixel values in [0, 1];
@@ -82,11 +82,3 @@ class CapsNet(nn.Module):
         # ReLU in place: the convolution's backward needs its input, not its output.
         return self.digits(self.primary(F.relu(self.conv1(x), inplace=True)))
 
-    def forward(self, x: Tensor, target: Tensor | None = None) -> CapsuleOutput:
-        v = self.capsules(x)
-        lengths = v.norm(dim=-1)
-        selected = lengths.argmax(dim=1) if target is None else target
-        return CapsuleOutput(lengths, v, self.decoder(v, selected), selected)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import Decoder, conv_output_size
-from .base import CapsuleOutput, ConfigBase
+from .base import CapsuleModel, ConfigBase
 
 
 def squash_exp(s: Tensor, dim: int = -1, eps: float = 1e-20) -> Tensor:
@@ -97,7 +97,7 @@ class FCCaps(nn.Module):
         return squash_exp(self_attention_routing(self.predictions(u), self.bias))
 
 
-class EfficientCapsNet(nn.Module):
+class EfficientCapsNet(CapsuleModel):
     """Convs + BN -> depthwise PrimaryCaps -> FCCaps -> lengths, plus the decoder.
 
     ``forward(x, target=None)`` as :class:`capsnet.models.capsnet.CapsNet`: ``x``
@@ -140,13 +140,3 @@ class EfficientCapsNet(nn.Module):
         u = h.permute(0, 2, 3, 1).reshape(x.shape[0], -1, self.config.primary_dim)
         return self.digits(squash_exp(u))
 
-    def forward(self, x: Tensor, target: Tensor | None = None) -> CapsuleOutput:
-        v = self.capsules(x)
-        lengths = v.norm(dim=-1)
-        selected = lengths.argmax(dim=1) if target is None else target
-        return CapsuleOutput(lengths, v, self.decoder(v, selected), selected)
-
-    def num_parameters(self, decoder: bool = True) -> int:
-        """Trainable parameters (batch norm's running statistics are buffers, not counted)."""
-        return sum(p.numel() for name, p in self.named_parameters()
-                   if decoder or not name.startswith("decoder."))

@@ -286,7 +286,7 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     dataset = dataset or settings.get("dataset") or meta["dataset"]
     _, test = load_dataset(dataset, run_data_dir(data_dir, settings))
     check_fits(model, test.shape, len(test.classes), dataset)
-    recon_weight = settings.get("recon_weight", RECON_WEIGHT)
+    recon_weight = meta.get("recon_weight") or RECON_WEIGHT  # the run's own, as in evaluate
     images, labels = test.images, test.labels
     if test_size:
         images, labels = images[:test_size], labels[:test_size]
