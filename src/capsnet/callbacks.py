@@ -9,6 +9,7 @@ from pathlib import Path
 import math
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import TQDMProgressBar
 
@@ -17,7 +18,8 @@ from .errors import CapsnetError
 
 COLUMNS = ["epoch", "train_loss", "train_margin", "train_recon", "train_acc",
            "val_loss", "val_margin", "val_recon", "val_acc",
-           "test_loss", "test_margin", "test_recon", "test_acc", "lr", "epoch_time_s"]
+           "test_loss", "test_margin", "test_recon", "test_acc",
+           "train_f2", "val_f2", "test_f2", "lr", "epoch_time_s"]  # f2: multi-label data
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -89,6 +91,29 @@ class StopOnNonFinite(L.Callback):
                 f"the training loss became {float(loss)} at step {trainer.global_step} "
                 f"(epoch {trainer.current_epoch}); the run diverged, most likely a learning "
                 f"rate too high (lr {lr:g}); checkpoints on disk keep the last good epoch")
+
+
+class SameWeightsOnAllRanks(L.Callback):
+    """After data-parallel training, check that every process ends with the same weights.
+
+    DDP keeps the replicas equal by averaging gradients; a replica that drifted (a
+    non-deterministic op, a parameter outside the optimizer) would make rank 0's checkpoint
+    a model the other processes did not train. Gathers every parameter (a copy of the model
+    per process, once per run) and compares them bit for bit.
+    """
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.world_size == 1:
+            return
+        flat = torch.cat([p.detach().flatten().float() for p in pl_module.parameters()])
+        gathered = pl_module.all_gather(flat)  # [world, P]
+        differ = [r for r in range(1, gathered.shape[0]) if not torch.equal(gathered[0],
+                                                                           gathered[r])]
+        if differ:
+            raise CapsnetError(f"data-parallel processes {differ} ended with weights "
+                               "different from process 0's")
+        if trainer.global_rank == 0:
+            print(f"weights identical on all {trainer.world_size} processes", flush=True)
 
 
 class ProgressBar(TQDMProgressBar):

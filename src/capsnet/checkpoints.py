@@ -100,7 +100,8 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu"
     classes = list(hp.get("classes") or [str(i) for i in range(n)])
     meta = {"classes": classes, "dataset": hp.get("dataset", "fashion-mnist"),
             "epoch": ckpt.get("epoch"), "arch": arch,
-            "recon_weight": hp.get("recon_weight")}
+            "recon_weight": hp.get("recon_weight"),
+            "data_options": hp.get("data_options") or {}}
     return model.to(device).eval(), meta
 
 

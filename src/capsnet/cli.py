@@ -40,8 +40,10 @@ def _train_parser(sub) -> None:
     flags = [
         ("arch", "a registered architecture (capsnet.models.ARCHITECTURES: capsnet, "
                  f"efficient-capsnet, ...) (default {D['arch']})", {}),
-        ("dataset", f"fashion-mnist or mnist (default {D['dataset']})", {}),
-        ("data_dir", "folder with the four IDX files; the only place looked at and the "
+        ("dataset", "a registered dataset (`capsnet datasets` lists them: fashion-mnist, "
+                    "mnist, cifar10, cifar100, svhn, smallnorb, folder, multilabel, ...) "
+                    f"(default {D['dataset']})", {}),
+        ("data_dir", "folder holding the dataset's files; the only place looked at and the "
                      "download target when given", {}),
         ("out", f"run directory for checkpoints and logs (default {D['out']})", {}),
         ("epochs", f"default {D['epochs']}", {"type": int}),
@@ -62,6 +64,12 @@ def _train_parser(sub) -> None:
                                f"{D['routing_iterations']})", {"type": int}),
         ("detach_routing", "no gradient through the intermediate routing iterations "
                            "(cheaper; the paper's authors let it flow)", {"action": bool_}),
+        ("stem", "capsnet: strided 3x3 convolutions before Conv1, each halving the image, "
+                 "for large images (suggested: halve until the side is at most 32: 1 for "
+                 "64 px, 2 for 96-128, 3 for 224; capsnet.models.capsnet.suggest_stem) "
+                 f"(default {D['stem']}: none, the paper's model)", {"type": int}),
+        ("stem_channels", f"channels of every stem convolution (default {D['stem_channels']})",
+         {"type": int}),
         ("recon_weight", f"reconstruction loss weight (default {D['recon_weight']})",
          {"type": float}),
         ("shift", f"max random shift in pixels (default {D['shift']})", {"type": int}),
@@ -78,8 +86,20 @@ def _train_parser(sub) -> None:
          {"type": int}),
         ("test_size", "evaluate on the first N test images only (default: all)",
          {"type": int}),
+        ("image_size", "resize image-folder and multi-label data to N x N (default 32)",
+         {"type": int}),
+        ("test_fraction", "share of an image folder without train/ and test/ sub-folders "
+                          f"held out as its test set (seeded) (default {D['test_fraction']})",
+         {"type": float}),
         ("seed", f"default {D['seed']}", {"type": int}),
         ("device", "auto, cpu, cuda or cuda:N (default auto)", {}),
+        ("devices", "processes (CPU) or GPUs per machine; more than 1 needs --strategy ddp "
+                    f"(default {D['devices']})", {"type": int}),
+        ("num_nodes", f"machines (default {D['num_nodes']}); see docs/distributed.md",
+         {"type": int}),
+        ("strategy", "auto (one process) or ddp (one process per device, gradients "
+                     "averaged; gloo on CPU, NCCL on GPU) (default auto)",
+         {"choices": ["auto", "ddp"]}),
         ("precision", "32, bf16-mixed or 16-mixed (GPU only) (default 32)",
          {"choices": ["32", "bf16-mixed", "16-mixed"]}),
         ("threads", "CPU threads (default: torch's choice)", {"type": int}),
@@ -101,7 +121,7 @@ def _train_parser(sub) -> None:
 
 def _cmd_train(a) -> int:
     from .settings import load_run_settings, read_config
-    from .train import train
+    from .train import is_main_process, train
     flags = {k: v for k, v in vars(a).items() if k not in ("command", "config", "resume")}
     settings = {}
     if a.config:
@@ -112,7 +132,7 @@ def _cmd_train(a) -> int:
         settings.update(load_run_settings(a.resume))
     settings.update(flags)
     rows = train(settings, resume=bool(a.resume))
-    if rows:
+    if rows and is_main_process():
         last = rows[-1]
         split = "val" if "val_acc" in last else "test"
         print(f"epoch {last['epoch']}: test accuracy {last.get('test_acc', float('nan')):.4f}"
@@ -125,9 +145,24 @@ def _model_arg(p, help_extra: str = "") -> None:
                    ".safetensors weights file or a training checkpoint (.ckpt)" + help_extra)
 
 
+def _print_multilabel(result: dict) -> None:
+    print(f"multi-label: exact-match {result['accuracy']:.4f}, mean F2 {result['f2']:.4f}, "
+          f"mAP {result['mAP']:.4f}")
+    width = max(len(c) for c in result["classes"])
+    print(f"  {'label':<{width}}  precision  recall  F1      AP      support")
+    for name, r in result["per_label"].items():
+        print(f"  {name:<{width}}  {r['precision']:.4f}     {r['recall']:.4f}  {r['f1']:.4f}"
+              f"  {r['ap']:.4f}  {r['support']}")
+
+
+def _cmd_datasets(a) -> int:
+    from .data.registry import cmd_datasets
+    return cmd_datasets(a)
+
+
 def _cmd_evaluate(a) -> int:
     from .checkpoints import load_model
-    from .data.datasets import load_dataset
+    from .data.registry import load_dataset, recorded_options
     from .evaluate import evaluate
     from .paper import RECON_WEIGHT
     from .runtime import torch_device
@@ -137,7 +172,9 @@ def _cmd_evaluate(a) -> int:
     device = torch_device(a.device)
     model, meta = load_model(a.model, device)
     run = settings_beside(a.model)
-    _, test = load_dataset(a.dataset or meta["dataset"], run_data_dir(a.data_dir, run))
+    dataset = a.dataset or meta["dataset"]
+    _, test = load_dataset(dataset, run_data_dir(a.data_dir, run), **recorded_options(
+        dataset, meta.get("data_options"), run, image_size=model.config.image_size))
     if a.test_size:
         test.images, test.labels = test.images[:a.test_size], test.labels[:a.test_size]
     recon_weight = meta.get("recon_weight") or RECON_WEIGHT  # the run's own, as in report
@@ -149,6 +186,9 @@ def _cmd_evaluate(a) -> int:
     print(f"{a.model}: accuracy {result['accuracy']:.4f} on {result['n']:,} test images, "
           f"loss {result['loss']:.4f} (margin {result['margin_loss']:.4f}, "
           f"reconstruction SSE {result['reconstruction_sse']:.2f})")
+    if result.get("multi_label"):
+        _print_multilabel(result)
+        return 0
     width = max(len(c) for c in result["classes"])
     print("per-class accuracy:")
     for name, acc in result["per_class"].items():
@@ -279,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--routing-iterations", type=int, default=3, help="default 3")
     b.add_argument("--detach-routing", action="store_true",
                    help="no gradient through the intermediate routing iterations")
+    b.add_argument("--stem", type=int, default=0, help="capsnet: strided 3x3 convolutions "
+                   "before Conv1 (default 0: none; as capsnet train --stem; no naive "
+                   "reference with a stem)")
+    b.add_argument("--stem-channels", type=int, default=64,
+                   help="channels of every stem convolution (default 64)")
     b.add_argument("--no-naive", dest="naive", action="store_false",
                    help="skip the naive reference (faster)")
     b.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=True,
@@ -306,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--device", default="auto")
     rp.add_argument("--batch-size", type=int, default=256)
 
+    d = sub.add_parser("datasets", help="the registered datasets: where each was found, or "
+                       "how to get it", description="List every dataset `--dataset` takes, "
+                       "with its classes and image shape, the folder where it was found "
+                       "(nothing is downloaded) or how to get it.")
+    d.add_argument("--data-dir", help="look only here (as `capsnet train --data-dir`)")
+
     v = sub.add_parser("visdom", help="serve the live Visdom dashboard (offline)",
                        description="Serve the Visdom dashboard that `capsnet train --visdom` "
                        "streams to. It has no login: keep the default 127.0.0.1 unless the "
@@ -319,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
             "export": _cmd_export, "bench": _cmd_bench, "report": _cmd_report,
-            "visdom": _cmd_visdom}
+            "visdom": _cmd_visdom, "datasets": _cmd_datasets}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from torch import nn
 
 from .data.datasets import ImageDataset
 from .errors import CapsnetError
-from .inference import check_fits, infer, summarize
+from .inference import check_fits, infer, summarize, summarize_multilabel
 from .paper import RECON_WEIGHT
 
 
@@ -19,12 +19,15 @@ def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 512,
              device: str | torch.device = "cpu", recon_weight: float = RECON_WEIGHT) -> dict:
     """Accuracy, losses, per-class accuracy and confusion matrix of ``model`` on ``data``.
 
-    ``confusion[t][p]`` counts images of true class ``t`` predicted as ``p``.
+    ``confusion[t][p]`` counts images of true class ``t`` predicted as ``p``. Multi-label
+    data (k-hot labels ``[N, K]``) get :func:`~capsnet.inference.summarize_multilabel`
+    instead (per-label precision/recall/F1, F2, mAP).
     """
     check_fits(model, data.shape, len(data.classes))
     model = model.to(device)
     run = infer(model, data.images, data.labels, batch_size, recon_weight)
-    return {**summarize(run.lengths, data.labels, list(data.classes)),
+    scores = summarize_multilabel if data.labels.dim() == 2 else summarize
+    return {**scores(run.lengths, data.labels, list(data.classes)),
             "loss": run.loss, "margin_loss": run.margin_loss,
             "reconstruction_sse": run.reconstruction_sse}
 
@@ -96,7 +99,11 @@ def _flatten(img: Image.Image, mode: str, invert: str) -> Image.Image:
 
 @torch.inference_mode()
 def predict(model: nn.Module, images: torch.Tensor, classes: list[str]) -> list[dict]:
-    """Class name, index and capsule lengths for a batch ``[B, C, H, W]`` of inputs."""
+    """Class name, index and capsule lengths for a batch ``[B, C, H, W]`` of inputs; for a
+    multi-label model also ``present``: every class whose capsule is longer than 0.5."""
+    from .models.base import PRESENT
     lengths = model(images).lengths.cpu()
+    multi = getattr(model.config, "multi_label", False)
     return [{"class": classes[int(row.argmax())], "index": int(row.argmax()),
+             **({"present": [c for c, v in zip(classes, row) if v > PRESENT]} if multi else {}),
              "lengths": [round(float(v), 6) for v in row]} for row in lengths]

@@ -83,5 +83,6 @@ def export(spec: str, out: str | Path, dtype: str = "float32", batch: int = 1) -
     if out.suffix == ".onnx":
         return export_onnx(model, out, batch)
     info = {"classes": meta["classes"], "dataset": meta.get("dataset"),
-            "source": Path(str(spec)).name, "epoch": meta.get("epoch")}
+            "source": Path(str(spec)).name, "epoch": meta.get("epoch"),
+            "recon_weight": meta.get("recon_weight"), "data_options": meta.get("data_options")}
     return save_weights(model, out, info, getattr(torch, dtype))

@@ -71,3 +71,54 @@ def summarize(lengths: Tensor, labels: Tensor, classes: list[str]) -> dict:
     return {"accuracy": float((pred == labels).float().mean()), "n": len(labels),
             "per_class": dict(zip(classes, per_class.tolist())),
             "confusion": confusion.tolist(), "classes": list(classes)}
+
+
+# --------------------------------------------------------------------------- multi-label
+
+def f_beta_per_image(pred: Tensor, target: Tensor, beta: float = 2.0) -> Tensor:
+    """F-beta of each image's predicted label set against its true one: ``[N, K]`` 0/1 x2 ->
+    ``[N]``. beta = 2 (recall counts more) is the Planet competition's score, averaged over
+    images. An image with no true and no predicted label scores 1."""
+    pred, target = pred.bool(), target.bool()
+    tp = (pred & target).sum(1).double()
+    fp = (pred & ~target).sum(1).double()
+    fn = (~pred & target).sum(1).double()
+    b2 = beta * beta
+    denom = (1 + b2) * tp + b2 * fn + fp
+    return torch.where(denom > 0, (1 + b2) * tp / denom.clamp(min=1e-12),
+                       torch.ones_like(denom))
+
+
+def average_precision(scores: Tensor, target: Tensor) -> float:
+    """Area under one label's precision-recall curve, as the mean of the precision at each
+    true image's rank: ``scores`` ``[N]``, ``target`` ``[N]`` 0/1. NaN without positives."""
+    order = scores.argsort(descending=True)
+    hits = target.bool()[order].double()
+    if hits.sum() == 0:
+        return float("nan")
+    precision_at = hits.cumsum(0) / torch.arange(1, len(hits) + 1, dtype=torch.float64)
+    return float((precision_at * hits).sum() / hits.sum())
+
+
+def summarize_multilabel(lengths: Tensor, targets: Tensor, classes: list[str]) -> dict:
+    """Scores of multi-label predictions (a class is present when its capsule is longer
+    than 0.5, ``models.base.PRESENT``): per label precision, recall and F1; over images the
+    mean F2 and the exact-match ratio (``accuracy``); over labels the mean average precision
+    of the lengths as scores (``mAP``, labels without a true image left out).
+    Shapes: ``lengths`` ``[N, K]``, ``targets`` ``[N, K]`` 0/1."""
+    from .models.base import PRESENT
+    pred, true = lengths > PRESENT, targets.bool()
+    tp = (pred & true).sum(0).double()
+    precision = tp / pred.sum(0).clamp(min=1)
+    recall = tp / true.sum(0).clamp(min=1)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    ap = [average_precision(lengths[:, k], true[:, k]) for k in range(len(classes))]
+    known = [a for a in ap if a == a]
+    per_label = {c: {"precision": float(p), "recall": float(r), "f1": float(f), "ap": a,
+                     "support": int(n)}
+                 for c, p, r, f, a, n in zip(classes, precision, recall, f1, ap, true.sum(0))}
+    return {"multi_label": True, "n": len(targets), "classes": list(classes),
+            "accuracy": float((pred == true).all(1).double().mean()) if len(true) else 0.0,
+            "f2": float(f_beta_per_image(pred, true).mean()) if len(true) else 0.0,
+            "mAP": sum(known) / len(known) if known else float("nan"),
+            "per_label": per_label}

@@ -163,9 +163,11 @@ class Decoder(nn.Module):
     """Reconstruction network: FC 512 ReLU -> FC 1024 ReLU -> FC (C*H*W) sigmoid.
 
     It is fed the output capsules with every capsule but the selected one set to zero
-    (the true class during training, the longest capsule at inference).
+    (the true class during training, the longest capsule at inference); on multi-label data
+    every selected capsule is kept (the present classes).
 
-    Shapes: ``v`` ``[B, O, D]``, ``selected`` ``[B]`` (class indices) -> ``[B, C, H, W]``.
+    Shapes: ``v`` ``[B, O, D]``, ``selected`` ``[B]`` (class indices) or ``[B, O]`` (0/1 per
+    capsule) -> ``[B, C, H, W]``.
     """
 
     def __init__(self, num_caps: int, caps_dim: int, out_shape: tuple[int, int, int],
@@ -182,7 +184,8 @@ class Decoder(nn.Module):
     @staticmethod
     def mask(v: Tensor, selected: Tensor) -> Tensor:
         """Zero all capsules except ``selected``: ``[B, O, D]`` -> ``[B, O*D]``."""
-        keep = F.one_hot(selected, v.shape[1]).to(v.dtype).unsqueeze(-1)  # [B, O, 1]
+        keep = selected if selected.dim() == 2 else F.one_hot(selected, v.shape[1])
+        keep = keep.to(v.dtype).unsqueeze(-1)  # [B, O, 1]
         return (v * keep).flatten(1)
 
     def forward(self, v: Tensor, selected: Tensor) -> Tensor:

@@ -9,7 +9,9 @@ from torch.optim.swa_utils import AveragedModel
 
 from .data.augment import AugmentConfig, augment
 from .data.batches import to_unit
+from .inference import f_beta_per_image
 from .losses import capsule_loss
+from .models.base import PRESENT
 from .models import build_model
 from .paper import RECON_WEIGHT
 from .optim import adam, ema_update, lr_factor
@@ -23,7 +25,11 @@ class LitCapsNet(L.LightningModule):
     ``ema > 0`` keeps an exponential moving average of the weights (:func:`ema_update`);
     validation, test and the checkpoints' exported model then use the averaged weights.
     Logged metrics, per split ``train``/``val``/``test``: ``{split}/loss``, ``{split}/margin``,
-    ``{split}/recon`` (sum of squared errors per image), ``{split}/acc``; and ``lr``.
+    ``{split}/recon`` (sum of squared errors per image), ``{split}/acc``; and ``lr``. On
+    multi-label data ``acc`` is the share of images whose predicted label set is exactly the
+    true one, and ``{split}/f2`` the mean F2 per image (the Planet score). ``data_options``
+    (image size and test fraction of a dataset read from the user's own images) is recorded
+    for evaluation.
     """
 
     def __init__(self, model: dict | None = None, augment: dict | None = None,
@@ -31,7 +37,7 @@ class LitCapsNet(L.LightningModule):
                  recon_weight: float = RECON_WEIGHT, classes: list[str] | None = None,
                  dataset: str = "fashion-mnist", channels_last: bool = True,
                  lr_schedule: str = "exp", warmup_steps: int = 0, ema: float = 0.0,
-                 arch: str = "capsnet"):
+                 arch: str = "capsnet", data_options: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.augment_config = AugmentConfig(**(augment or {}))
@@ -44,6 +50,8 @@ class LitCapsNet(L.LightningModule):
                       else torch.contiguous_format)
         self.ema = (AveragedModel(self.model, multi_avg_fn=ema_update(ema), use_buffers=True)
                     if ema > 0 else None)
+        if self.ema is not None:  # updated by averaging, never by gradients (DDP checks)
+            self.ema.requires_grad_(False)
         self.split_names: list[str] = ["test"]  # names of the validation dataloaders
 
     @property
@@ -62,36 +70,80 @@ class LitCapsNet(L.LightningModule):
     def _layout(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def _step(self, batch, split: str):
-        x, y = batch
-        # Training feeds the true class to the decoder; evaluation uses the longest capsule.
-        model = self.model if split == "train" else self.eval_model
-        out = model(x, y if split == "train" else None)
-        loss = capsule_loss(out.lengths, y, out.reconstructions, x,
-                            self.hparams.recon_weight)
-        acc = (out.lengths.argmax(dim=1) == y).float().mean()
-        on_step = split == "train"
-        kw = dict(on_epoch=True, batch_size=y.shape[0], add_dataloader_idx=False)
-        self.log(f"{split}/loss", loss.total, prog_bar=True, on_step=on_step, **kw)
-        self.log(f"{split}/acc", acc, prog_bar=True, on_step=on_step, **kw)
-        self.log(f"{split}/margin", loss.margin, on_step=on_step, **kw)
-        self.log(f"{split}/recon", loss.reconstruction, on_step=on_step, **kw)
-        return loss.total, out
+    @property
+    def multi_label(self) -> bool:
+        return bool(getattr(self.model.config, "multi_label", False))
+
+    def _losses(self, model: nn.Module, x: Tensor, y: Tensor, train: bool):
+        """The losses and per-image scores: ``correct`` ``[B]`` (the longest capsule is the
+        class; multi-label: the set of capsules longer than 0.5 is exactly the true set)
+        and ``f2`` ``[B]`` (multi-label only, else None)."""
+        # Training feeds the true class(es) to the decoder; evaluation the longest capsule
+        # (multi-label: every capsule taken as present).
+        out = model(x, y if train else None)
+        loss = capsule_loss(out.lengths, y, out.reconstructions, x, self.hparams.recon_weight)
+        if self.multi_label:
+            pred = out.lengths > PRESENT
+            correct = (pred == y.bool()).all(dim=1).float()
+            f2 = f_beta_per_image(pred, y).float()
+        else:
+            correct, f2 = (out.lengths.argmax(dim=1) == y).float(), None
+        return out, loss, correct, f2
 
     def training_step(self, batch, batch_idx):
         x, y = batch  # only training batches are augmented
-        loss, _ = self._step((self._layout(augment(x, self.augment_config)), y), "train")
-        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=True,
-                 batch_size=batch[1].shape[0])
-        return loss
+        x = self._layout(augment(x, self.augment_config))
+        _, loss, correct, f2 = self._losses(self.model, x, y, train=True)
+        # Averaged over the data-parallel processes (a no-op in one process).
+        kw = dict(on_step=True, on_epoch=True, batch_size=y.shape[0],
+                  sync_dist=self.trainer.world_size > 1)
+        self.log("train/loss", loss.total, prog_bar=True, **kw)
+        self.log("train/acc", correct.mean(), prog_bar=True, **kw)
+        self.log("train/margin", loss.margin, **kw)
+        self.log("train/recon", loss.reconstruction, **kw)
+        if f2 is not None:
+            self.log("train/f2", f2.mean(), **kw)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], **kw)
+        return loss.total
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
 
+    # Evaluation metrics are exact sums over each split, added up across the data-parallel
+    # processes (each evaluates its own share of the images, see data.batches.ShardedBatches)
+    # before they are divided: every image counts once, whatever the number of processes.
+    @property
+    def eval_sums(self) -> tuple[str, ...]:
+        return ("loss", "margin", "recon", "acc") + (("f2",) if self.multi_label else ())
+
+    def on_validation_epoch_start(self) -> None:
+        self._sums = {}
+
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        _, out = self._step(batch, self.split_names[dataloader_idx])
+        x, y = batch
+        out, loss, correct, f2 = self._losses(self.eval_model, x, y, train=False)
+        n = y.shape[0]
+        parts = [loss.total * n, loss.margin * n, loss.reconstruction * n, correct.sum()]
+        if f2 is not None:
+            parts.append(f2.sum())
+        sums = torch.stack(parts + [torch.tensor(n, device=x.device)]).double()
+        split = self.split_names[dataloader_idx]
+        self._sums[split] = self._sums.get(split, 0) + sums.detach()
         return out
+
+    def on_validation_epoch_end(self) -> None:
+        for split in self.split_names:
+            sums = self._sums.get(split)
+            if sums is None:  # no images of this split on this process
+                sums = torch.zeros(len(self.eval_sums) + 1, dtype=torch.float64,
+                                   device=self.device)
+            if self.trainer.world_size > 1:
+                sums = self.all_gather(sums).sum(0)
+            n = sums[-1].clamp(min=1)
+            for name, total in zip(self.eval_sums, sums[:-1]):
+                self.log(f"{split}/{name}", (total / n).float(), prog_bar=name in ("acc", "f2"),
+                         rank_zero_only=False)
 
     def configure_optimizers(self):
         hp = self.hparams

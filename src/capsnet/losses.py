@@ -16,13 +16,21 @@ def margin_loss(lengths: Tensor, target: Tensor, m_pos: float = M_POS, m_neg: fl
 
     ``L_k = T_k max(0, m+ - |v_k|)^2 + lam (1 - T_k) max(0, |v_k| - m-)^2``
 
-    It is defined on the capsule lengths themselves (no softmax in between).
-    Shapes: ``lengths`` ``[B, O]`` in [0, 1), ``target`` ``[B]`` int -> ``[B]``.
+    It is defined on the capsule lengths themselves (no softmax in between), one term per
+    class, so it takes several present classes as they come (multi-label data, overlapping
+    objects): ``T_k`` is 1 for each of them.
+    Shapes: ``lengths`` ``[B, O]`` in [0, 1), ``target`` ``[B]`` class indices or ``[B, O]``
+    k-hot -> ``[B]``.
     """
-    t = F.one_hot(target, lengths.shape[1]).to(lengths.dtype)
+    t = as_k_hot(target, lengths.shape[1]).to(lengths.dtype)
     present = t * F.relu(m_pos - lengths).pow(2)
     absent = lam * (1.0 - t) * F.relu(lengths - m_neg).pow(2)
     return (present + absent).sum(dim=1)
+
+
+def as_k_hot(target: Tensor, num_classes: int) -> Tensor:
+    """Targets as ``[B, O]`` 0/1: class indices ``[B]`` are one-hot encoded, k-hot passes."""
+    return target if target.dim() == 2 else F.one_hot(target, num_classes)
 
 
 def reconstruction_loss(recon: Tensor, images: Tensor) -> Tensor:
@@ -42,7 +50,8 @@ def capsule_loss(lengths: Tensor, target: Tensor, recon: Tensor, images: Tensor,
                  recon_weight: float = RECON_WEIGHT) -> CapsuleLoss:
     """``margin + recon_weight * reconstruction``, averaged over the batch.
 
-    Shapes: ``lengths`` ``[B, O]``, ``target`` ``[B]``, ``recon`` and ``images`` ``[B, C, H, W]``.
+    Shapes: ``lengths`` ``[B, O]``, ``target`` ``[B]`` (or ``[B, O]`` k-hot), ``recon`` and
+    ``images`` ``[B, C, H, W]``.
     """
     margin = margin_loss(lengths, target).mean()
     recon_sse = reconstruction_loss(recon, images).mean()

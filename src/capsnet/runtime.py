@@ -41,6 +41,26 @@ def resolve_device(device: str) -> tuple[str, list[int] | str]:
     raise CapsnetError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
+def trainer_devices(device: str, devices: int, num_nodes: int, strategy: str
+                    ) -> tuple[str, list[int] | int]:
+    """Lightning's ``(accelerator, devices)`` for ``--device``, ``--devices`` processes per
+    machine, ``--num-nodes`` and ``--strategy``; one-line errors for combinations that cannot
+    work. On the CPU each process is one device."""
+    accelerator, chosen = resolve_device(device)
+    if devices == 1 and num_nodes == 1:
+        return accelerator, chosen
+    if strategy != "ddp":
+        raise CapsnetError(f"--devices {devices} --num-nodes {num_nodes} needs --strategy ddp")
+    if accelerator == "gpu":
+        if ":" in device:
+            raise CapsnetError(f"--device {device} names one GPU; use --device cuda with "
+                               f"--devices {devices}")
+        if devices > torch.cuda.device_count():
+            raise CapsnetError(f"--devices {devices}: this machine has "
+                               f"{torch.cuda.device_count()} GPU(s)")
+    return accelerator, devices
+
+
 def torch_device(device: str) -> torch.device:
     """``auto``/``cpu``/``cuda``/``cuda:N`` -> the ``torch.device`` to run on."""
     accelerator, devices = resolve_device(device)

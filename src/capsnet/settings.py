@@ -18,6 +18,7 @@ from .paper import RECON_WEIGHT, ROUTING_ITERATIONS
 
 LR_SCHEDULES = ("exp", "cosine")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")  # Lightning's names
+STRATEGIES = ("auto", "ddp")  # Lightning's: one process, or one process per device
 
 DEFAULTS: dict = {
     "arch": "capsnet", "dataset": "fashion-mnist", "data_dir": None, "out": "runs/capsnet",
@@ -25,10 +26,13 @@ DEFAULTS: dict = {
     "lr": 1e-3, "lr_schedule": "exp", "lr_decay": 0.96, "lr_decay_steps": 2000,
     "warmup_steps": 0, "ema": 0.0,
     "routing_iterations": ROUTING_ITERATIONS, "detach_routing": False,
+    "stem": 0, "stem_channels": 64,  # CapsNet's downsampling stem (0: none, the paper's model)
     "recon_weight": RECON_WEIGHT,
     "shift": 2, "rotate": 0.0, "scale": 0.0, "shear": 0.0, "translate": 0.0, "hflip": False,
     "train_size": None, "val_size": 5000, "test_size": None,
-    "seed": 0, "device": "auto", "precision": "32", "threads": None, "channels_last": True,
+    "image_size": None, "test_fraction": 0.2,
+    "seed": 0, "device": "auto", "devices": 1, "num_nodes": 1, "strategy": "auto",
+    "precision": "32", "threads": None, "channels_last": True,
     "log_every": 20, "tensorboard": True, "progress": True,
     "visdom": False, "visdom_server": "http://127.0.0.1", "visdom_port": 8097,
     "visdom_env": "capsnet",
@@ -36,8 +40,10 @@ DEFAULTS: dict = {
 
 # Settings that must be positive numbers, and those that must not be negative.
 _POSITIVE = ("epochs", "batch_size", "eval_batch_size", "lr", "lr_decay", "lr_decay_steps",
-             "routing_iterations", "train_size", "test_size", "log_every", "threads")
-_NON_NEGATIVE = ("warmup_steps", "ema", "recon_weight", "shift", "rotate", "scale", "shear", "translate", "val_size")
+             "routing_iterations", "train_size", "test_size", "log_every", "threads",
+             "devices", "num_nodes", "image_size", "stem_channels")
+_NON_NEGATIVE = ("warmup_steps", "ema", "recon_weight", "shift", "rotate", "scale", "shear", "translate", "val_size",
+                 "stem")
 
 
 def read_config(path: str | Path) -> dict:
@@ -77,7 +83,7 @@ def check_settings(s: dict) -> dict:
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise CapsnetError(f"setting {key!r} must be {kind.__name__}, got {value!r}")
         s[key] = value
-    for key in ("train_size", "test_size", "threads"):  # optional whole numbers
+    for key in ("train_size", "test_size", "threads", "image_size"):  # optional whole numbers
         v = s.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
             raise CapsnetError(f"setting {key!r} must be int, got {v!r}")
@@ -91,6 +97,12 @@ def check_settings(s: dict) -> dict:
             raise CapsnetError(f"setting {key!r} must not be negative, got {v!r}")
     if s["lr_decay"] > 1:
         raise CapsnetError(f"setting 'lr_decay' must be at most 1, got {s['lr_decay']}")
+    if not 0 < s["test_fraction"] < 1:
+        raise CapsnetError(f"setting 'test_fraction' must be between 0 and 1, got "
+                           f"{s['test_fraction']}")
+    if s["strategy"] not in STRATEGIES:
+        raise CapsnetError(f"setting 'strategy' must be one of {', '.join(STRATEGIES)}, "
+                           f"got {s['strategy']!r}")
     if s["ema"] >= 1:
         raise CapsnetError(f"setting 'ema' must be below 1 (0: off), got {s['ema']}")
     from .models import ARCHITECTURES  # the registry is the one list (imports torch)

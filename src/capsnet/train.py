@@ -18,12 +18,12 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from .callbacks import (EpochMetricsCSV, ProgressBar, SafeCheckpointIO, StopOnNonFinite,
-                        read_metrics)
+from .callbacks import (EpochMetricsCSV, ProgressBar, SafeCheckpointIO, SameWeightsOnAllRanks,
+                        StopOnNonFinite, read_metrics)
 from .data.datamodule import ImageDataModule
 from .errors import CapsnetError
 from .lit import LitCapsNet
-from .runtime import resolve_device, retain_freed_memory
+from .runtime import retain_freed_memory, trainer_devices
 from .settings import DEFAULTS, check_settings
 
 def model_config(s: dict, classes, shape) -> dict:
@@ -33,9 +33,10 @@ def model_config(s: dict, classes, shape) -> dict:
         raise CapsnetError(f"square images expected, got {shape[1]}x{shape[2]}")
     config = {"in_channels": shape[0], "image_size": shape[1], "num_classes": len(classes),
               "routing_iterations": s["routing_iterations"],
-              "detach_routing": s["detach_routing"]}
+              "detach_routing": s["detach_routing"],
+              "stem": s["stem"], "stem_channels": s["stem_channels"]}
     fields = architecture(s["arch"])[0].__dataclass_fields__
-    for key in ("routing_iterations", "detach_routing"):
+    for key in ("routing_iterations", "detach_routing", "stem", "stem_channels"):
         if key not in fields:
             if s[key] != DEFAULTS[key]:
                 raise CapsnetError(f"--{key.replace('_', '-')} does not apply to {s['arch']}")
@@ -43,9 +44,28 @@ def model_config(s: dict, classes, shape) -> dict:
     return config
 
 
-def build_module(s: dict, classes, shape) -> LitCapsNet:
+def data_options(s: dict) -> dict:
+    """The settings that shape a dataset read from the user's own images (folder,
+    multilabel); recorded in the checkpoint so that evaluation reads the same test split."""
+    return {"image_size": s["image_size"], "test_fraction": s["test_fraction"]}
+
+
+def dm_sized(s: dict) -> bool:
+    """Whether the dataset takes ``image_size``/``test_fraction`` (read from the user's own
+    images); elsewhere an ``--image-size`` is refused by the registry."""
+    from .data.registry import dataset_info
+    return dataset_info(s["dataset"]).sized_by_option or s["image_size"] is not None
+
+
+def build_module(s: dict, classes, shape, crop: int | None = None,
+                 multi_label: bool = False) -> LitCapsNet:
     augment = {k: s[k] for k in ("shift", "rotate", "scale", "shear", "translate", "hflip")}
-    return LitCapsNet(arch=s["arch"], model=model_config(s, classes, shape), augment=augment, lr=s["lr"], lr_decay=s["lr_decay"],
+    augment["crop"] = crop or 0
+    model = model_config(s, classes, shape)
+    if multi_label:
+        model["multi_label"] = True
+    return LitCapsNet(arch=s["arch"], model=model, augment=augment, lr=s["lr"],
+                      lr_decay=s["lr_decay"], data_options=data_options(s),
                       lr_decay_steps=s["lr_decay_steps"], lr_schedule=s["lr_schedule"],
                       warmup_steps=s["warmup_steps"], ema=s["ema"],
                       recon_weight=s["recon_weight"],
@@ -86,9 +106,22 @@ def _extra_callbacks(s: dict, datamodule) -> list:
     return callbacks
 
 
+def is_main_process() -> bool:
+    """False in the extra processes of a data-parallel run (launched by Lightning, torchrun
+    or SLURM), which must not write the run's files a second time."""
+    from lightning.pytorch.utilities import rank_zero_only
+    return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
+
+
 def train(settings: dict, resume: bool = False) -> list[dict]:
-    """Run (or continue, with ``resume``) a training run; returns the rows of metrics.csv."""
+    """Run (or continue, with ``resume``) a training run; returns the rows of metrics.csv.
+
+    With ``devices``/``num_nodes`` above 1 (``strategy="ddp"``) Lightning starts the other
+    processes by running the same command again; each runs this function, and only the main
+    one writes files and prints.
+    """
     s = check_settings({**DEFAULTS, **settings})
+    main = is_main_process()
     out = Path(s["out"])
     last = out / "last.ckpt"
     if resume and not last.is_file():
@@ -96,50 +129,63 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
     if not resume and last.exists():
         raise CapsnetError(f"{out} already holds a run (last.ckpt); use --resume {out} to "
                            "continue it or --out to start a new one")
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.ckpt.*.tmp"):  # left by a run killed while saving
-        stale.unlink()
-    with open(out / "config.yaml", "w") as f:
-        yaml.safe_dump(s, f, sort_keys=False)
+    accelerator, devices = trainer_devices(s["device"], s["devices"], s["num_nodes"],
+                                           s["strategy"])
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob("*.ckpt.*.tmp"):  # left by a run killed while saving
+            stale.unlink()
+        with open(out / "config.yaml", "w") as f:
+            yaml.safe_dump(s, f, sort_keys=False)
 
     if s["threads"]:
         torch.set_num_threads(s["threads"])
-    accelerator, devices = resolve_device(s["device"])
+    elif accelerator == "cpu" and s["devices"] > 1:  # share the cores among the processes
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // s["devices"]))
     if accelerator == "cpu" and s["precision"] == "16-mixed":
         raise CapsnetError("--precision 16-mixed needs a GPU; on the CPU use bf16-mixed or 32")
     if accelerator == "cpu":
         retain_freed_memory()  # faster CPU steps: see `capsnet bench --no-retain-memory`
     L.seed_everything(s["seed"], verbose=False)
     dm = ImageDataModule(s["dataset"], s["data_dir"], s["batch_size"], s["eval_batch_size"],
-                         s["train_size"], s["val_size"], s["test_size"])
+                         s["train_size"], s["val_size"], s["test_size"], seed=s["seed"],
+                         options=data_options(s) if dm_sized(s) else None)
     dm.setup("fit")
     if s["hflip"] and not dm.info.hflip_ok:
-        raise CapsnetError(f"--hflip does not keep the class on {s['dataset']} (mirrored "
-                           "digits are not digits); leave it off")
-    module = build_module(s, dm.classes, dm.shape)
+        raise CapsnetError(f"--hflip does not keep the class on {s['dataset']} (a mirrored "
+                           "image is not of the same class there); leave it off")
+    module = build_module(s, dm.classes, dm.shape, dm.info.crop, dm.multi_label)
     if resume:
         _check_resumable(last, module)
     module.split_names = list(dm.eval_splits())
     n = module.model.num_parameters()
-    print(f"{s['arch']}: {n:,} parameters ({n / 1e6:.1f}M); {len(dm.train):,} training images, "
+    world = s["devices"] * s["num_nodes"]
+    parallel = (f"; {world} processes, global batch {world * s['batch_size']}"
+                if world > 1 else "")
+    if main:
+        print(f"{s['arch']}: {n:,} parameters ({n / 1e6:.1f}M); {len(dm.train):,} training images, "
           f"{', '.join(f'{len(d):,} {k}' for k, d in dm.eval_splits().items())}; "
-          f"device {accelerator}; {torch.get_num_threads()} threads", flush=True)
+          f"device {accelerator}; {torch.get_num_threads()} threads{parallel}", flush=True)
 
     # best.ckpt follows validation accuracy; the test set never chooses anything, so without
     # a validation split there is only last.ckpt.
     has_val = dm.val is not None
-    checkpoint = ModelCheckpoint(dirpath=out, filename="best", monitor="val/acc" if has_val
+    score = "val/f2" if dm.multi_label else "val/acc"
+    checkpoint = ModelCheckpoint(dirpath=out, filename="best", monitor=score if has_val
                                  else None, mode="max", save_last=True,
                                  save_top_k=1 if has_val else 0, enable_version_counter=False,
                                  auto_insert_metric_name=False)
-    callbacks = [StopOnNonFinite(), checkpoint, EpochMetricsCSV(out / "metrics.csv")]
+    callbacks = [StopOnNonFinite(), checkpoint, EpochMetricsCSV(out / "metrics.csv"),
+                 SameWeightsOnAllRanks()]
     if s["progress"]:
         callbacks.append(ProgressBar(refresh_rate=max(1, s["log_every"] // 4)))
     callbacks += _extra_callbacks(s, dm)
     logger = (TensorBoardLogger(save_dir=out, name="tensorboard", version="")
               if s["tensorboard"] else False)
     trainer = L.Trainer(
-        accelerator=accelerator, devices=devices, max_epochs=s["epochs"],
+        accelerator=accelerator, devices=devices, num_nodes=s["num_nodes"],
+        strategy=s["strategy"], use_distributed_sampler=False,  # ShardedBatches does it
+        max_epochs=s["epochs"],
         precision=s["precision"],
         logger=logger, callbacks=callbacks, plugins=[SafeCheckpointIO()],
         enable_progress_bar=s["progress"], enable_model_summary=False,
@@ -152,11 +198,14 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
         warnings.filterwarnings("ignore", ".*exists and is not empty.*")
         warnings.filterwarnings("ignore", ".*overridden `on_after_batch_transfer`.*")
         warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        # Evaluation metrics are summed across processes by LitCapsNet itself.
+        warnings.filterwarnings("ignore", ".*sync_dist=True.*when logging on epoch level.*")
+        warnings.filterwarnings("ignore", ".*all_gather is deprecated.*")
         try:
             trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resume else None,
                         weights_only=True)
         except SystemExit:  # Lightning's graceful shutdown after Ctrl-C
-            if last.is_file():
+            if last.is_file() and main:
                 print(f"capsnet: interrupted; continue with: capsnet train --resume {out}")
             raise
     return read_metrics(out / "metrics.csv")

@@ -100,7 +100,8 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CapsnetError(f"{path}: weights do not fit the model they name ({first[:200]})"
                            ) from None
-    meta = {k: info.get(k) for k in ("classes", "dataset", "source", "epoch")}
+    meta = {k: info.get(k) for k in ("classes", "dataset", "source", "epoch", "recon_weight")}
+    meta["data_options"] = info.get("data_options") or {}
     meta["arch"] = info["arch"]
     meta["classes"] = list(meta["classes"] or range(model.config.num_classes))
     return model.to(device).eval(), meta

@@ -16,8 +16,21 @@ Everything is measured in one process and one run, with the same threads:
   between steps (parameters, Adam state, the batch). On CPU this is the PyTorch allocator's
   live bytes, summed from the profiler's allocation events; on CUDA
   ``torch.cuda.max_memory_allocated``;
+- the total peak of a training step, what a memory budget is about: everything held at the
+  step's peak, parameters, Adam state and (on CPU) Python and the libraries included. On CPU
+  the process's peak resident memory during the step (:func:`~capsnet.bench.flops.
+  process_peak_bytes`, ``VmHWM``), on CUDA ``torch.cuda.max_memory_allocated``. On CPU it
+  also counts memory that earlier steps freed and glibc kept (``--retain-memory``, as
+  `capsnet train` runs), and, with the naive reference, the naive model's: measure with
+  ``--no-naive`` for the model's own figure (``scripts/scaling.py`` does, one process per
+  setting);
 - the same for :class:`capsnet.bench.naive.NaiveCapsNet`, the common practice, under identical
-  conditions (it keeps the default NCHW layout, as such code does).
+  conditions (it keeps the default NCHW layout, as such code does). It is the paper's model,
+  so it runs only for ``arch="capsnet"`` without a stem.
+
+``stem`` (capsnet only) puts that many strided 3x3 convolutions in front of Conv1
+(:class:`capsnet.models.capsnet.CapsNetConfig`); their FLOPs are counted like every other
+layer's and reported apart as ``stem_gflop_per_img``.
 """
 
 from __future__ import annotations
@@ -34,23 +47,26 @@ from ..losses import capsule_loss
 from ..models import architecture
 from ..optim import adam
 from ..runtime import retain_freed_memory, torch_device
-from .flops import GEMM_SIZE, count_gflop_per_img, cpu_name, cpu_peak_bytes, gemm_rate, sync
+from .flops import (GEMM_SIZE, count_gflop_per_img, cpu_name, cpu_peak_bytes, gemm_rate,
+                    gflop_by_module, process_peak_bytes, sync)
 from .naive import NaiveCapsNet
 
 
 def cmd_bench(a) -> int:
     for name in ("batch_size", "eval_batch_size", "threads", "steps", "image_size",
-                 "channels", "routing_iterations"):
+                 "channels", "routing_iterations", "stem_channels"):
         value = getattr(a, name)
         if value is not None and value < 1:
             raise CapsnetError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if a.warmup < 0:
-        raise CapsnetError(f"--warmup must not be negative, got {a.warmup}")
+    for name in ("warmup", "stem"):
+        if getattr(a, name) < 0:
+            raise CapsnetError(f"--{name} must not be negative, got {getattr(a, name)}")
     result = bench(arch=a.arch, batch_size=a.batch_size, eval_batch_size=a.eval_batch_size,
                    device=a.device, threads=a.threads, steps=a.steps, warmup=a.warmup,
                    image_size=a.image_size, channels=a.channels,
                    routing_iterations=a.routing_iterations, detach_routing=a.detach_routing,
-                   naive=a.naive, retain_memory=a.retain_memory,
+                   stem=a.stem, stem_channels=a.stem_channels, naive=a.naive,
+                   retain_memory=a.retain_memory,
                    log=None if a.json else sys.stderr)
     print(json.dumps(result) if a.json else format_table(result))
     return 0
@@ -114,6 +130,22 @@ class StepRunner:
             return (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
         return cpu_peak_bytes(self.train_step) / 2**20
 
+    def train_peak_total_mb(self) -> tuple[float, str]:
+        """Everything held at the peak of one training step, in MiB, and how it was measured.
+
+        CPU: the process's peak resident memory during the step (``VmHWM``, see
+        :func:`~capsnet.bench.flops.process_peak_bytes`); CUDA: ``max_memory_allocated``
+        (parameters, gradients, Adam state and the step's activations).
+        """
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.train_step()
+            sync(self.device)
+            return torch.cuda.max_memory_allocated(self.device) / 2**20, "max_memory_allocated"
+        peak, source = process_peak_bytes(self.train_step)
+        return peak / 2**20, source
+
 
 def data_ms_per_batch(batch: int, shape: tuple[int, int, int], device: torch.device,
                       repeats: int = 5) -> float:
@@ -139,8 +171,13 @@ def data_ms_per_batch(batch: int, shape: tuple[int, int, int], device: torch.dev
 def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | None = None, device: str = "auto",
           threads: int | None = None, steps: int = 12, warmup: int = 2, image_size: int = 28,
           channels: int = 1, routing_iterations: int = 3, detach_routing: bool = False,
-          naive: bool = True, retain_memory: bool = True, rounds: int = 3, log=None) -> dict:
-    """Run the whole benchmark; returns the results as a flat dict (see ``capsnet bench``)."""
+          stem: int = 0, stem_channels: int = 64, naive: bool = True, retain_memory: bool = True,
+          rounds: int = 3, log=None) -> dict:
+    """Run the whole benchmark; returns the results as a flat dict (see ``capsnet bench``).
+
+    ``stem``/``stem_channels``: the CapsNet's downsampling stem (0: none, the paper's model;
+    :func:`capsnet.models.capsnet.suggest_stem` gives a number for an image size).
+    """
     started = time.perf_counter()
     dev = torch_device(device)
     paper = arch == "capsnet"
@@ -148,9 +185,12 @@ def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | N
         config_cls, model_cls = architecture(arch)
         config = dict(in_channels=channels, image_size=image_size)
         if paper:
-            config.update(routing_iterations=routing_iterations, detach_routing=detach_routing)
+            config.update(routing_iterations=routing_iterations, detach_routing=detach_routing,
+                          stem=stem, stem_channels=stem_channels)
         elif routing_iterations != 3 or detach_routing:
             raise ValueError(f"{arch} has no routing iterations to set")
+        elif stem != 0 or stem_channels != 64:
+            raise ValueError(f"{arch} has no stem to set")
         config = config_cls(**config)
         torch.manual_seed(0)
         ours = model_cls(config)
@@ -160,7 +200,7 @@ def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | N
     if threads:  # process-wide, as in `capsnet train --threads`
         torch.set_num_threads(threads)
     eval_batch_size = eval_batch_size or batch_size
-    naive = naive and paper  # the naive reference is of the paper's model
+    naive = naive and paper and not stem  # the naive reference is of the paper's model
 
     def say(msg: str) -> None:
         if log is not None:
@@ -171,6 +211,7 @@ def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | N
     if paper:
         reference.primary.algorithm = "torch"
     train_gflop, eval_gflop = count_gflop_per_img(reference, dev)
+    stem_gflop = gflop_by_module(reference, dev).get("stem") if paper and stem else None
     del reference
     runners = {"ours": StepRunner(ours, dev, batch_size, eval_batch_size, channels_last=True)}
     # What ours executes: fewer FLOPs when PrimaryCaps runs in the frequency domain.
@@ -196,6 +237,8 @@ def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | N
             r.timed("eval", n)
     gemm_gflop_s = max(gemm)
     say("peak memory of a training step")
+    # The process-wide peak first: the profiler of the per-step peak holds memory of its own.
+    total_mb, total_source = runners["ours"].train_peak_total_mb()
     peaks = {name: r.train_peak_mb() for name, r in runners.items()}
     data_ms = data_ms_per_batch(batch_size, (channels, image_size, image_size), dev)
 
@@ -213,6 +256,8 @@ def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | N
         "gemm_gflop_s": gemm_gflop_s,
         "gemm_size": GEMM_SIZE,
         "train_peak_mb": peaks["ours"],
+        "train_peak_total_mb": total_mb,
+        "train_peak_total_source": total_source,
         "data_ms_per_batch": data_ms,
         "naive_train_peak_mb": peaks.get("naive"),
         "arch": arch,
@@ -223,6 +268,10 @@ def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | N
         "channels": channels,
         "routing_iterations": routing_iterations,
         "detach_routing": detach_routing,
+        "stem": stem if paper else None,
+        "stem_channels": stem_channels if paper and stem else None,
+        "stem_gflop_per_img": stem_gflop,
+        "primary_capsules": getattr(config, "num_primary_capsules", None),
         "steps": steps,
         "warmup": warmup,
         "threads": torch.get_num_threads() if dev.type == "cpu" else None,
@@ -253,6 +302,7 @@ def format_table(r: dict) -> str:
         f"{r['image_size']}x{r['image_size']}x{r['channels']}"
         + (f", {r['routing_iterations']} routing iterations" if r["arch"] == "capsnet" else "")
         + (" (detached)" if r["detach_routing"] else "")
+        + (f", {r['stem']}-stage stem ({r['stem_channels']} channels)" if r.get("stem") else "")
         + f", batch {r['batch_size']} (inference {r['eval_batch_size']}), fp32",
         f"sustained fp32 GEMM ({r['gemm_size']}^3, best of the run): "
         f"{r['gemm_gflop_s']:.1f} GFLOP/s",
@@ -260,6 +310,10 @@ def format_table(r: dict) -> str:
         f"{'':28s}{'training step':>16s}{'inference':>14s}",
         f"{'GFLOP per image (model)':28s}{r['train_gflop_per_img']:16.3f}"
         f"{r['eval_gflop_per_img']:14.3f}",
+    ]
+    if r.get("stem_gflop_per_img") is not None:
+        lines.append(f"{'  of which the stem':28s}{'':16s}{r['stem_gflop_per_img']:14.3f}")
+    lines += [
         f"{'limit (images/s)':28s}{r['limit_train_img_s']:16.1f}{r['limit_eval_img_s']:14.1f}",
         f"{r['arch'] + ' (images/s)':28s}{r['train_img_s']:16.1f}{r['eval_img_s']:14.1f}",
         f"{'  / limit':28s}{r['train_vs_limit']:15.0%} {r['eval_vs_limit']:13.0%}",
@@ -276,13 +330,17 @@ def format_table(r: dict) -> str:
     lines += ["", f"{'peak memory of a training step':28s}{r['train_peak_mb']:13.0f} MB"
               + (f" (naive {r['naive_train_peak_mb']:.0f} MB)"
                  if r["naive_train_peak_mb"] is not None else "")]
+    lines.append(f"{'  total at its peak':28s}{r['train_peak_total_mb']:13.0f} MB "
+                 f"({r['train_peak_total_source']})")
     lines.append(f"{'data path of a batch':28s}{r['data_ms_per_batch']:13.1f} ms "
                  f"({r['data_vs_train_step']:.1%} of a training step)")
     lines.append(f"({r['steps']} timed steps each, medians; malloc: {r['malloc']}; "
                  f"{r['seconds']:.0f} s)")
     if r["arch"] == "capsnet":
-        lines.append("(limit = GEMM rate / paper FLOPs; capsnet's frequency-domain PrimaryCaps "
-                     "executes fewer FLOPs, so it can pass 100%)")
+        flops = "the model's" if r.get("stem") else "paper"
+        lines.append(f"(limit = GEMM rate / {flops} FLOPs; "
+                     "capsnet's frequency-domain PrimaryCaps executes fewer FLOPs, so it can "
+                     "pass 100%)")
     else:
         lines.append("(limit = GEMM rate / the model's FLOPs; its small convolutions and "
                      "batch norm run far below the GEMM rate)")

@@ -1,4 +1,9 @@
-"""What the benchmark measures the models against: FLOP counts, the GEMM rate, peak memory."""
+"""What the benchmark measures the models against: FLOP counts, the GEMM rate, peak memory.
+
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on the ops the model runs,
+so every convolution is counted with its real output size, stride and padding, the CapsNet
+stem (``CapsNetConfig.stem``) included; :func:`gflop_by_module` splits the count by part.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import contextlib
 import math
 import os
 import platform
+import re
 import sys
 import time
 
@@ -57,7 +63,8 @@ def count_gflop_per_img(model: torch.nn.Module, device: torch.device, batch: int
                         eval_batch: int | None = None) -> tuple[float, float]:
     """GFLOP per image of (a training step, inference), counted by FlopCounterMode.
 
-    The count is of the matrix products the model runs, so it depends on the algorithm:
+    Every part the model runs is counted (the stem's convolutions too); elementwise work is
+    not. The count is of the matrix products the model runs, so it depends on the algorithm:
     on the model with standard convolutions it is the paper model's arithmetic; on ours it is
     what our (batch-dependent) algorithms execute.
     """
@@ -76,6 +83,66 @@ def count_gflop_per_img(model: torch.nn.Module, device: torch.device, batch: int
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         model(x)
     return train, counter.get_total_flops() / eval_batch / 1e9
+
+
+def gflop_by_module(model: torch.nn.Module, device: torch.device, batch: int = 2
+                    ) -> dict[str, float]:
+    """GFLOP per image of inference, per top-level part of the model (``stem``, ``conv1``,
+    ``primary``, ``digits``, ``decoder`` for CapsNet; only parts that count any FLOPs).
+
+    Shapes: the model's own input, ``[batch, C, H, W]`` from its config.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    c = model.config
+    x = torch.rand(batch, c.in_channels, c.image_size, c.image_size, device=device
+                   ).contiguous(memory_format=torch.channels_last)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(x)
+    root = type(model).__name__ + "."
+    out = {}
+    for name, ops in counter.get_flop_counts().items():  # "CapsNet.stem", "CapsNet.stem.0", ...
+        part = name[len(root):]
+        if name.startswith(root) and "." not in part:
+            out[part] = sum(ops.values()) / batch / 1e9
+    return {k: v for k, v in out.items() if v}
+
+
+def _vm_kib(field: str) -> int | None:
+    """A ``Vm...`` line of ``/proc/self/status`` in KiB (Linux), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+def process_peak_bytes(fn) -> tuple[int, str]:
+    """Most memory the whole process holds at once during ``fn()`` on the CPU, and how it
+    was measured: ``(bytes, source)``.
+
+    This is what a memory budget means: parameters, optimizer state, the batch, Python and
+    the libraries, and everything ``fn`` allocates, as resident pages (RSS). On Linux the
+    kernel's high-water mark ``VmHWM`` is reset to the current RSS first (``echo 5 >
+    /proc/self/clear_refs``), so the peak is ``fn``'s (``source`` ``"VmHWM during the
+    step"``); where that reset is refused, the peak of the process so far (``"VmHWM of the
+    process"``, an upper bound), or ``ru_maxrss`` elsewhere. Unlike :func:`cpu_peak_bytes`
+    it includes what is held before ``fn`` and memory not from PyTorch's allocator.
+    """
+    reset = False
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        reset = True
+    except OSError:
+        pass
+    fn()
+    kib = _vm_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024, "VmHWM during the step" if reset else "VmHWM of the process"
+    import resource  # Unix only; ru_maxrss is KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss * (1 if sys.platform == "darwin" else 1024), "ru_maxrss of the process"
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ class AugmentConfig:
     shear: float = 0.0
     translate: float = 0.0
     hflip: bool = False
+    crop: int = 0  # random crop x crop patches (data served larger, e.g. smallNORB); 0: off
 
     @property
     def affine(self) -> bool:
@@ -81,8 +82,26 @@ def random_hflip(x: Tensor, p: float = 0.5) -> Tensor:
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
+def random_crop(x: Tensor, size: int) -> Tensor:
+    """A ``size x size`` patch of each image at its own random place.
+
+    Shapes: ``[B, C, H, W]`` -> ``[B, C, size, size]``.
+    """
+    b, _, h, w = x.shape
+    top = torch.randint(0, h - size + 1, (b, 1), device=x.device)
+    left = torch.randint(0, w - size + 1, (b, 1), device=x.device)
+    steps = torch.arange(size, device=x.device)
+    rows, cols = top + steps, left + steps  # [B, size]
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    out = x.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # [B, s, s, C]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
 def augment(x: Tensor, cfg: AugmentConfig) -> Tensor:
-    """Apply the configured augmentations to a training batch ``[B, C, H, W]``."""
+    """Apply the configured augmentations to a training batch ``[B, C, H, W]``
+    (``[B, C, crop, crop]`` out when ``cfg.crop``)."""
+    if cfg.crop:
+        x = random_crop(x, cfg.crop)
     if cfg.hflip:
         x = random_hflip(x)
     if cfg.affine:

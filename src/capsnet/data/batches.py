@@ -26,10 +26,52 @@ class _Batches(torch.utils.data.Dataset):
         return self.images[idx], self.labels[idx]
 
 
+class ShardedBatches:
+    """Index batches of one process's share of the data, for data-parallel training.
+
+    Every epoch all ``world`` processes draw the same seeded permutation (``seed + epoch``;
+    Lightning calls :meth:`set_epoch`); process ``rank`` takes every ``world``-th image of it
+    (``perm[rank::world]``), so each image is seen exactly once per epoch across processes,
+    without the padding of ``DistributedSampler``. The share is cut into the same number of
+    batches on every process (as even as possible, so sizes differ by at most one image),
+    because DDP needs every process to take the same number of steps. ``shuffle=False``
+    shards ``0..n-1`` in order (evaluation).
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, shuffle: bool,
+                 seed: int = 0):
+        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        largest = -(-n // world)  # the biggest share, ceil(n / world)
+        self.num_batches = -(-largest // batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        share = order[self.rank::self.world]
+        for batch in torch.tensor_split(share, self.num_batches):
+            yield batch.tolist()
+
+
 def batch_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 shuffle: bool) -> DataLoader:
-    """A DataLoader that yields whole batches by tensor indexing (no per-image collation)."""
+                 shuffle: bool, rank: int = 0, world: int = 1, seed: int = 0) -> DataLoader:
+    """A DataLoader that yields whole batches by tensor indexing (no per-image collation).
+
+    With ``world > 1`` the batches are process ``rank``'s share (:class:`ShardedBatches`).
+    """
     ds = _Batches(images, labels)
-    order = RandomSampler(ds) if shuffle else SequentialSampler(ds)
-    return DataLoader(ds, sampler=BatchSampler(order, batch_size, drop_last=False),
-                      batch_size=None)
+    if world > 1:
+        batches = ShardedBatches(len(ds), batch_size, rank, world, shuffle, seed)
+    else:
+        order = RandomSampler(ds) if shuffle else SequentialSampler(ds)
+        batches = BatchSampler(order, batch_size, drop_last=False)
+    return DataLoader(ds, sampler=batches, batch_size=None)

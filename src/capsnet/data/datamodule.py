@@ -15,69 +15,63 @@ from torch.utils.data import DataLoader
 
 from ..errors import CapsnetError
 from .batches import batch_loader
-from .datasets import ImageDataset, dataset_info, load_dataset
-
-
-def stratified_split(labels: torch.Tensor, n: int, seed: int = 0) -> tuple[torch.Tensor,
-                                                                             torch.Tensor]:
-    """``n`` indices drawn per class in proportion to its share (seeded), and the rest.
-
-    Shapes: ``labels`` ``[N]`` -> ``(held [n], rest [N - n])``, both sorted ascending. Each
-    class gets ``floor(n * share)`` images, and the remainder goes one by one to the classes
-    with the largest fractional parts, so the held-out split has the class mix of the whole.
-    """
-    g = torch.Generator().manual_seed(seed)
-    classes, counts = labels.unique(return_counts=True)
-    want = counts.double() * n / labels.numel()
-    take = want.floor().long()
-    extra = n - int(take.sum())
-    take[(want - take).argsort(descending=True)[:extra]] += 1
-    held = []
-    for c, k in zip(classes.tolist(), take.tolist()):
-        idx = (labels == c).nonzero().flatten()
-        held.append(idx[torch.randperm(idx.numel(), generator=g)[:k]])
-    held = torch.cat(held).sort().values
-    mask = torch.ones(labels.numel(), dtype=torch.bool)
-    mask[held] = False
-    return held, mask.nonzero().flatten()
+from .datasets import ImageDataset, center_crop, stratified_split
+from .registry import dataset_info, load_dataset
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Fashion-MNIST (or MNIST) in memory.
+    """A registered dataset (:mod:`capsnet.data.registry`) in memory.
 
     ``train_size`` keeps only the first N training images; ``val_size`` carves N images
-    (class-stratified, seeded: :func:`stratified_split`) out of the training set for
-    validation, before ``train_size`` applies; ``test_size``
-    evaluates on the first N test images only (quick runs; the default is all of them).
+    (class-stratified, seeded: :func:`stratified_split`; a seeded random draw for multi-label
+    data) out of the training set for validation, before ``train_size`` applies;
+    ``test_size`` evaluates on the first N test images only (quick runs; the default is all
+    of them). ``options`` (``image_size``, ``test_fraction``) go to
+    :func:`~capsnet.data.registry.load_dataset`. ``shape`` is what the model sees: for a
+    dataset served larger than that (smallNORB, ``info.crop``), validation and test images
+    are centre crops and training takes random crops (:mod:`capsnet.data.augment`).
     """
 
     def __init__(self, dataset: str = "fashion-mnist", data_dir: str | Path | None = None,
                  batch_size: int = 128, eval_batch_size: int = 512,
                  train_size: int | None = None, val_size: int = 5000,
-                 test_size: int | None = None, split_seed: int = 0):
+                 test_size: int | None = None, split_seed: int = 0, seed: int = 0,
+                 options: dict | None = None):
         super().__init__()
         self.dataset, self.data_dir = dataset, data_dir
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.train_size, self.val_size, self.test_size = train_size, val_size, test_size
-        self.split_seed = split_seed
+        self.split_seed, self.seed = split_seed, seed
+        self.options = {k: v for k, v in (options or {}).items() if v is not None}
         self.train: ImageDataset | None = None
         self.info = dataset_info(dataset)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:
             return
-        train, test = load_dataset(self.dataset, self.data_dir)
+        train, test = load_dataset(self.dataset, self.data_dir, **self.options)
         self.classes = train.classes
-        self.shape = train.shape
+        self.shape = test.shape  # the model's input (test images are centre-cropped)
+        self.multi_label = self.info.multi_label
         self.val = None
         self.train_index = self.val_index = None  # into the dataset's training split
         if self.val_size:  # carved out of all training images first, so --train-size keeps it
             if self.val_size >= len(train):
                 raise CapsnetError(f"--val-size {self.val_size} leaves no training images "
                                    f"(the training set has {len(train):,})")
-            val_idx, train_idx = stratified_split(train.labels, self.val_size, self.split_seed)
+            if self.multi_label:  # no single class to stratify by
+                g = torch.Generator().manual_seed(self.split_seed)
+                order = torch.randperm(len(train), generator=g)
+                val_idx = order[:self.val_size].sort().values
+                train_idx = order[self.val_size:].sort().values
+            else:
+                val_idx, train_idx = stratified_split(train.labels, self.val_size,
+                                                      self.split_seed)
             self.val_index, self.train_index = val_idx, train_idx
-            self.val = ImageDataset(train.images[val_idx], train.labels[val_idx], train.classes)
+            val_images = train.images[val_idx]
+            if self.info.crop:
+                val_images = center_crop(val_images, self.info.crop).contiguous()
+            self.val = ImageDataset(val_images, train.labels[val_idx], train.classes)
             train = ImageDataset(train.images[train_idx], train.labels[train_idx], train.classes)
         if self.train_size:
             train = ImageDataset(train.images[:self.train_size], train.labels[:self.train_size],
@@ -87,14 +81,22 @@ class ImageDataModule(L.LightningDataModule):
                                 test.classes)
         self.train, self.test = train, test
 
+    def _shard(self) -> dict:
+        """This process's place among the data-parallel processes (none outside a Trainer)."""
+        t = getattr(self, "trainer", None)
+        if t is None or t.world_size == 1:
+            return {}
+        return {"rank": t.global_rank, "world": t.world_size, "seed": self.seed}
+
     def train_dataloader(self) -> DataLoader:
-        return batch_loader(self.train.images, self.train.labels, self.batch_size, True)
+        return batch_loader(self.train.images, self.train.labels, self.batch_size, True,
+                            **self._shard())
 
     def eval_splits(self) -> dict[str, ImageDataset]:
         """The splits evaluated after every epoch, in order: ``val`` (if any), then ``test``."""
         return {**({"val": self.val} if self.val is not None else {}), "test": self.test}
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [batch_loader(s.images, s.labels, self.eval_batch_size, False)
+        return [batch_loader(s.images, s.labels, self.eval_batch_size, False, **self._shard())
                 for s in self.eval_splits().values()]
 

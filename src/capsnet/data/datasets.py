@@ -1,27 +1,24 @@
-"""Fashion-MNIST and MNIST from their original IDX files: find, download, parse, validate.
+"""In-memory splits (:class:`ImageDataset`), shared helpers, and the IDX format of
+Fashion-MNIST and MNIST.
+
+The dataset registry, the search for files and :func:`load_dataset` live in
+:mod:`capsnet.data.registry`; the names ``DATASETS``, ``DatasetSpec``, ``dataset_info``,
+``load_dataset``, ``cache_dir``, ``candidate_dirs``, ``describe_datasets`` and
+``cmd_datasets`` are importable from here too (re-exported on first use).
 
 The IDX format: a big-endian header ``0x00 0x00 <type> <ndims>`` followed by ``ndims``
 big-endian uint32 sizes, then the data. Type 0x08 is unsigned byte; images have 3 dims
-(magic 0x00000803), labels 1 dim (magic 0x00000801).
-
-Where the files are looked for, in order (the first folder holding all four wins):
-``--data-dir`` (when given, the ONLY place, and the download target), ``$CAPSNET_DATA``
-(the folder itself or its ``<dataset>/`` sub-folder), the Debian package's folder
-``/usr/share/datasets/<dataset>/`` and the per-user cache ``~/.cache/capsnet/<dataset>/``
-(``$XDG_CACHE_HOME`` respected), where downloads go.
+(magic 0x00000803), labels 1 dim (magic 0x00000801). Files may be gzipped (``.gz``).
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
-import os
-import shutil
 import struct
-import tempfile
-import urllib.request
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -35,59 +32,84 @@ FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 
+_REEXPORTED = ("DATASETS", "DatasetSpec", "dataset_info", "load_dataset", "cache_dir",
+               "candidate_dirs", "describe_datasets", "cmd_datasets", "locate_folder")
 
-@dataclass(frozen=True)
-class DatasetInfo:
-    name: str
+
+def __getattr__(name: str):
+    """``DATASETS``, ``dataset_info``, ``load_dataset``, ... from :mod:`.registry` (imported
+    lazily: the registry imports this module)."""
+    if name in _REEXPORTED:
+        from . import registry
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# --------------------------------------------------------------------------- splits in memory
+
+@dataclass
+class ImageDataset:
+    """A whole split in memory.
+
+    ``images`` ``[N, C, H, W]`` uint8; ``labels`` ``[N]`` int64 (single-label) or ``[N, K]``
+    uint8 k-hot (multi-label, ``K = len(classes)``); ``classes`` the class names.
+    """
+
+    images: Tensor
+    labels: Tensor
     classes: tuple[str, ...]
-    mirrors: tuple[str, ...]
-    md5: dict  # file name (.gz) -> md5 of the official download
-    debian_dir: str
-    debian_package: str | None
-    hflip_ok: bool  # horizontal flips keep the class (clothing: yes, digits: no)
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image."""
+        return tuple(self.images.shape[1:])
+
+    @property
+    def multi_label(self) -> bool:
+        """True when ``labels`` is ``[N, K]`` k-hot."""
+        return self.labels.dim() == 2
 
 
-DATASETS = {
-    "fashion-mnist": DatasetInfo(
-        name="fashion-mnist",
-        classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                 "Sneaker", "Bag", "Ankle boot"),
-        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-                 "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"),
-        md5={"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-             "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-             "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-             "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"},
-        debian_dir="/usr/share/datasets/fashion-mnist",
-        debian_package="dataset-fashion-mnist",
-        hflip_ok=True,
-    ),
-    "mnist": DatasetInfo(
-        name="mnist",
-        classes=tuple(str(d) for d in range(10)),
-        mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/",
-                 "https://storage.googleapis.com/cvdf-datasets/mnist/"),
-        md5={"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-             "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-             "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-             "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"},
-        debian_dir="/usr/share/datasets/mnist",
-        debian_package=None,
-        hflip_ok=False,
-    ),
-}
+def center_crop(images: Tensor, size: int) -> Tensor:
+    """The central ``size x size`` patch: ``[..., H, W]`` -> ``[..., size, size]`` (a view).
+
+    When ``H - size`` is odd the extra row (column) is left at the bottom (right).
+    """
+    h, w = images.shape[-2:]
+    if size > h or size > w:
+        raise CapsnetError(f"cannot centre-crop {h}x{w} images to {size}x{size}")
+    top, left = (h - size) // 2, (w - size) // 2
+    return images[..., top:top + size, left:left + size]
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise CapsnetError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}") from None
+def stratified_split(labels: Tensor, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``n`` indices drawn per class in proportion to its share (seeded), and the rest.
+
+    Shapes: ``labels`` ``[N]`` -> ``(held [n], rest [N - n])``, both sorted ascending. Each
+    class gets ``floor(n * share)`` items and the remainder goes one by one to the classes
+    with the largest fractional parts, so the held-out split has the class mix of the whole.
+    """
+    g = torch.Generator().manual_seed(seed)
+    classes, counts = labels.unique(return_counts=True)
+    want = counts.double() * n / labels.numel()
+    take = want.floor().long()
+    extra = n - int(take.sum())
+    take[(want - take).argsort(descending=True)[:extra]] += 1
+    held = [torch.zeros(0, dtype=torch.long)]
+    for c, k in zip(classes.tolist(), take.tolist()):
+        idx = (labels == c).nonzero().flatten()
+        held.append(idx[torch.randperm(idx.numel(), generator=g)[:k]])
+    held = torch.cat(held).sort().values
+    mask = torch.ones(labels.numel(), dtype=torch.bool)
+    mask[held] = False
+    return held, mask.nonzero().flatten()
 
 
-# --------------------------------------------------------------------------- IDX parsing
-
-def _read_bytes(path: Path) -> bytes:
+def read_bytes(path: Path) -> bytes:
+    """A file's bytes, gunzipped when its name ends in ``.gz``; one-line error otherwise."""
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rb") as f:
@@ -97,6 +119,23 @@ def _read_bytes(path: Path) -> bytes:
         raise CapsnetError(f"{path}: cannot read ({e})") from None
 
 
+def find_file(folder: Path, stem: str) -> Path | None:
+    """``folder/stem.gz`` or ``folder/stem``, whichever exists (``.gz`` preferred)."""
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def check_labels(labels: Tensor, num_classes: int, path: Path, low: int = 0) -> None:
+    """One-line error naming ``path`` if a label is outside ``low .. low + num_classes - 1``."""
+    if labels.numel() and (int(labels.min()) < low or int(labels.max()) >= low + num_classes):
+        bad = int(labels.max()) if int(labels.max()) >= low + num_classes else int(labels.min())
+        raise CapsnetError(f"{path}: label {bad} out of range {low}..{low + num_classes - 1}")
+
+
+# --------------------------------------------------------------------------- IDX parsing
+
 def read_idx(path: str | Path, ndim: int) -> Tensor:
     """Parse an unsigned-byte IDX file (gzipped or raw) with ``ndim`` dimensions.
 
@@ -104,7 +143,7 @@ def read_idx(path: str | Path, ndim: int) -> Tensor:
     on a wrong magic number, wrong number of dimensions, or a size that does not match.
     """
     path = Path(path)
-    data = _read_bytes(path)
+    data = read_bytes(path)
     if len(data) < 4:
         raise CapsnetError(f"{path}: not an IDX file (only {len(data)} bytes)")
     zero, dtype, nd = struct.unpack(">HBB", data[:4])
@@ -134,148 +173,60 @@ def load_split(images_path: Path, labels_path: Path, num_classes: int) -> tuple[
     if images.shape[0] != labels.shape[0]:
         raise CapsnetError(f"{images_path} holds {images.shape[0]} images but {labels_path} "
                            f"holds {labels.shape[0]} labels")
-    if labels.numel() and int(labels.max()) >= num_classes:
-        raise CapsnetError(f"{labels_path}: label {int(labels.max())} out of range "
-                           f"0..{num_classes - 1}")
+    check_labels(labels, num_classes, labels_path)
     return images.unsqueeze(1), labels.long()
-
-
-# --------------------------------------------------------------------------- finding files
-
-def _find_file(folder: Path, stem: str) -> Path | None:
-    for name in (stem + ".gz", stem):
-        if (folder / name).is_file():
-            return folder / name
-    return None
 
 
 def files_in(folder: Path) -> dict[str, Path] | None:
     """The four IDX files in ``folder`` (``.gz`` preferred), or None if any is missing."""
-    found = {key: _find_file(folder, stem) for key, stem in FILES.items()}
+    found = {key: find_file(Path(folder), stem) for key, stem in FILES.items()}
     return None if None in found.values() else found
 
 
-def cache_dir(name: str) -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "capsnet" / name
+def find_idx(folder: Path) -> Path | None:
+    """``folder`` if it holds the four IDX files, else None (a partial set is completed by
+    the download)."""
+    return Path(folder) if files_in(folder) else None
 
 
-def candidate_dirs(info: DatasetInfo, data_dir: str | Path | None) -> list[Path]:
-    if data_dir is not None:
-        return [Path(data_dir)]
-    dirs = []
-    env = os.environ.get("CAPSNET_DATA")
-    if env:
-        dirs += [Path(env), Path(env) / info.name]
-    return dirs + [Path(info.debian_dir), cache_dir(info.name)]
+def read_idx_dataset(folder: Path, classes: Sequence[str]) -> tuple[ImageDataset, ImageDataset]:
+    """``(train, test)`` from the four IDX files in ``folder``: images ``[N, 1, H, W]`` uint8,
+    labels ``[N]`` int64 in ``0 .. len(classes) - 1``."""
+    files = files_in(folder)
+    if files is None:
+        raise CapsnetError(f"{folder}: the four IDX files ({', '.join(FILES.values())}) "
+                           "are not all there")
+    classes = tuple(classes)
+    train = load_split(files["train_images"], files["train_labels"], len(classes))
+    test = load_split(files["test_images"], files["test_labels"], len(classes))
+    if train[0].shape[1:] != test[0].shape[1:]:
+        raise CapsnetError(f"{files['test_images']}: image size {tuple(test[0].shape[2:])} "
+                           f"differs from the training images' {tuple(train[0].shape[2:])}")
+    return ImageDataset(*train, classes), ImageDataset(*test, classes)
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def download(info: DatasetInfo, target: Path, timeout: float = 30.0) -> dict[str, Path]:
-    """Fetch the four ``.gz`` files from the official mirrors into ``target``, md5-checked.
-
-    Each file is written to a temporary name and renamed only once its checksum matches.
-    Raises :class:`CapsnetError` if no mirror delivers a file; a folder this call created is
-    removed again then, so a mistyped ``--data-dir`` leaves nothing behind.
-    """
-    created = not target.exists()
-    target.mkdir(parents=True, exist_ok=True)
-    try:
-        _fetch_all(info, target, timeout)
-    except BaseException:
-        if created:
-            shutil.rmtree(target, ignore_errors=True)
-        raise
-    found = files_in(target)
-    assert found is not None
-    return found
-
-
-def _fetch_all(info: DatasetInfo, target: Path, timeout: float) -> None:
+def download_idx(target: Path, timeout: float, *, mirrors: Sequence[str],
+                 md5: dict[str, str]) -> None:
+    """Fetch the four ``.gz`` IDX files into ``target`` from the first mirror delivering each
+    (md5-checked, atomic; see :func:`capsnet.data.download.fetch`)."""
+    from .download import fetch
     for stem in FILES.values():
         name = stem + ".gz"
-        dest = target / name
-        if dest.is_file() and _md5(dest) == info.md5[name]:
-            continue
-        errors = []
-        for mirror in info.mirrors:
-            fd, tmp = tempfile.mkstemp(dir=target, prefix=name + ".", suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as out, urllib.request.urlopen(mirror + name,
-                                                                        timeout=timeout) as r:
-                    shutil.copyfileobj(r, out)
-                if _md5(Path(tmp)) != info.md5[name]:
-                    errors.append(f"{mirror}: checksum mismatch")
-                    continue
-                os.replace(tmp, dest)
-                break
-            except OSError as e:
-                errors.append(f"{mirror}: {getattr(e, 'reason', e)}")
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        else:
-            raise CapsnetError(f"could not download {name}: " + "; ".join(errors))
+        fetch([m + name for m in mirrors], Path(target) / name, md5[name], timeout)
+
+
+def idx_reader(classes: Sequence[str]):
+    """``read(folder, **options)`` for an IDX dataset with these classes."""
+    return partial(read_idx_dataset, classes=tuple(classes))
 
 
 def locate(name: str = "fashion-mnist", data_dir: str | Path | None = None,
            allow_download: bool = True) -> dict[str, Path]:
-    """Find the dataset's four files (see the module docstring), downloading them if needed."""
-    info = dataset_info(name)
-    dirs = candidate_dirs(info, data_dir)
-    for folder in dirs:
-        found = files_in(folder)
-        if found:
-            return found
-    target = dirs[0] if data_dir is not None else cache_dir(info.name)
-    if allow_download:
-        try:
-            return download(info, target)
-        except CapsnetError as e:
-            reason = str(e)
-    else:
-        reason = "download disabled"
-    apt = (f"`apt-get install {info.debian_package}` (Debian) or "
-           if info.debian_package else "")
-    raise CapsnetError(
-        f"{info.name} not found in {', '.join(map(str, dirs))} and the download failed "
-        f"({reason}); get it with {apt}by placing the four IDX files "
-        f"({', '.join(s + '.gz' for s in FILES.values())}) in --data-dir or $CAPSNET_DATA")
-
-
-@dataclass
-class ImageDataset:
-    """A whole split in memory: ``images`` ``[N, C, H, W]`` uint8, ``labels`` ``[N]`` int64."""
-
-    images: Tensor
-    labels: Tensor
-    classes: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of one image."""
-        return tuple(self.images.shape[1:])
-
-
-def load_dataset(name: str = "fashion-mnist", data_dir: str | Path | None = None,
-                 allow_download: bool = True) -> tuple[ImageDataset, ImageDataset]:
-    """``(train, test)`` of a dataset, found, validated and held in memory as uint8."""
-    info = dataset_info(name)
-    files = locate(name, data_dir, allow_download)
-    n = len(info.classes)
-    train = load_split(files["train_images"], files["train_labels"], n)
-    test = load_split(files["test_images"], files["test_labels"], n)
-    if train[0].shape[1:] != test[0].shape[1:]:
-        raise CapsnetError(f"{files['test_images']}: image size {tuple(test[0].shape[2:])} "
-                           f"differs from the training images' {tuple(train[0].shape[2:])}")
-    return ImageDataset(*train, info.classes), ImageDataset(*test, info.classes)
+    """The four IDX files of ``fashion-mnist`` or ``mnist`` (searched, downloaded if needed:
+    :func:`capsnet.data.registry.locate_folder`), keyed as :data:`FILES`."""
+    from .registry import dataset_info, locate_folder
+    folder = locate_folder(dataset_info(name), data_dir, allow_download)
+    found = files_in(folder)
+    if found is None:
+        raise CapsnetError(f"{name} is not an IDX dataset")
+    return found

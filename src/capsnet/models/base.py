@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, fields
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 
@@ -27,7 +28,8 @@ class CapsuleOutput(NamedTuple):
     """What every model's ``forward(x, target=None)`` returns.
 
     ``lengths`` ``[B, O]`` (class scores |v_j|), ``poses`` ``[B, O, D]`` (the output capsules
-    v_j), ``reconstructions`` ``[B, C, H, W]``, ``selected`` ``[B]`` (the class fed to the decoder).
+    v_j), ``reconstructions`` ``[B, C, H, W]``, ``selected`` ``[B]`` (the class fed to the
+    decoder; multi-label: ``[B, O]``, 1 for each capsule fed to it).
     """
 
     lengths: Tensor
@@ -36,19 +38,37 @@ class CapsuleOutput(NamedTuple):
     selected: Tensor
 
 
+PRESENT = 0.5  # a class is present when its capsule is longer than this (multi-label)
+
+
+def present(lengths: Tensor) -> Tensor:
+    """Classes taken as present: ``[B, O]`` lengths -> ``[B, O]`` 0/1, the longest always 1."""
+    keep = lengths > PRESENT
+    keep[torch.arange(lengths.shape[0], device=lengths.device), lengths.argmax(dim=1)] = True
+    return keep.to(torch.uint8)
+
+
 class CapsuleModel(nn.Module):
     """What every architecture shares after its own ``capsules(x)``: class scores are the
     capsule lengths, and the decoder redraws the image from one capsule.
 
     ``forward(x, target=None)``: ``x`` ``[B, C, H, W]`` in [0, 1]; ``target`` ``[B]`` picks the
     capsule fed to the decoder (the true class during training); without it the longest.
+    Multi-label models (``config.multi_label``) take k-hot targets ``[B, O]`` and feed the
+    decoder every present class; without a target, every capsule longer than
+    :data:`PRESENT` (and always the longest one, so the decoder never sees nothing).
     Subclasses define ``capsules(x)`` -> ``v`` ``[B, O, D]`` and ``decoder``.
     """
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> CapsuleOutput:
         v = self.capsules(x)
         lengths = v.norm(dim=-1)
-        selected = lengths.argmax(dim=1) if target is None else target
+        if target is not None:
+            selected = target
+        elif getattr(self.config, "multi_label", False):
+            selected = present(lengths)
+        else:
+            selected = lengths.argmax(dim=1)
         return CapsuleOutput(lengths, v, self.decoder(v, selected), selected)
 
     def num_parameters(self, decoder: bool = True) -> int:

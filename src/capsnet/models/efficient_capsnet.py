@@ -65,6 +65,7 @@ class EfficientCapsNetConfig(ConfigBase):
     primary_kernel: int | None = None
     class_dim: int = 16
     decoder_hidden: tuple[int, int] = (512, 1024)
+    multi_label: bool = False  # k-hot targets; see models.base.CapsuleModel
 
     @property
     def grid(self) -> int:

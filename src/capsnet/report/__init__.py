@@ -260,7 +260,7 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     from .. import __version__, plots
     from ..callbacks import read_metrics
     from ..checkpoints import load_model
-    from ..data.datasets import load_dataset
+    from ..data.registry import load_dataset, recorded_options
     from ..inference import check_fits, infer, summarize
     from ..runtime import torch_device
     from ..settings import load_run_settings, run_data_dir
@@ -284,7 +284,12 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     model, meta = load_model(ckpt, dev)
     c = model.config
     dataset = dataset or settings.get("dataset") or meta["dataset"]
-    _, test = load_dataset(dataset, run_data_dir(data_dir, settings))
+    _, test = load_dataset(dataset, run_data_dir(data_dir, settings),
+                           **recorded_options(dataset, meta.get("data_options"), settings,
+                                              image_size=c.image_size))
+    if test.labels.dim() == 2:
+        raise CapsnetError(f"{dataset}: the report covers single-label data; for multi-label "
+                           "data use `capsnet evaluate` (per-label precision, recall, F2, mAP)")
     check_fits(model, test.shape, len(test.classes), dataset)
     recon_weight = meta.get("recon_weight") or RECON_WEIGHT  # the run's own, as in evaluate
     images, labels = test.images, test.labels
