@@ -752,3 +752,38 @@ def test_describe_and_cmd_datasets(tmp_path, monkeypatch, capsys):
     assert out.count(str(env / "svhn")) == 1 and "svhn-extra" in out
     rows = {r["name"]: r for r in describe_datasets(env / "svhn")}
     assert rows["cifar10"]["found"] is None and rows["svhn-extra"]["found"] is None
+
+
+# --------------------------------------------------------------------------- training on them
+
+def test_training_on_smallnorb_takes_random_crops_and_evaluates_centre_crops(tmp_path):
+    """A real (tiny) run end to end on files in smallNORB's published format: the model sees
+    32x32 stereo pairs (2 channels): random crops of the 48x48 training images, centre crops
+    for validation and test; `capsnet evaluate` reads the same test split."""
+    from capsnet.checkpoints import load_model
+    from capsnet.cli import main
+    folder, _ = write_norb(tmp_path / "norb", n=40)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "smallnorb", "--data-dir", str(folder),
+                 "--val-size", "10", "--epochs", "1", "--batch-size", "10",
+                 "--no-progress", "--no-tensorboard", "--out", str(out)]) == 0
+    model, meta = load_model(out / "last.ckpt")
+    c = model.config
+    assert (c.in_channels, c.image_size, c.num_classes) == (2, 32, 5)
+    assert meta["dataset"] == "smallnorb"
+    assert main(["evaluate", str(out / "last.ckpt"), "--data-dir", str(folder)]) == 0
+    # flips are refused: a mirrored stereo pair is not the same view
+    assert main(["train", "--dataset", "smallnorb", "--data-dir", str(folder), "--hflip",
+                 "--out", str(tmp_path / "flip")]) == 2
+
+
+def test_training_on_cifar10_binary_files(tmp_path):
+    from capsnet.checkpoints import load_model
+    from capsnet.cli import main
+    root = write_cifar10(tmp_path / "c10", n=8)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "cifar10", "--data-dir", str(root), "--val-size", "0",
+                 "--epochs", "1", "--batch-size", "16", "--hflip", "--no-progress",
+                 "--no-tensorboard", "--out", str(out)]) == 0
+    model, _ = load_model(out / "last.ckpt")
+    assert (model.config.in_channels, model.config.image_size) == (3, 32)

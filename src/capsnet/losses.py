@@ -56,3 +56,36 @@ def capsule_loss(lengths: Tensor, target: Tensor, recon: Tensor, images: Tensor,
     margin = margin_loss(lengths, target).mean()
     recon_sse = reconstruction_loss(recon, images).mean()
     return CapsuleLoss(margin + recon_weight * recon_sse, margin, recon_sse)
+
+
+def classification_loss(logits: Tensor, target: Tensor, objective: str) -> Tensor:
+    """The CNN baselines' loss, averaged over the batch (a scalar).
+
+    ``"cross_entropy"``: softmax cross-entropy, ``target`` ``[B]`` class indices.
+    ``"sigmoid"``: binary cross-entropy of one sigmoid per class, summed over the classes
+    (as the margin loss is), ``target`` ``[B]`` indices or ``[B, O]`` k-hot.
+    Shapes: ``logits`` ``[B, O]``.
+    """
+    if objective == "cross_entropy":
+        if target.dim() != 1:
+            raise ValueError("a softmax baseline takes one class per image")
+        return F.cross_entropy(logits, target)
+    if objective == "sigmoid":
+        t = as_k_hot(target, logits.shape[1]).to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, t, reduction="none").sum(1).mean()
+    raise ValueError(f"unknown objective {objective!r}")
+
+
+def model_loss(objective: str, out, target: Tensor, images: Tensor,
+               recon_weight: float = RECON_WEIGHT) -> CapsuleLoss:
+    """The training loss of any registered model, from its ``forward`` output ``out``
+    (:class:`~capsnet.models.base.CapsuleOutput`).
+
+    ``"margin"`` (capsule models): exactly :func:`capsule_loss`. The CNN baselines
+    (``"cross_entropy"``, ``"sigmoid"``): :func:`classification_loss` on ``out.logits`` as both
+    ``total`` and ``margin`` (the classification term), ``reconstruction`` 0 (no decoder).
+    """
+    if objective == "margin":
+        return capsule_loss(out.lengths, target, out.reconstructions, images, recon_weight)
+    cls = classification_loss(out.logits, target, objective)
+    return CapsuleLoss(cls, cls, cls.new_zeros(()))

@@ -63,10 +63,13 @@ class ShardedBatches:
 
 
 def batch_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 shuffle: bool, rank: int = 0, world: int = 1, seed: int = 0) -> DataLoader:
+                 shuffle: bool, rank: int = 0, world: int = 1, seed: int = 0,
+                 pin_memory: bool = False) -> DataLoader:
     """A DataLoader that yields whole batches by tensor indexing (no per-image collation).
 
     With ``world > 1`` the batches are process ``rank``'s share (:class:`ShardedBatches`).
+    ``pin_memory`` (for a GPU) puts each batch in page-locked memory, so that its copy to
+    the GPU can run asynchronously (Lightning then transfers it with ``non_blocking``).
     """
     ds = _Batches(images, labels)
     if world > 1:
@@ -74,4 +77,4 @@ def batch_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
     else:
         order = RandomSampler(ds) if shuffle else SequentialSampler(ds)
         batches = BatchSampler(order, batch_size, drop_last=False)
-    return DataLoader(ds, sampler=batches, batch_size=None)
+    return DataLoader(ds, sampler=batches, batch_size=None, pin_memory=pin_memory)

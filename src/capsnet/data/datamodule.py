@@ -82,11 +82,15 @@ class ImageDataModule(L.LightningDataModule):
         self.train, self.test = train, test
 
     def _shard(self) -> dict:
-        """This process's place among the data-parallel processes (none outside a Trainer)."""
+        """This process's place among the data-parallel processes, and whether batches go to
+        a GPU (nothing outside a Trainer)."""
         t = getattr(self, "trainer", None)
-        if t is None or t.world_size == 1:
+        if t is None:
             return {}
-        return {"rank": t.global_rank, "world": t.world_size, "seed": self.seed}
+        pin = {"pin_memory": t.strategy.root_device.type == "cuda"}
+        if t.world_size == 1:
+            return pin
+        return {"rank": t.global_rank, "world": t.world_size, "seed": self.seed, **pin}
 
     def train_dataloader(self) -> DataLoader:
         return batch_loader(self.train.images, self.train.labels, self.batch_size, True,

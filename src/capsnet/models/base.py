@@ -30,12 +30,18 @@ class CapsuleOutput(NamedTuple):
     ``lengths`` ``[B, O]`` (class scores |v_j|), ``poses`` ``[B, O, D]`` (the output capsules
     v_j), ``reconstructions`` ``[B, C, H, W]``, ``selected`` ``[B]`` (the class fed to the
     decoder; multi-label: ``[B, O]``, 1 for each capsule fed to it).
+
+    The CNN baselines (:mod:`capsnet.models.baseline_cnn`, ``objective`` other than
+    ``"margin"``) return their class probabilities as ``lengths``, no ``poses`` and no
+    ``reconstructions`` (None), the predicted class as ``selected`` and their ``logits``
+    ``[B, O]`` (None for capsule models), from which their loss is computed.
     """
 
     lengths: Tensor
-    poses: Tensor
-    reconstructions: Tensor
+    poses: Tensor | None
+    reconstructions: Tensor | None
     selected: Tensor
+    logits: Tensor | None = None
 
 
 PRESENT = 0.5  # a class is present when its capsule is longer than this (multi-label)
@@ -58,7 +64,13 @@ class CapsuleModel(nn.Module):
     decoder every present class; without a target, every capsule longer than
     :data:`PRESENT` (and always the longest one, so the decoder never sees nothing).
     Subclasses define ``capsules(x)`` -> ``v`` ``[B, O, D]`` and ``decoder``.
+
+    ``objective`` names the training loss (:func:`capsnet.losses.model_loss`): ``"margin"``
+    (margin loss on the capsule lengths plus the weighted reconstruction error) for every
+    capsule model; the CNN baselines say ``"cross_entropy"`` or ``"sigmoid"``.
     """
+
+    objective = "margin"
 
     def forward(self, x: Tensor, target: Tensor | None = None) -> CapsuleOutput:
         v = self.capsules(x)
