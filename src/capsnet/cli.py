@@ -39,10 +39,12 @@ def _train_parser(sub) -> None:
     bool_ = argparse.BooleanOptionalAction
     flags = [
         ("arch", "a registered architecture (capsnet.models.ARCHITECTURES: capsnet, "
-                 f"efficient-capsnet, ...) (default {D['arch']})", {}),
+                 "efficient-capsnet, and the paper's CNN baselines baseline-cnn and "
+                 f"baseline-cnn-multi) (default {D['arch']})", {}),
         ("dataset", "a registered dataset (`capsnet datasets` lists them: fashion-mnist, "
-                    "mnist, cifar10, cifar100, svhn, smallnorb, folder, multilabel, ...) "
-                    f"(default {D['dataset']})", {}),
+                    "mnist, cifar10, cifar100, svhn, smallnorb, folder, multilabel, "
+                    "multi-fashion-mnist, fashion-mnist-expanded, ...; see "
+                    f"docs/robustness.md) (default {D['dataset']})", {}),
         ("data_dir", "folder holding the dataset's files; the only place looked at and the "
                      "download target when given", {}),
         ("out", f"run directory for checkpoints and logs (default {D['out']})", {}),
@@ -155,6 +157,27 @@ def _print_multilabel(result: dict) -> None:
               f"  {r['ap']:.4f}  {r['support']}")
 
 
+def _loss_terms(result: dict) -> str:
+    """What the loss is made of: margin and reconstruction, or a CNN baseline's own."""
+    kind = result.get("objective", "margin")
+    if kind == "margin":
+        return (f"margin {result['margin_loss']:.4f}, "
+                f"reconstruction SSE {result['reconstruction_sse']:.2f}")
+    return f"{kind.replace('_', '-')}; a CNN baseline, no reconstruction"
+
+
+def _print_pairs(model, result: dict) -> None:
+    both = " of both garments" if result.get("objective", "margin") == "margin" else ""
+    print(f"{model}: pair accuracy {result['accuracy']:.4f} on {result['n']:,} test pairs "
+          f"(both classes are the two highest scores), loss {result['loss']:.4f} "
+          f"({_loss_terms(result)}{both})")
+    width = max(len(c) for c in result["classes"])
+    print("per class: share of the pairs holding it that have it among their two highest "
+          "scores")
+    for name, share in result["per_class"].items():
+        print(f"  {name:<{width}}  {share:.4f}")
+
+
 def _cmd_datasets(a) -> int:
     from .data.registry import cmd_datasets
     return cmd_datasets(a)
@@ -183,9 +206,11 @@ def _cmd_evaluate(a) -> int:
     if a.json:
         print(json.dumps(result))
         return 0
+    if result.get("pairs"):
+        _print_pairs(a.model, result)
+        return 0
     print(f"{a.model}: accuracy {result['accuracy']:.4f} on {result['n']:,} test images, "
-          f"loss {result['loss']:.4f} (margin {result['margin_loss']:.4f}, "
-          f"reconstruction SSE {result['reconstruction_sse']:.2f})")
+          f"loss {result['loss']:.4f} ({_loss_terms(result)})")
     if result.get("multi_label"):
         _print_multilabel(result)
         return 0
@@ -228,8 +253,12 @@ def _cmd_predict(a) -> int:
             print(json.dumps(res))
         else:
             lengths = " ".join(f"{v:.3f}" for v in res["lengths"])
-            print(f"{path}: {res['class']} (|v| = {max(res['lengths']):.3f}); "
-                  f"capsule lengths: {lengths}")
+            if getattr(model, "objective", "margin") == "margin":
+                print(f"{path}: {res['class']} (|v| = {max(res['lengths']):.3f}); "
+                      f"capsule lengths: {lengths}")
+            else:  # a CNN baseline: class probabilities
+                print(f"{path}: {res['class']} (p = {max(res['lengths']):.3f}); "
+                      f"class probabilities: {lengths}")
     return status
 
 

@@ -53,12 +53,16 @@ class EvalSamples(L.Callback):
         if trainer.sanity_checking or pl_module.split_names[dataloader_idx] != "test":
             return
         x, y = batch
+        if outputs is None or y.dim() != 1:  # pairs or multi-label: no single class
+            return
         self.preds.append(outputs.lengths.argmax(dim=1).long().cpu())
         self.targets.append(y.long().cpu())
         if self.images is None:
             k = self.n_images
             self.images = x[:k].detach().float().cpu().contiguous()
-            self.recons = outputs.reconstructions[:k].detach().float().cpu().contiguous()
+            recons = outputs.reconstructions  # None for the CNN baselines
+            self.recons = (None if recons is None else
+                           recons[:k].detach().float().cpu().contiguous())
 
     def confusion(self) -> np.ndarray:
         """Counts ``[true, predicted]`` over the last test pass."""
@@ -68,7 +72,9 @@ class EvalSamples(L.Callback):
                                 self.num_classes).numpy()
 
     def grid(self) -> torch.Tensor | None:
-        return None if self.images is None else recon_grid(self.images, self.recons)
+        if self.images is None or self.recons is None:
+            return None
+        return recon_grid(self.images, self.recons)
 
 
 class TensorBoardImages(L.Callback):

@@ -21,15 +21,25 @@ def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 512,
 
     ``confusion[t][p]`` counts images of true class ``t`` predicted as ``p``. Multi-label
     data (k-hot labels ``[N, K]``) get :func:`~capsnet.inference.summarize_multilabel`
-    instead (per-label precision/recall/F1, F2, mAP).
+    instead (per-label precision/recall/F1, F2, mAP); a packed pair set (MultiFashion,
+    labels ``[N, 2]`` int64) :func:`~capsnet.pairs.evaluate_pairs` (the pair accuracy: the
+    two highest scores are the pair's two classes). ``objective`` says how the model was
+    trained (``"margin"`` for capsule models; the CNN baselines' ``margin_loss`` is their
+    classification loss and their ``reconstruction_sse`` 0).
     """
+    from .data.multi import is_pair_set
+    objective = getattr(model, "objective", "margin")
+    if is_pair_set(data):
+        from .pairs import evaluate_pairs
+        return {**evaluate_pairs(model, data, batch_size, device, recon_weight),
+                "objective": objective}
     check_fits(model, data.shape, len(data.classes))
     model = model.to(device)
     run = infer(model, data.images, data.labels, batch_size, recon_weight)
     scores = summarize_multilabel if data.labels.dim() == 2 else summarize
     return {**scores(run.lengths, data.labels, list(data.classes)),
             "loss": run.loss, "margin_loss": run.margin_loss,
-            "reconstruction_sse": run.reconstruction_sse}
+            "reconstruction_sse": run.reconstruction_sse, "objective": objective}
 
 
 def load_image(path: str | Path, channels: int, size: int, invert: str = "auto") -> torch.Tensor:

@@ -41,6 +41,9 @@ def for_export(model: nn.Module) -> nn.Module:
 
 
 def export_onnx(model: nn.Module, out: Path, batch: int = 1) -> Path:
+    if getattr(model, "objective", "margin") != "margin":
+        raise CapsnetError("ONNX export covers capsule models (lengths and poses); a CNN "
+                           "baseline can be written as .safetensors")
     import importlib.util
     if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxscript") is None:
         raise CapsnetError("ONNX export needs the onnx packages: pip install "

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .data.batches import to_unit
 from .errors import CapsnetError
-from .losses import capsule_loss
+from .losses import model_loss
 from .paper import RECON_WEIGHT
 
 
@@ -40,16 +40,20 @@ def infer(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 51
     """Run ``model`` (on its own device) over uint8 ``images`` ``[N, C, H, W]``.
 
     The losses are those of training (:func:`capsnet.losses.capsule_loss`) with the run's
-    ``recon_weight``; the decoder is fed the longest capsule, as at test time.
+    ``recon_weight``; the decoder is fed the longest capsule, as at test time. For the CNN
+    baselines ``lengths`` are their class probabilities and the losses their own
+    (:func:`capsnet.losses.model_loss`: the classification loss as ``margin_loss``, no
+    reconstruction).
     """
     model.eval()
+    objective = getattr(model, "objective", "margin")
     device = next(model.parameters()).device
     lengths, totals = [], torch.zeros(3, dtype=torch.float64)
     for i in range(0, len(labels), batch_size):
         x = to_unit(images[i:i + batch_size].to(device))
         y = labels[i:i + batch_size].to(device)
         out = model(x)
-        loss = capsule_loss(out.lengths, y, out.reconstructions, x, recon_weight)
+        loss = model_loss(objective, out, y, x, recon_weight)
         totals += torch.tensor([loss.total.item(), loss.margin.item(),
                                 loss.reconstruction.item()], dtype=torch.float64) * len(y)
         lengths.append(out.lengths.float().cpu())

@@ -7,12 +7,15 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
+from .data.affine import random_placement
 from .data.augment import AugmentConfig, augment
 from .data.batches import to_unit
+from .data.multi import make_pairs, split_packed
 from .inference import f_beta_per_image
-from .losses import capsule_loss
+from .losses import model_loss
 from .models.base import PRESENT
 from .models import build_model
+from .pairs import mean_pair_loss, pair_losses
 from .paper import RECON_WEIGHT
 from .optim import adam, ema_update, lr_factor
 
@@ -30,6 +33,15 @@ class LitCapsNet(L.LightningModule):
     true one, and ``{split}/f2`` the mean F2 per image (the Planet score). ``data_options``
     (image size and test fraction of a dataset read from the user's own images) is recorded
     for evaluation.
+
+    The CNN baselines (``model.objective`` not ``"margin"``) train on their own loss
+    (:func:`capsnet.losses.model_loss`); their ``margin`` metric is that classification
+    loss and ``recon`` is 0. On the sets generated from Fashion-MNIST (the dataset's
+    ``protocol``, :mod:`capsnet.data.generated`) training batches are 28x28 garments: on
+    ``multi`` they become overlaid pairs (:func:`capsnet.data.multi.make_pairs`; losses and
+    the pair accuracy of :mod:`capsnet.pairs`; evaluation batches are packed fixed pairs),
+    on ``expanded`` they are placed at random on the 40x40 canvas; the augmentation
+    settings do not apply there (``capsnet train`` refuses them).
     """
 
     def __init__(self, model: dict | None = None, augment: dict | None = None,
@@ -53,6 +65,10 @@ class LitCapsNet(L.LightningModule):
         if self.ema is not None:  # updated by averaging, never by gradients (DDP checks)
             self.ema.requires_grad_(False)
         self.split_names: list[str] = ["test"]  # names of the validation dataloaders
+        from .data.registry import DATASETS
+        spec = DATASETS.get(dataset)
+        self.protocol = spec.protocol if spec is not None else None
+        self.objective = getattr(self.model, "objective", "margin")
 
     @property
     def eval_model(self) -> nn.Module:
@@ -81,7 +97,7 @@ class LitCapsNet(L.LightningModule):
         # Training feeds the true class(es) to the decoder; evaluation the longest capsule
         # (multi-label: every capsule taken as present).
         out = model(x, y if train else None)
-        loss = capsule_loss(out.lengths, y, out.reconstructions, x, self.hparams.recon_weight)
+        loss = model_loss(self.objective, out, y, x, self.hparams.recon_weight)
         if self.multi_label:
             pred = out.lengths > PRESENT
             correct = (pred == y.bool()).all(dim=1).float()
@@ -90,12 +106,27 @@ class LitCapsNet(L.LightningModule):
             correct, f2 = (out.lengths.argmax(dim=1) == y).float(), None
         return out, loss, correct, f2
 
+    def _pair_losses(self, model: nn.Module, composite: Tensor, first: Tensor, second: Tensor,
+                     y: Tensor):
+        """:func:`capsnet.pairs.pair_losses` with this run's layout and weight."""
+        return pair_losses(model, self._layout(composite.contiguous()), first, second, y,
+                           self.hparams.recon_weight)
+
     def training_step(self, batch, batch_idx):
         x, y = batch  # only training batches are augmented
-        x = self._layout(augment(x, self.augment_config))
-        _, loss, correct, f2 = self._losses(self.model, x, y, train=True)
+        if self.protocol == "multi":  # garments -> overlaid pairs, made here per batch
+            pairs = make_pairs(x, y)
+            res = self._pair_losses(self.model, pairs.composite, pairs.first, pairs.second,
+                                    pairs.labels)
+            loss, acc = mean_pair_loss(res, pairs.valid)
+            correct, f2, n = acc.view(1), None, int(pairs.valid.sum())
+        else:
+            x = self._layout(random_placement(x) if self.protocol == "expanded"
+                             else augment(x, self.augment_config))
+            _, loss, correct, f2 = self._losses(self.model, x, y, train=True)
+            n = y.shape[0]
         # Averaged over the data-parallel processes (a no-op in one process).
-        kw = dict(on_step=True, on_epoch=True, batch_size=y.shape[0],
+        kw = dict(on_step=True, on_epoch=True, batch_size=max(1, n),
                   sync_dist=self.trainer.world_size > 1)
         self.log("train/loss", loss.total, prog_bar=True, **kw)
         self.log("train/acc", correct.mean(), prog_bar=True, **kw)
@@ -122,7 +153,13 @@ class LitCapsNet(L.LightningModule):
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         x, y = batch
-        out, loss, correct, f2 = self._losses(self.eval_model, x, y, train=False)
+        if self.protocol == "multi":  # packed fixed pairs: composite, first, second
+            res = self._pair_losses(self.eval_model, *split_packed(x), y)
+            out, f2 = None, None
+            loss, _ = mean_pair_loss(res)
+            correct = res.correct.to(res.total.dtype)
+        else:
+            out, loss, correct, f2 = self._losses(self.eval_model, x, y, train=False)
         n = y.shape[0]
         parts = [loss.total * n, loss.margin * n, loss.reconstruction * n, correct.sum()]
         if f2 is not None:

@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from .callbacks import (EpochMetricsCSV, ProgressBar, SafeCheckpointIO, SameWeightsOnAllRanks,
                         StopOnNonFinite, read_metrics)
 from .data.datamodule import ImageDataModule
+from .data.generated import check_training
 from .errors import CapsnetError
 from .lit import LitCapsNet
 from .runtime import retain_freed_memory, trainer_devices
@@ -121,6 +122,7 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
     one writes files and prints.
     """
     s = check_settings({**DEFAULTS, **settings})
+    check_training(s)  # the generated datasets' and the CNN baselines' one-line refusals
     main = is_main_process()
     out = Path(s["out"])
     last = out / "last.ckpt"

@@ -183,6 +183,9 @@ def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | N
     paper = arch == "capsnet"
     try:  # everything checked before any process-wide setting changes
         config_cls, model_cls = architecture(arch)
+        if getattr(model_cls, "objective", "margin") != "margin":
+            raise ValueError(f"{arch} is a CNN baseline; capsnet bench measures capsule "
+                             "models")
         config = dict(in_channels=channels, image_size=image_size)
         if paper:
             config.update(routing_iterations=routing_iterations, detach_routing=detach_routing,

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from ..errors import CapsnetError
 from .batches import batch_loader
 from .datasets import ImageDataset, center_crop, stratified_split
+from .generated import val_split
 from .registry import dataset_info, load_dataset
 
 
@@ -29,7 +30,11 @@ class ImageDataModule(L.LightningDataModule):
     of them). ``options`` (``image_size``, ``test_fraction``) go to
     :func:`~capsnet.data.registry.load_dataset`. ``shape`` is what the model sees: for a
     dataset served larger than that (smallNORB, ``info.crop``), validation and test images
-    are centre crops and training takes random crops (:mod:`capsnet.data.augment`).
+    are centre crops and training takes random crops (:mod:`capsnet.data.augment`). For the
+    sets generated from Fashion-MNIST (``info.protocol``, :mod:`capsnet.data.generated`) the
+    training split is the 28x28 garments (the LightningModule makes pairs or random
+    placements per batch) and the validation split is turned into its fixed pairs or
+    positions (:func:`~capsnet.data.generated.val_split`).
     """
 
     def __init__(self, dataset: str = "fashion-mnist", data_dir: str | Path | None = None,
@@ -52,6 +57,8 @@ class ImageDataModule(L.LightningDataModule):
         train, test = load_dataset(self.dataset, self.data_dir, **self.options)
         self.classes = train.classes
         self.shape = test.shape  # the model's input (test images are centre-cropped)
+        if self.info.protocol:  # generated from Fashion-MNIST: 28x28 garments in training
+            self.shape = self.info.image_shape  # (and packed pairs carry three images)
         self.multi_label = self.info.multi_label
         self.val = None
         self.train_index = self.val_index = None  # into the dataset's training split
@@ -72,6 +79,7 @@ class ImageDataModule(L.LightningDataModule):
             if self.info.crop:
                 val_images = center_crop(val_images, self.info.crop).contiguous()
             self.val = ImageDataset(val_images, train.labels[val_idx], train.classes)
+            self.val = val_split(self.info.protocol, self.val)  # fixed pairs or positions
             train = ImageDataset(train.images[train_idx], train.labels[train_idx], train.classes)
         if self.train_size:
             train = ImageDataset(train.images[:self.train_size], train.labels[:self.train_size],

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
 from ..errors import CapsnetError
-from . import cifar, folder as image_folder, smallnorb, svhn
+from . import cifar, folder as image_folder, generated, smallnorb, svhn
 from .datasets import (FILES, ImageDataset, center_crop, download_idx, find_idx, idx_reader)
 from .download import DEFAULT_TIMEOUT, new_folder
 
@@ -47,6 +47,11 @@ class DatasetSpec:
     :class:`CapsnetError` when the folder holds the dataset in an unusable state.
     ``read(folder, **options)`` returns ``(train, test)``. ``download(target, timeout)``
     puts the files into ``target`` (None: no public URL).
+
+    ``protocol``: for the sets generated from Fashion-MNIST (:mod:`capsnet.data.generated`):
+    ``"multi"`` (MultiFashion pairs), ``"expanded"`` (random positions on 40x40) or
+    ``"affine"`` (evaluation only); their training split is the 28x28 garments, their test
+    split generated, and ``image_shape`` what the model sees. None for every other dataset.
     """
 
     name: str
@@ -62,6 +67,7 @@ class DatasetSpec:
     debian_dir: str | None = None
     debian_package: str | None = None
     folder: str = ""  # sub-folder name under $CAPSNET_DATA and the cache; default: name
+    protocol: str | None = None  # generated from Fashion-MNIST (capsnet.data.generated)
     description: str = field(default="", compare=False)
 
     def __post_init__(self):
@@ -85,7 +91,7 @@ DIGITS = tuple(str(d) for d in range(10))
 
 
 def _spec_list() -> list[DatasetSpec]:
-    return [
+    specs = [
         DatasetSpec(
             name="fashion-mnist", classes=FASHION_CLASSES, image_shape=(1, 28, 28),
             hflip_ok=True, find=find_idx, read=idx_reader(FASHION_CLASSES),
@@ -170,6 +176,29 @@ def _spec_list() -> list[DatasetSpec]:
             how_to_get="a CSV image_name,tags (e.g. Planet's train_v2.csv) and its image "
                        "folder (train-jpg/ or images/) in --data-dir",
             description="your images with space-separated tags (Planet Amazon layout)"),
+    ]
+    return specs[:2] + _generated_specs(specs[0]) + specs[2:]
+
+
+def _generated_specs(fashion: DatasetSpec) -> list[DatasetSpec]:
+    """The sets generated from Fashion-MNIST (:mod:`capsnet.data.generated`): found,
+    downloaded and cached where Fashion-MNIST is (``folder``), their test splits built on
+    first use and cached under their own names."""
+    def derived(name, protocol, shape, description):
+        return replace(fashion, name=name, protocol=protocol, image_shape=shape,
+                       hflip_ok=False, folder=fashion.folder, description=description,
+                       read=partial(generated.read_generated, name=name, protocol=protocol,
+                                    classes=FASHION_CLASSES))
+    return [
+        derived("multi-fashion-mnist", generated.MULTI, (1, 36, 36),
+                "MultiMNIST's protocol on Fashion-MNIST: two garments of different classes "
+                "overlaid on 36x36 (training pairs per batch; 10,000 fixed test pairs)"),
+        derived("fashion-mnist-expanded", generated.EXPANDED, (1, 40, 40),
+                "Fashion-MNIST at random positions on a 40x40 canvas (training: per batch; "
+                "test: fixed)"),
+        derived("fashion-mnist-affine", generated.AFFINE, (1, 40, 40),
+                "evaluation only: the 10,000 test garments under fixed random affine maps in "
+                "affNIST's ranges, 40x40"),
     ]
 
 
@@ -274,10 +303,12 @@ def _check(spec: DatasetSpec, train: ImageDataset, test: ImageDataset, where: Pa
             raise CapsnetError(f"{where}: {split} split has {ds.images.shape[0]} images and "
                                f"{len(ds)} labels")
         want = (torch.uint8, 2) if spec.multi_label else (torch.int64, 1)
+        if spec.protocol == generated.MULTI and split == "test":
+            want = (torch.int64, 2)  # packed pairs: the two classes of each
         if (ds.labels.dtype, ds.labels.dim()) != want:
             raise CapsnetError(f"{where}: {split} labels are {ds.labels.dtype} "
                                f"{list(ds.labels.shape)}")
-    if train.shape != test.shape:
+    if train.shape != test.shape and spec.protocol is None:
         raise CapsnetError(f"{where}: test images are {'x'.join(map(str, test.shape))}, "
                            f"training images {'x'.join(map(str, train.shape))}")
     if train.classes != test.classes:
@@ -344,7 +375,8 @@ def recorded_options(name: str, *records: dict | None, image_size: int | None = 
 def describe_datasets(data_dir: str | Path | None = None) -> list[dict]:
     """One dict per registered dataset, without downloading: ``name``, ``classes`` (count,
     or None: from the files), ``image_shape`` (``(C, H, W)`` or None: ``image_size``),
-    ``hflip_ok``, ``multi_label``, ``found`` (the folder, or None), ``problem`` (why a
+    ``hflip_ok``, ``multi_label``, ``protocol`` (generated from Fashion-MNIST, or None),
+    ``found`` (the folder, or None), ``problem`` (why a
     folder that looks like it is unusable, or None), ``how_to_get``, ``description``."""
     rows = []
     for spec in DATASETS.values():
@@ -355,6 +387,7 @@ def describe_datasets(data_dir: str | Path | None = None) -> list[dict]:
         rows.append({"name": spec.name, "classes": spec.num_classes,
                      "image_shape": spec.image_shape, "hflip_ok": spec.hflip_ok,
                      "multi_label": spec.multi_label, "crop": spec.crop,
+                     "protocol": spec.protocol,
                      "found": None if found is None else str(found), "problem": problem,
                      "downloadable": spec.download is not None,
                      "how_to_get": spec.how_to_get, "description": spec.description})
@@ -369,6 +402,7 @@ def format_datasets(rows: list[dict]) -> str:
                                                                           r["image_shape"]))
         if r["crop"]:
             shape += " (crop)"
+        shape += {"multi": " (pairs)", "affine": " (test)"}.get(r.get("protocol"), "")
         if r["found"]:
             where = r["found"]
         elif r["problem"]:

@@ -282,11 +282,19 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     ckpt = _resolve_checkpoint(run_dir, checkpoint)
     dev = torch_device(device)
     model, meta = load_model(ckpt, dev)
+    if getattr(model, "objective", "margin") != "margin":
+        raise CapsnetError(f"{meta['arch']} is a CNN baseline: the report shows capsules "
+                           "(reconstructions, perturbations) and it has none; use "
+                           "`capsnet evaluate`")
     c = model.config
     dataset = dataset or settings.get("dataset") or meta["dataset"]
     _, test = load_dataset(dataset, run_data_dir(data_dir, settings),
                            **recorded_options(dataset, meta.get("data_options"), settings,
                                               image_size=c.image_size))
+    from ..data.multi import is_pair_set
+    if is_pair_set(test):
+        raise CapsnetError(f"{dataset}: the report covers one object per image; for pairs "
+                           "use `capsnet evaluate` (the pair accuracy)")
     if test.labels.dim() == 2:
         raise CapsnetError(f"{dataset}: the report covers single-label data; for multi-label "
                            "data use `capsnet evaluate` (per-label precision, recall, F2, mAP)")
