@@ -173,11 +173,17 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
     # a validation split there is only last.ckpt.
     has_val = dm.val is not None
     score = "val/f2" if dm.multi_label else "val/acc"
-    checkpoint = ModelCheckpoint(dirpath=out, filename="best", monitor=score if has_val
-                                 else None, mode="max", save_last=True,
-                                 save_top_k=1 if has_val else 0, enable_version_counter=False,
-                                 auto_insert_metric_name=False)
-    callbacks = [StopOnNonFinite(), checkpoint, EpochMetricsCSV(out / "metrics.csv"),
+    # last.ckpt has its own callback, saved after every epoch: Lightning's `save_last=True`
+    # refreshes it only in epochs that also saved best.ckpt, so it would fall behind (and a
+    # resume repeat epochs) whenever the validation accuracy did not improve.
+    checkpoints = [ModelCheckpoint(dirpath=out, filename="last", monitor=None, save_top_k=1,
+                                   enable_version_counter=False)]
+    if has_val:
+        checkpoints.append(ModelCheckpoint(dirpath=out, filename="best", monitor=score,
+                                           mode="max", save_top_k=1,
+                                           enable_version_counter=False,
+                                           auto_insert_metric_name=False))
+    callbacks = [StopOnNonFinite(), *checkpoints, EpochMetricsCSV(out / "metrics.csv"),
                  SameWeightsOnAllRanks()]
     if s["progress"]:
         callbacks.append(ProgressBar(refresh_rate=max(1, s["log_every"] // 4)))
