@@ -268,9 +268,9 @@ def stem_plot(rows: list[dict], budget_mb: float, path: Path) -> None:
         pick = [max((r for r in rows if r["image_size"] == s),
                     key=lambda r: r["stem"] if with_stem else -r["stem"]) for s in sizes]
         sub = [r for r in pick if r["status"] == "ok"]
-        sizes = [r["image_size"] for r in sub]
-        axes[0].plot(sizes, [r["train_img_s"] for r in sub], marker, label=label)
-        axes[1].plot(sizes, [r["train_peak_total_mb"] for r in sub], marker, label=label)
+        xs = [r["image_size"] for r in sub]
+        axes[0].plot(xs, [r["train_img_s"] for r in sub], marker, label=label)
+        axes[1].plot(xs, [r["train_peak_total_mb"] for r in sub], marker, label=label)
     axes[1].axhline(budget_mb, ls=":", c="k", label=f"{budget_mb / 1024:g} GB budget")
     batch = rows[0]["batch_size"] if rows else "?"
     axes[0].set(yscale="log", xlabel="image side (px)", ylabel="training images/s",
