@@ -253,7 +253,8 @@ def _cmd_predict(a) -> int:
             print(json.dumps(res))
         else:
             lengths = " ".join(f"{v:.3f}" for v in res["lengths"])
-            if getattr(model, "objective", "margin") == "margin":
+            from .models import is_capsule_model
+            if is_capsule_model(model):
                 print(f"{path}: {res['class']} (|v| = {max(res['lengths']):.3f}); "
                       f"capsule lengths: {lengths}")
             else:  # a CNN baseline: class probabilities

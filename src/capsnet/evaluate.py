@@ -28,7 +28,8 @@ def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 512,
     classification loss and their ``reconstruction_sse`` 0).
     """
     from .data.multi import is_pair_set
-    objective = getattr(model, "objective", "margin")
+    from .models import objective as objective_of
+    objective = objective_of(model)
     if is_pair_set(data):
         from .pairs import evaluate_pairs
         return {**evaluate_pairs(model, data, batch_size, device, recon_weight),

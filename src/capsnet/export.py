@@ -41,7 +41,8 @@ def for_export(model: nn.Module) -> nn.Module:
 
 
 def export_onnx(model: nn.Module, out: Path, batch: int = 1) -> Path:
-    if getattr(model, "objective", "margin") != "margin":
+    from .models import is_capsule_model
+    if not is_capsule_model(model):
         raise CapsnetError("ONNX export covers capsule models (lengths and poses); a CNN "
                            "baseline can be written as .safetensors")
     import importlib.util

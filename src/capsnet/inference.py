@@ -46,7 +46,8 @@ def infer(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 51
     reconstruction).
     """
     model.eval()
-    objective = getattr(model, "objective", "margin")
+    from .models import objective as objective_of
+    objective = objective_of(model)
     device = next(model.parameters()).device
     lengths, totals = [], torch.zeros(3, dtype=torch.float64)
     for i in range(0, len(labels), batch_size):

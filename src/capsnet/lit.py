@@ -14,7 +14,7 @@ from .data.multi import make_pairs, split_packed
 from .inference import f_beta_per_image
 from .losses import model_loss
 from .models.base import PRESENT
-from .models import build_model
+from .models import build_model, objective
 from .pairs import mean_pair_loss, pair_losses
 from .paper import RECON_WEIGHT
 from .optim import adam, ema_update, lr_factor
@@ -68,7 +68,7 @@ class LitCapsNet(L.LightningModule):
         from .data.registry import DATASETS
         spec = DATASETS.get(dataset)
         self.protocol = spec.protocol if spec is not None else None
-        self.objective = getattr(self.model, "objective", "margin")
+        self.objective = objective(self.model)
 
     @property
     def eval_model(self) -> nn.Module:

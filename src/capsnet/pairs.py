@@ -51,7 +51,8 @@ def pair_losses(model: nn.Module, composite: Tensor, first: Tensor, second: Tens
     Shapes: ``composite``, ``first``, ``second`` ``[B, C, H, W]`` in [0, 1], ``labels``
     ``[B, 2]`` (the classes of ``first`` and ``second``) -> :class:`PairLoss`.
     """
-    kind = getattr(model, "objective", "margin")
+    from .models import objective
+    kind = objective(model)
     if kind == "margin":
         v = model.capsules(composite)  # [B, O, D]
         lengths = v.norm(dim=-1)

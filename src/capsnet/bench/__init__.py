@@ -44,7 +44,7 @@ import torch
 
 from ..errors import CapsnetError
 from ..losses import capsule_loss
-from ..models import architecture
+from ..models import architecture, is_capsule_model
 from ..optim import adam
 from ..runtime import retain_freed_memory, torch_device
 from .flops import (GEMM_SIZE, count_gflop_per_img, cpu_name, cpu_peak_bytes, gemm_rate,
@@ -183,7 +183,7 @@ def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | N
     paper = arch == "capsnet"
     try:  # everything checked before any process-wide setting changes
         config_cls, model_cls = architecture(arch)
-        if getattr(model_cls, "objective", "margin") != "margin":
+        if not is_capsule_model(arch):
             raise ValueError(f"{arch} is a CNN baseline; capsnet bench measures capsule "
                              "models")
         config = dict(in_channels=channels, image_size=image_size)

@@ -260,6 +260,7 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     from .. import __version__, plots
     from ..callbacks import read_metrics
     from ..checkpoints import load_model
+    from ..models import is_capsule_model
     from ..data.registry import load_dataset, recorded_options
     from ..inference import check_fits, infer, summarize
     from ..runtime import torch_device
@@ -282,7 +283,7 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     ckpt = _resolve_checkpoint(run_dir, checkpoint)
     dev = torch_device(device)
     model, meta = load_model(ckpt, dev)
-    if getattr(model, "objective", "margin") != "margin":
+    if not is_capsule_model(model):
         raise CapsnetError(f"{meta['arch']} is a CNN baseline: the report shows capsules "
                            "(reconstructions, perturbations) and it has none; use "
                            "`capsnet evaluate`")
