@@ -238,3 +238,57 @@ def test_bench_stem_on_efficient_capsnet_is_one_line_error(capsys):
     assert one_line_error(code, err) and "no stem" in err
     code = main(["bench", "--stem", "-1"])
     assert one_line_error(code, capsys.readouterr().err)
+
+
+# --- a smaller reconstruction (recon_size) ------------------------------------------------
+
+def test_recon_size_decodes_an_area_averaged_image():
+    from capsnet.losses import capsule_loss, reconstruction_loss
+    model = stem_model(64, 3, stem=1, stem_channels=8, recon_size=16)
+    assert model.decoder.net[-2].out_features == 3 * 16 * 16
+    x = torch.rand(2, 3, 64, 64)
+    out = model(x, torch.tensor([1, 2]))
+    assert out.reconstructions.shape == (2, 3, 16, 16)
+    # the target is each 4x4 block's mean, the sum of squares over 3*16*16 pixels
+    expected = (out.reconstructions - torch.nn.functional.avg_pool2d(x, 4)).pow(2).sum((1, 2, 3))
+    torch.testing.assert_close(reconstruction_loss(out.reconstructions, x), expected)
+    loss = capsule_loss(out.lengths, torch.tensor([1, 2]), out.reconstructions, x, 0.5)
+    loss.total.backward()  # the loss reaches the decoder through the smaller target
+    assert model.decoder.net[-2].weight.grad.abs().sum() > 0
+    # 0 is the image's own size (the paper's decoder); larger than the image is refused
+    assert stem_model(64, 3, stem=1, stem_channels=8).config.decoder_size == 64
+    with pytest.raises(ValueError, match="recon_size"):
+        stem_model(32, 1, stem=0, recon_size=33)
+
+
+def test_recon_size_flags_and_settings(capsys):
+    a = build_parser().parse_args(["train", "--recon-size", "64"])
+    assert a.recon_size == 64
+    with pytest.raises(CapsnetError, match="recon_size"):
+        check_settings({**DEFAULTS, "recon_size": -1})
+    s = check_settings({**DEFAULTS, "recon_size": 24, "stem": 1})
+    config = CapsNetConfig.from_dict(model_config(s, [str(i) for i in range(10)], (3, 96, 96)))
+    assert config.decoder_size == 24
+    with pytest.raises(CapsnetError, match="^--recon-size does not apply to efficient-capsnet$"):
+        model_config({**DEFAULTS, "arch": "efficient-capsnet", "recon_size": 8},
+                     [str(i) for i in range(10)], (1, 28, 28))
+    code = main(["bench", "--arch", "efficient-capsnet", "--recon-size", "8",
+                 "--no-retain-memory"])
+    assert one_line_error(code, capsys.readouterr().err)
+
+
+def test_bench_with_a_smaller_reconstruction():
+    r = bench(batch_size=2, steps=1, warmup=0, image_size=40, channels=1, stem=1,
+              stem_channels=8, recon_size=10, threads=1, retain_memory=False, rounds=1)
+    assert r["recon_size"] == 10 and r["parameters"] == stem_model(
+        40, 1, stem=1, stem_channels=8, recon_size=10).num_parameters()
+    assert r["naive_train_img_s"] is None
+
+
+def test_dashboard_grid_enlarges_a_smaller_reconstruction():
+    from capsnet.dashboards import recon_grid
+    images, recons = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 8, 8)
+    grid = recon_grid(images, recons, pairs_per_row=2)
+    assert grid.shape == (3, 2 + 32 + 2, 2 + 4 * (32 + 2))
+    torch.testing.assert_close(grid[0, 2:34, 36:68], recons[0, 0].repeat_interleave(4, 0)
+                               .repeat_interleave(4, 1))

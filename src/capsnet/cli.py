@@ -72,6 +72,9 @@ def _train_parser(sub) -> None:
                  f"(default {D['stem']}: none, the paper's model)", {"type": int}),
         ("stem_channels", f"channels of every stem convolution (default {D['stem_channels']})",
          {"type": int}),
+        ("recon_size", "capsnet: the decoder reconstructs the image area-averaged to this "
+                       "side, e.g. 64 for 224 px images (default 0: the image's own size, "
+                       "the paper's decoder)", {"type": int}),
         ("recon_weight", f"reconstruction loss weight (default {D['recon_weight']})",
          {"type": float}),
         ("shift", f"max random shift in pixels (default {D['shift']})", {"type": int}),
@@ -354,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "reference with a stem)")
     b.add_argument("--stem-channels", type=int, default=64,
                    help="channels of every stem convolution (default 64)")
+    b.add_argument("--recon-size", type=int, default=0,
+                   help="capsnet: side of the decoder's output (default 0: the image's; as "
+                   "capsnet train --recon-size)")
     b.add_argument("--no-naive", dest="naive", action="store_false",
                    help="skip the naive reference (faster)")
     b.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=True,

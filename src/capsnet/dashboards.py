@@ -25,7 +25,11 @@ RECON_CAPTION = "test images, each followed by its reconstruction"
 
 
 def recon_grid(images: torch.Tensor, recons: torch.Tensor, pairs_per_row: int = 4) -> torch.Tensor:
-    """``[3, H, W]`` grid in [0, 1]: each image with its reconstruction to its right."""
+    """``[3, H, W]`` grid in [0, 1]: each image with its reconstruction to its right (a
+    smaller reconstruction, from a decoder with ``recon_size``, enlarged to the image's size)."""
+    if recons.shape[-2:] != images.shape[-2:]:
+        recons = torch.nn.functional.interpolate(recons.float(), size=images.shape[-2:],
+                                                 mode="nearest")
     both = torch.stack([images, recons.clamp(0, 1)], dim=1).flatten(0, 1)  # x0, r0, x1, r1, ...
     return make_grid(both.float(), nrow=2 * pairs_per_row, padding=2, pad_value=0.5)
 

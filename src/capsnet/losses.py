@@ -33,9 +33,20 @@ def as_k_hot(target: Tensor, num_classes: int) -> Tensor:
     return target if target.dim() == 2 else F.one_hot(target, num_classes)
 
 
+def reconstruction_target(images: Tensor, size) -> Tensor:
+    """What a decoder of side ``size`` (``(h, w)``) reconstructs: ``images`` ``[B, C, H, W]``
+    itself at its own size, else area-averaged to ``[B, C, h, w]`` (a decoder with
+    ``recon_size``; see :mod:`capsnet.models.capsnet`)."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    return F.interpolate(images, size=tuple(size), mode="area")
+
+
 def reconstruction_loss(recon: Tensor, images: Tensor) -> Tensor:
-    """Sum of squared pixel differences per image: ``[B, C, H, W]`` x2 -> ``[B]``."""
-    return (recon - images).pow(2).flatten(1).sum(dim=1)
+    """Sum of squared pixel differences per image: ``recon`` ``[B, C, h, w]``, ``images``
+    ``[B, C, H, W]`` (compared at the reconstruction's size) -> ``[B]``."""
+    target = reconstruction_target(images, recon.shape[-2:])
+    return (recon - target).pow(2).flatten(1).sum(dim=1)
 
 
 class CapsuleLoss(NamedTuple):

@@ -27,6 +27,7 @@ DEFAULTS: dict = {
     "warmup_steps": 0, "ema": 0.0,
     "routing_iterations": ROUTING_ITERATIONS, "detach_routing": False,
     "stem": 0, "stem_channels": 64,  # CapsNet's downsampling stem (0: none, the paper's model)
+    "recon_size": 0,  # CapsNet's decoder output side (0: the image's, the paper's decoder)
     "recon_weight": RECON_WEIGHT,
     "shift": 2, "rotate": 0.0, "scale": 0.0, "shear": 0.0, "translate": 0.0, "hflip": False,
     "train_size": None, "val_size": 5000, "test_size": None,
@@ -43,7 +44,7 @@ _POSITIVE = ("epochs", "batch_size", "eval_batch_size", "lr", "lr_decay", "lr_de
              "routing_iterations", "train_size", "test_size", "log_every", "threads",
              "devices", "num_nodes", "image_size", "stem_channels")
 _NON_NEGATIVE = ("warmup_steps", "ema", "recon_weight", "shift", "rotate", "scale", "shear", "translate", "val_size",
-                 "stem")
+                 "stem", "recon_size")
 
 
 def read_config(path: str | Path) -> dict:

@@ -35,9 +35,10 @@ def model_config(s: dict, classes, shape) -> dict:
     config = {"in_channels": shape[0], "image_size": shape[1], "num_classes": len(classes),
               "routing_iterations": s["routing_iterations"],
               "detach_routing": s["detach_routing"],
-              "stem": s["stem"], "stem_channels": s["stem_channels"]}
+              "stem": s["stem"], "stem_channels": s["stem_channels"],
+              "recon_size": s["recon_size"]}
     fields = architecture(s["arch"])[0].__dataclass_fields__
-    for key in ("routing_iterations", "detach_routing", "stem", "stem_channels"):
+    for key in ("routing_iterations", "detach_routing", "stem", "stem_channels", "recon_size"):
         if key not in fields:
             if s[key] != DEFAULTS[key]:
                 raise CapsnetError(f"--{key.replace('_', '-')} does not apply to {s['arch']}")

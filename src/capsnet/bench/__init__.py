@@ -58,14 +58,15 @@ def cmd_bench(a) -> int:
         value = getattr(a, name)
         if value is not None and value < 1:
             raise CapsnetError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    for name in ("warmup", "stem"):
+    for name in ("warmup", "stem", "recon_size"):
         if getattr(a, name) < 0:
             raise CapsnetError(f"--{name} must not be negative, got {getattr(a, name)}")
     result = bench(arch=a.arch, batch_size=a.batch_size, eval_batch_size=a.eval_batch_size,
                    device=a.device, threads=a.threads, steps=a.steps, warmup=a.warmup,
                    image_size=a.image_size, channels=a.channels,
                    routing_iterations=a.routing_iterations, detach_routing=a.detach_routing,
-                   stem=a.stem, stem_channels=a.stem_channels, naive=a.naive,
+                   stem=a.stem, stem_channels=a.stem_channels, recon_size=a.recon_size,
+                   naive=a.naive,
                    retain_memory=a.retain_memory,
                    log=None if a.json else sys.stderr)
     print(json.dumps(result) if a.json else format_table(result))
@@ -171,12 +172,14 @@ def data_ms_per_batch(batch: int, shape: tuple[int, int, int], device: torch.dev
 def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | None = None, device: str = "auto",
           threads: int | None = None, steps: int = 12, warmup: int = 2, image_size: int = 28,
           channels: int = 1, routing_iterations: int = 3, detach_routing: bool = False,
-          stem: int = 0, stem_channels: int = 64, naive: bool = True, retain_memory: bool = True,
+          stem: int = 0, stem_channels: int = 64, recon_size: int = 0, naive: bool = True,
+          retain_memory: bool = True,
           rounds: int = 3, log=None) -> dict:
     """Run the whole benchmark; returns the results as a flat dict (see ``capsnet bench``).
 
     ``stem``/``stem_channels``: the CapsNet's downsampling stem (0: none, the paper's model;
-    :func:`capsnet.models.capsnet.suggest_stem` gives a number for an image size).
+    :func:`capsnet.models.capsnet.suggest_stem` gives a number for an image size);
+    ``recon_size``: the side the CapsNet's decoder reconstructs (0: the image's).
     """
     started = time.perf_counter()
     dev = torch_device(device)
@@ -189,11 +192,11 @@ def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | N
         config = dict(in_channels=channels, image_size=image_size)
         if paper:
             config.update(routing_iterations=routing_iterations, detach_routing=detach_routing,
-                          stem=stem, stem_channels=stem_channels)
+                          stem=stem, stem_channels=stem_channels, recon_size=recon_size)
         elif routing_iterations != 3 or detach_routing:
             raise ValueError(f"{arch} has no routing iterations to set")
-        elif stem != 0 or stem_channels != 64:
-            raise ValueError(f"{arch} has no stem to set")
+        elif stem != 0 or stem_channels != 64 or recon_size != 0:
+            raise ValueError(f"{arch} has no stem or recon size to set")
         config = config_cls(**config)
         torch.manual_seed(0)
         ours = model_cls(config)
@@ -203,7 +206,7 @@ def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | N
     if threads:  # process-wide, as in `capsnet train --threads`
         torch.set_num_threads(threads)
     eval_batch_size = eval_batch_size or batch_size
-    naive = naive and paper and not stem  # the naive reference is of the paper's model
+    naive = naive and paper and not stem and not recon_size  # of the paper's model only
 
     def say(msg: str) -> None:
         if log is not None:
@@ -274,6 +277,7 @@ def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | N
         "stem": stem if paper else None,
         "stem_channels": stem_channels if paper and stem else None,
         "stem_gflop_per_img": stem_gflop,
+        "recon_size": config.decoder_size if paper else None,
         "primary_capsules": getattr(config, "num_primary_capsules", None),
         "steps": steps,
         "warmup": warmup,
@@ -306,6 +310,8 @@ def format_table(r: dict) -> str:
         + (f", {r['routing_iterations']} routing iterations" if r["arch"] == "capsnet" else "")
         + (" (detached)" if r["detach_routing"] else "")
         + (f", {r['stem']}-stage stem ({r['stem_channels']} channels)" if r.get("stem") else "")
+        + (f", decoder output {r['recon_size']}x{r['recon_size']}"
+           if r.get("recon_size") and r["recon_size"] != r["image_size"] else "")
         + f", batch {r['batch_size']} (inference {r['eval_batch_size']}), fp32",
         f"sustained fp32 GEMM ({r['gemm_size']}^3, best of the run): "
         f"{r['gemm_gflop_s']:.1f} GFLOP/s",

@@ -24,8 +24,14 @@ The design (``stem`` stages, each ``Conv2d(3x3, stride 2, padding 1)`` + ReLU, a
   without the two fields loads as ``stem=0``. :func:`suggest_stem` gives the number of stages
   for an image size (halve until the side is at most 32).
 
-The decoder still reconstructs the full-size input (``C x H x W``); at large sizes its last
-layer, ``1024 x (C*H*W)`` weights (154M at 224x224x3), becomes the biggest part of the model.
+The decoder reconstructs the full-size input (``C x H x W``) by default; at large sizes its
+last layer, ``1024 x (C*H*W)`` weights (154M at 224x224x3, with Adam's two moments and the
+gradient 2.5 GB), becomes the biggest part of the model. ``recon_size`` (``--recon-size``)
+makes it reconstruct a smaller copy instead, ``C x r x r``, the input area-averaged to
+``r x r`` (:func:`capsnet.losses.reconstruction_target`): 64 px costs 12.6M weights at
+224x224x3. The reconstruction loss is still the sum of squared errors per image, now over
+``C*r*r`` pixels, so the same ``recon_weight`` weighs it less; 0 (the default) is the paper's
+full-size decoder.
 """
 
 from __future__ import annotations
@@ -95,6 +101,12 @@ class CapsNetConfig(ConfigBase):
     stem: int = 0
     stem_channels: int = 64
     multi_label: bool = False  # k-hot targets; see models.base.CapsuleModel
+    recon_size: int = 0  # side of the decoder's output (0: the image's; see the module doc)
+
+    @property
+    def decoder_size(self) -> int:
+        """Side of the reconstructions: ``recon_size``, or the image side when it is 0."""
+        return self.recon_size or self.image_size
 
     @property
     def stem_output_size(self) -> int:
@@ -123,7 +135,8 @@ class CapsNet(CapsuleModel):
     ``forward(x, target=None)``: ``x`` ``[B, C, H, W]`` with pixel values in [0, 1];
     ``target`` ``[B]`` selects the capsule fed to the decoder (the true class during
     training); without it the longest capsule is used. The reconstructions are
-    ``[B, C, H, W]``, the input's full size, with or without a stem.
+    ``[B, C, r, r]``, ``r`` = ``config.decoder_size`` (the input's own size unless
+    ``recon_size`` is set), with or without a stem.
 
     Shapes with a stem of ``s`` stages (``n = ceil(H / 2^s)``): ``x`` ``[B, C, H, H]`` ->
     stem ``[B, stem_channels, n, n]`` -> Conv1 ``[B, conv_channels, n - 8, n - 8]`` ->
@@ -138,6 +151,9 @@ class CapsNet(CapsuleModel):
         if config.stem < 0 or config.stem_channels < 1:
             raise ValueError(f"stem must be >= 0 and stem_channels >= 1, got stem="
                              f"{config.stem}, stem_channels={config.stem_channels}")
+        if not 0 <= config.recon_size <= config.image_size:
+            raise ValueError(f"recon_size must be between 0 (the image size) and the image "
+                             f"size {config.image_size}, got {config.recon_size}")
         if config.primary_grid < 1:
             after = (f" after a {config.stem}-stage stem ({config.stem_output_size}x"
                      f"{config.stem_output_size})" if config.stem else "")
@@ -159,7 +175,7 @@ class CapsNet(CapsuleModel):
                                       c.class_dim, c.routing_iterations, c.detach_routing,
                                       impl=c.routing_impl)
         self.decoder = Decoder(c.num_classes, c.class_dim,
-                               (c.in_channels, c.image_size, c.image_size), c.decoder_hidden)
+                               (c.in_channels, c.decoder_size, c.decoder_size), c.decoder_hidden)
         # Channels-last convolution weights make the activations channels-last, the layout
         # PrimaryCapsules' GEMM path reads without a copy (and faster for oneDNN on CPU).
         self.to(memory_format=torch.channels_last)
