@@ -248,7 +248,7 @@ def test_refusals_are_one_line(capsys, tmp_path):
     assert dataset_info("fashion-mnist-affine").image_shape == (1, 40, 40)
 
 
-def test_capsnet_on_pairs_trains_evaluates_and_report_refuses(fashion_dir, tmp_path, capsys):
+def test_capsnet_on_pairs_trains_evaluates_and_reports(fashion_dir, tmp_path, capsys):
     from capsnet.callbacks import read_metrics
     from capsnet.cli import main
     out = tmp_path / "multi"
@@ -262,9 +262,12 @@ def test_capsnet_on_pairs_trains_evaluates_and_report_refuses(fashion_dir, tmp_p
     assert result["pairs"] and result["n"] == 32
     assert result["accuracy"] == pytest.approx(row["test_acc"], abs=1e-6)  # the same score
     assert result["loss"] == pytest.approx(row["test_loss"], rel=1e-4)
-    code = main(["report", str(out), "--out", str(tmp_path / "rep")])
-    err = capsys.readouterr().err
-    assert one_line_error(code, err) and "pairs" in err
+    # the pair report: the same pair accuracy as evaluate, and the paper's Figure 5
+    assert main(["report", str(out), "--test-size", "32", "--out", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert f"{100 * result['accuracy']:.1f}%" in page and "32 test pairs" in page
+    shown = [f for f in ("pairs.png", "pair_failures.png") if (tmp_path / "rep" / f).is_file()]
+    assert shown and all(f in page for f in shown)  # at least one kind, each on the page
 
 
 def test_expanded_training_and_affine_evaluation(fashion_dir, tmp_path, capsys):
@@ -305,3 +308,23 @@ def test_baseline_cnn_trains_evaluates_predicts(fashion_dir, tmp_path, capsys):
     code = main(["report", str(weights), "--out", str(tmp_path / "rep")])
     err = capsys.readouterr().err
     assert one_line_error(code, err) and "CNN baseline" in err
+
+
+def test_figure5_colours_each_garment_from_its_own_capsule():
+    from capsnet.plots import two_colours
+    from capsnet.report.pairs import decode_pairs
+    a, b = torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
+    a[..., 0, 0], b[..., 0, 0], b[..., 3, 3] = 1.0, 1.0, 0.5
+    rgb = two_colours(a, b)
+    assert rgb[0, :, 0, 0].tolist() == [1, 1, 0] and rgb[0, :, 3, 3].tolist() == [0, 0.5, 0]
+    torch.manual_seed(0)
+    model = build_model("capsnet", {"image_size": 36})
+    packed = torch.randint(0, 256, (3, 3, 36, 36), dtype=torch.uint8)
+    labels = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    comp, truth, top2_rgb, top2 = decode_pairs(model, packed, labels)
+    assert comp.shape == (3, 1, 36, 36) and truth.shape == top2_rgb.shape == (3, 3, 36, 36)
+    with torch.no_grad():  # red is the first class's capsule alone, decoded
+        v = model.capsules(packed[:, :1].float() / 255)
+        torch.testing.assert_close(truth[:, 0], model.decoder(v, labels[:, 0])[:, 0])
+        torch.testing.assert_close(truth[:, 1], model.decoder(v, labels[:, 1])[:, 0])
+    assert (top2 == v.norm(dim=-1).topk(2, dim=1).indices).all()

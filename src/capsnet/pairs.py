@@ -103,12 +103,12 @@ def summarize_pairs(scores: Tensor, labels: Tensor, classes: list[str]) -> dict:
 
 
 @torch.inference_mode()
-def evaluate_pairs(model: nn.Module, data, batch_size: int = 512,
-                   device: str | torch.device = "cpu", recon_weight: float = RECON_WEIGHT
-                   ) -> dict:
-    """:func:`capsnet.evaluate.evaluate` for a packed pair set (``data.images``
-    ``[N, 3C, H, W]`` uint8, ``data.labels`` ``[N, 2]``): :func:`summarize_pairs` plus the
-    mean ``loss``, ``margin_loss`` and ``reconstruction_sse`` (both garments) per pair."""
+def score_pairs(model: nn.Module, data, batch_size: int = 512,
+                device: str | torch.device = "cpu", recon_weight: float = RECON_WEIGHT
+                ) -> tuple[Tensor, dict]:
+    """Class scores of a packed pair set (``data.images`` ``[N, 3C, H, W]`` uint8,
+    ``data.labels`` ``[N, 2]``): ``scores`` ``[N, O]`` on the CPU and the mean ``loss``,
+    ``margin_loss`` and ``reconstruction_sse`` (both garments) per pair."""
     c = data.images.shape[1] // 3
     check_fits(model, (c, *data.images.shape[2:]), len(data.classes), "the pair set")
     model = model.to(device).eval()
@@ -125,5 +125,13 @@ def evaluate_pairs(model: nn.Module, data, batch_size: int = 512,
     n = max(1, len(data.labels))
     scores = torch.cat(scores) if scores else torch.zeros(0, len(data.classes))
     loss, margin, recon = (totals / n).tolist()
-    return {**summarize_pairs(scores, data.labels, list(data.classes)), "loss": loss,
-            "margin_loss": margin, "reconstruction_sse": recon}
+    return scores, {"loss": loss, "margin_loss": margin, "reconstruction_sse": recon}
+
+
+def evaluate_pairs(model: nn.Module, data, batch_size: int = 512,
+                   device: str | torch.device = "cpu", recon_weight: float = RECON_WEIGHT
+                   ) -> dict:
+    """:func:`capsnet.evaluate.evaluate` for a packed pair set: :func:`summarize_pairs`
+    plus the losses of :func:`score_pairs`."""
+    scores, losses = score_pairs(model, data, batch_size, device, recon_weight)
+    return {**summarize_pairs(scores, data.labels, list(data.classes)), **losses}

@@ -220,3 +220,34 @@ def perturbation_panels(grids, titles: Sequence[str], offsets, scale: int = 2,
             sp.set_visible(False)
         ax.set_title(title, fontsize=13)
     return fig
+
+
+def two_colours(first, second) -> torch.Tensor:
+    """Two reconstructions in one picture, the paper's Figure 5 style: ``first`` in red,
+    ``second`` in green (yellow where they overlap). ``[N, C, H, W]`` x2 -> ``[N, 3, H, W]``
+    (a colour image's channels are averaged first)."""
+    r, g = first.float().mean(dim=1), second.float().mean(dim=1)
+    return torch.stack([r, g, torch.zeros_like(r)], dim=1).clamp(0, 1)
+
+
+def pair_reconstructions(composites, by_truth, by_top2, titles: Sequence[Sequence[str]],
+                         heading: str) -> Figure:
+    """The paper's Figure 5 for ``N`` pairs, one column each: the overlaid input (grey), the
+    two garments decoded from the capsules of the pair's true classes, and decoded from the
+    two longest capsules (:func:`two_colours`). ``titles``: per pair ``(input, truth, top2)``.
+    Shapes: ``composites`` ``[N, C, H, W]``, ``by_truth``/``by_top2`` ``[N, 3, h, w]``."""
+    n = len(composites)
+    fig = Figure(figsize=(1.25 * max(n, 2), 4.3), layout="constrained")
+    fig.suptitle(heading, fontsize=9)
+    axes = fig.subplots(3, max(n, 1), squeeze=False)
+    for ax in axes.flat:
+        _hide_axes(ax)
+    for i in range(n):
+        for row, (img, title) in enumerate(zip((composites[i], by_truth[i], by_top2[i]),
+                                               titles[i])):
+            ax = axes[row, i]
+            ax.imshow(to_display(img), cmap="gray", vmin=0, vmax=1)
+            ax.set_title(title, fontsize=7)
+    for row, label in enumerate(("input", "true classes", "two longest")):
+        axes[row, 0].set_ylabel(label, fontsize=8)
+    return fig

@@ -293,14 +293,19 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
                            **recorded_options(dataset, meta.get("data_options"), settings,
                                               image_size=c.image_size))
     from ..data.multi import is_pair_set
+    recon_weight = meta.get("recon_weight") or RECON_WEIGHT  # the run's own, as in evaluate
+    out = Path(out) if out else run_dir / "report"
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if is_pair_set(test):
-        raise CapsnetError(f"{dataset}: the report covers one object per image; for pairs "
-                           "use `capsnet evaluate` (the pair accuracy)")
+        from .pairs import build_pair_report
+        return build_pair_report(model, meta, ckpt=ckpt, run_dir=run_dir, dataset=dataset,
+                                 test=test, out=out, test_size=test_size,
+                                 batch_size=batch_size, device=dev,
+                                 recon_weight=recon_weight, log=log)
     if test.labels.dim() == 2:
         raise CapsnetError(f"{dataset}: the report covers single-label data; for multi-label "
                            "data use `capsnet evaluate` (per-label precision, recall, F2, mAP)")
     check_fits(model, test.shape, len(test.classes), dataset)
-    recon_weight = meta.get("recon_weight") or RECON_WEIGHT  # the run's own, as in evaluate
     images, labels = test.images, test.labels
     if test_size:
         images, labels = images[:test_size], labels[:test_size]
@@ -308,9 +313,7 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     if len(classes) != c.num_classes:
         classes = list(test.classes)
     n, n_cls = len(labels), c.num_classes
-    out = Path(out) if out else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     log(f"report: {Path(str(ckpt)).name}{_after(meta)} on {n:,} {dataset} test images")
 
     # ---- predictions, accuracy, confusion
