@@ -240,3 +240,36 @@ def test_spectral_matrices_made_in_inference_mode_still_train():
     out = m(x, torch.zeros(4, dtype=torch.long))
     out.lengths.sum().backward()
     assert m.primary.conv.weight.grad is not None
+
+
+
+def test_backward_inside_autocast():
+    """``loss.backward()`` inside ``torch.autocast`` (as plain PyTorch code often does) works
+    with the hand-written backward passes and gives the reference routing's gradients: the
+    engines' backward runs in fp32 like their forward (``capsnet.kernels.precision``)."""
+    config = CapsNetConfig(conv_channels=16, primary_types=4)
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    grads = {}
+    for impl in ("fused", "reference"):
+        torch.manual_seed(1)
+        model = CapsNet(config, routing_impl=impl)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, y)
+            capsule_loss(out.lengths, y, out.reconstructions, x).total.backward()
+        grads[impl] = model.digits.weight.grad
+        assert grads[impl].dtype == torch.float32 and grads[impl].abs().sum() > 0
+    torch.testing.assert_close(grads["fused"], grads["reference"], rtol=1e-4, atol=1e-6)
+    # the convolution engines (not used under autocast): fp32 forward, backward inside it
+    torch.manual_seed(2)
+    h = torch.randn(2, 11, 13, 4, requires_grad=True)
+    w = torch.randn(5, 4, 3, 3, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    for engine in (lambda: ConvAsGemm.apply(h, w.permute(0, 2, 3, 1).reshape(5, -1), b, 3, 2),
+                   lambda: SpectralConv.apply(h, w, b, 2)):
+        outside = torch.autograd.grad(engine().square().sum(), (h, w, b))
+        loss = engine().square().sum()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = torch.autograd.grad(loss, (h, w, b))
+        for a, c in zip(inside, outside):
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a, c)

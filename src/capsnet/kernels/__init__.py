@@ -2,4 +2,5 @@
 
 ``conv``: convolution engines (im2col+GEMM, frequency domain) and their cost model.
 ``routing``: fused routing-by-agreement with its hand-written backward.
+``precision``: the hand-written backward passes run with autocast off.
 """

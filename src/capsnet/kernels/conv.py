@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from .precision import autocast_off
+
 # Cost model weight of one element of the weight spectrum, in multiply-adds: it is read by
 # every call (and in training also made, and its gradient written and read), which costs far
 # more than its arithmetic. Calibrated with ``scripts/dft_crossover.py`` (the crossover batch
@@ -80,6 +82,7 @@ class ConvAsGemm(torch.autograd.Function):
         return out
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad: Tensor):
         h, weight = ctx.saved_tensors
         k, stride = ctx.k, ctx.stride
@@ -185,6 +188,7 @@ class SpectralConv(torch.autograd.Function):
         return out.view(oh, ow, b, o).permute(2, 0, 1, 3).contiguous().add_(bias)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad: Tensor):
         x_f, w_f, tx, tw, mo = ctx.saved_tensors
         hh, ww, c, k, s = ctx.shapes

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..routing import squash
+from .precision import autocast_off
 
 
 def squash_backward(s: Tensor, grad_v: Tensor, eps: float = 1e-8) -> Tensor:
@@ -106,6 +107,7 @@ class Routing(torch.autograd.Function):
         return v, c
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_v: Tensor, _grad_c):
         u_hat, *flat = ctx.saved_tensors
         saved = [flat[i:i + 3] for i in range(0, len(flat), 3)]
@@ -153,6 +155,7 @@ class PredictAndRoute(torch.autograd.Function):
         return PredictAndRoute.outputs(ctx.chunks)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_v: Tensor):
         u, weight = ctx.saved_tensors
         n_in, k, n_od = weight.shape
