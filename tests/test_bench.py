@@ -36,14 +36,6 @@ KEYS = ["train_img_s", "eval_img_s", "limit_train_img_s", "limit_eval_img_s",
         "device", "torch"]
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    """The bench's ``--threads`` sets torch's thread count for the whole process: undo it."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def result():
     proc = subprocess.run([CAPSNET, "bench", "--json", *TINY], capture_output=True,

@@ -28,14 +28,6 @@ PAPER_STATE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    """``bench(threads=...)`` sets torch's thread count for the whole process: undo it."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def stem_model(size=64, channels=3, stem=1, **kw) -> CapsNet:
     torch.manual_seed(0)
     return CapsNet(CapsNetConfig(in_channels=channels, image_size=size, stem=stem, **kw))
@@ -222,14 +214,21 @@ def test_step_runner_total_peak():
 
 
 def test_bench_with_a_stem():
-    r = bench(batch_size=2, steps=1, warmup=0, image_size=40, channels=1, stem=1,
-              stem_channels=8, threads=1, retain_memory=False, rounds=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # bench(threads=1) must give this back
+    try:
+        r = bench(batch_size=2, steps=1, warmup=0, image_size=40, channels=1, stem=1,
+                  stem_channels=8, threads=1, retain_memory=False, rounds=1)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
     assert r["stem"] == 1 and r["stem_channels"] == 8
     assert r["primary_capsules"] == 2 * 2 * 32  # 40 -> 20 -> 12 -> 2
     assert r["stem_gflop_per_img"] == pytest.approx(2 * 20 * 20 * 8 * 9 / 1e9)
     assert r["naive_train_img_s"] is None  # the naive reference has no stem
     assert r["train_peak_total_mb"] > 0 and r["train_peak_mb"] > 0
     assert r["train_img_s"] > 0 and r["eval_img_s"] > 0
+    assert r["threads"] == 1 and after == 3  # restored after the call
 
 
 def test_bench_stem_on_efficient_capsnet_is_one_line_error(capsys):

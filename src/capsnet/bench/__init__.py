@@ -35,6 +35,7 @@ layer's and reported apart as ``stem_gflop_per_img``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import sys
@@ -169,6 +170,18 @@ def data_ms_per_batch(batch: int, shape: tuple[int, int, int], device: torch.dev
     return statistics.median(times[1:]) * 1e3
 
 
+@contextlib.contextmanager
+def _threads(threads: int | None):
+    """torch's intra-op thread count set to ``threads`` (when given) and restored."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | None = None, device: str = "auto",
           threads: int | None = None, steps: int = 12, warmup: int = 2, image_size: int = 28,
           channels: int = 1, routing_iterations: int = 3, detach_routing: bool = False,
@@ -180,6 +193,9 @@ def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | N
     ``stem``/``stem_channels``: the CapsNet's downsampling stem (0: none, the paper's model;
     :func:`capsnet.models.capsnet.suggest_stem` gives a number for an image size);
     ``recon_size``: the side the CapsNet's decoder reconstructs (0: the image's).
+    ``threads`` applies during the call only; ``retain_memory`` changes glibc's malloc
+    settings for the rest of the process (:func:`capsnet.runtime.retain_freed_memory`;
+    glibc's adaptive defaults cannot be restored), pass False to leave them alone.
     """
     started = time.perf_counter()
     dev = torch_device(device)
@@ -203,101 +219,100 @@ def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | N
     except ValueError as e:
         raise CapsnetError(str(e)) from None
     retained = retain_memory and dev.type == "cpu" and retain_freed_memory()
-    if threads:  # process-wide, as in `capsnet train --threads`
-        torch.set_num_threads(threads)
-    eval_batch_size = eval_batch_size or batch_size
-    naive = naive and paper and not stem and not recon_size  # of the paper's model only
+    with _threads(threads):  # restored afterwards: bench() is also a library call
+        eval_batch_size = eval_batch_size or batch_size
+        naive = naive and paper and not stem and not recon_size  # of the paper's model only
 
-    def say(msg: str) -> None:
-        if log is not None:
-            print(f"[{time.perf_counter() - started:5.0f} s] {msg}", file=log, flush=True)
+        def say(msg: str) -> None:
+            if log is not None:
+                print(f"[{time.perf_counter() - started:5.0f} s] {msg}", file=log, flush=True)
 
-    # FLOPs of the model's math: the same model with standard convolutions.
-    reference = model_cls(config).to(dev)
-    if paper:
-        reference.primary.algorithm = "torch"
-    train_gflop, eval_gflop = count_gflop_per_img(reference, dev)
-    stem_gflop = gflop_by_module(reference, dev).get("stem") if paper and stem else None
-    del reference
-    runners = {"ours": StepRunner(ours, dev, batch_size, eval_batch_size, channels_last=True)}
-    # What ours executes: fewer FLOPs when PrimaryCaps runs in the frequency domain.
-    train_done, eval_done = count_gflop_per_img(ours, dev, batch_size, eval_batch_size)
-    if naive:
-        runners["naive"] = StepRunner(NaiveCapsNet(config), dev, batch_size, eval_batch_size,
-                                   channels_last=False)
-    say(f"{train_gflop:.3f} GFLOP per image per training step, {eval_gflop:.3f} per "
-        f"inference; warming up")
-    for r in runners.values():
-        for _ in range(warmup):
-            r.train_step()
-            r.eval_step()
+        # FLOPs of the model's math: the same model with standard convolutions.
+        reference = model_cls(config).to(dev)
+        if paper:
+            reference.primary.algorithm = "torch"
+        train_gflop, eval_gflop = count_gflop_per_img(reference, dev)
+        stem_gflop = gflop_by_module(reference, dev).get("stem") if paper and stem else None
+        del reference
+        runners = {"ours": StepRunner(ours, dev, batch_size, eval_batch_size, channels_last=True)}
+        # What ours executes: fewer FLOPs when PrimaryCaps runs in the frequency domain.
+        train_done, eval_done = count_gflop_per_img(ours, dev, batch_size, eval_batch_size)
+        if naive:
+            runners["naive"] = StepRunner(NaiveCapsNet(config), dev, batch_size, eval_batch_size,
+                                       channels_last=False)
+        say(f"{train_gflop:.3f} GFLOP per image per training step, {eval_gflop:.3f} per "
+            f"inference; warming up")
+        for r in runners.values():
+            for _ in range(warmup):
+                r.train_step()
+                r.eval_step()
 
-    # Interleaved rounds: GEMM rate, then each model's training and inference steps.
-    gemm = []
-    for i in range(rounds):
-        gemm.append(gemm_rate(dev))
-        n = steps // rounds + (i < steps % rounds)
-        for name, r in runners.items():
-            say(f"round {i + 1}/{rounds}: {name} ({n} training + {n} inference steps)")
-            r.timed("train", n)
-            r.timed("eval", n)
-    gemm_gflop_s = max(gemm)
-    say("peak memory of a training step")
-    # The process-wide peak first: the profiler of the per-step peak holds memory of its own.
-    total_mb, total_source = runners["ours"].train_peak_total_mb()
-    peaks = {name: r.train_peak_mb() for name, r in runners.items()}
-    data_ms = data_ms_per_batch(batch_size, (channels, image_size, image_size), dev)
+        # Interleaved rounds: GEMM rate, then each model's training and inference steps.
+        gemm = []
+        for i in range(rounds):
+            gemm.append(gemm_rate(dev))
+            n = steps // rounds + (i < steps % rounds)
+            for name, r in runners.items():
+                say(f"round {i + 1}/{rounds}: {name} ({n} training + {n} inference steps)")
+                r.timed("train", n)
+                r.timed("eval", n)
+        gemm_gflop_s = max(gemm)
+        say("peak memory of a training step")
+        # The process-wide peak first: the profiler of the per-step peak holds memory of its own.
+        total_mb, total_source = runners["ours"].train_peak_total_mb()
+        peaks = {name: r.train_peak_mb() for name, r in runners.items()}
+        data_ms = data_ms_per_batch(batch_size, (channels, image_size, image_size), dev)
 
-    res = {
-        "train_img_s": runners["ours"].img_s("train"),
-        "eval_img_s": runners["ours"].img_s("eval"),
-        "limit_train_img_s": gemm_gflop_s / train_gflop,
-        "limit_eval_img_s": gemm_gflop_s / eval_gflop,
-        "naive_train_img_s": runners["naive"].img_s("train") if naive else None,
-        "naive_eval_img_s": runners["naive"].img_s("eval") if naive else None,
-        "train_gflop_per_img": train_gflop,
-        "eval_gflop_per_img": eval_gflop,
-        "train_gflop_per_img_executed": train_done,
-        "eval_gflop_per_img_executed": eval_done,
-        "gemm_gflop_s": gemm_gflop_s,
-        "gemm_size": GEMM_SIZE,
-        "train_peak_mb": peaks["ours"],
-        "train_peak_total_mb": total_mb,
-        "train_peak_total_source": total_source,
-        "data_ms_per_batch": data_ms,
-        "naive_train_peak_mb": peaks.get("naive"),
-        "arch": arch,
-        "parameters": ours.num_parameters(),
-        "batch_size": batch_size,
-        "eval_batch_size": eval_batch_size,
-        "image_size": image_size,
-        "channels": channels,
-        "routing_iterations": routing_iterations,
-        "detach_routing": detach_routing,
-        "stem": stem if paper else None,
-        "stem_channels": stem_channels if paper and stem else None,
-        "stem_gflop_per_img": stem_gflop,
-        "recon_size": config.decoder_size if paper else None,
-        "primary_capsules": getattr(config, "num_primary_capsules", None),
-        "steps": steps,
-        "warmup": warmup,
-        "threads": torch.get_num_threads() if dev.type == "cpu" else None,
-        "device": str(dev),
-        "cpu": cpu_name(),
-        "torch": torch.__version__,
-        "malloc": "retain freed memory" if retained else "default",
-    }
-    res["data_vs_train_step"] = data_ms / 1e3 * res["train_img_s"] / batch_size
-    res["train_vs_limit"] = res["train_img_s"] / res["limit_train_img_s"]
-    res["eval_vs_limit"] = res["eval_img_s"] / res["limit_eval_img_s"]
-    res["train_executed_vs_gemm"] = res["train_img_s"] * train_done / gemm_gflop_s
-    res["eval_executed_vs_gemm"] = res["eval_img_s"] * eval_done / gemm_gflop_s
-    if naive:
-        res["train_vs_naive"] = res["train_img_s"] / res["naive_train_img_s"]
-        res["eval_vs_naive"] = res["eval_img_s"] / res["naive_eval_img_s"]
-        res["peak_vs_naive"] = res["train_peak_mb"] / res["naive_train_peak_mb"]
-    res["seconds"] = time.perf_counter() - started
-    return res
+        res = {
+            "train_img_s": runners["ours"].img_s("train"),
+            "eval_img_s": runners["ours"].img_s("eval"),
+            "limit_train_img_s": gemm_gflop_s / train_gflop,
+            "limit_eval_img_s": gemm_gflop_s / eval_gflop,
+            "naive_train_img_s": runners["naive"].img_s("train") if naive else None,
+            "naive_eval_img_s": runners["naive"].img_s("eval") if naive else None,
+            "train_gflop_per_img": train_gflop,
+            "eval_gflop_per_img": eval_gflop,
+            "train_gflop_per_img_executed": train_done,
+            "eval_gflop_per_img_executed": eval_done,
+            "gemm_gflop_s": gemm_gflop_s,
+            "gemm_size": GEMM_SIZE,
+            "train_peak_mb": peaks["ours"],
+            "train_peak_total_mb": total_mb,
+            "train_peak_total_source": total_source,
+            "data_ms_per_batch": data_ms,
+            "naive_train_peak_mb": peaks.get("naive"),
+            "arch": arch,
+            "parameters": ours.num_parameters(),
+            "batch_size": batch_size,
+            "eval_batch_size": eval_batch_size,
+            "image_size": image_size,
+            "channels": channels,
+            "routing_iterations": routing_iterations,
+            "detach_routing": detach_routing,
+            "stem": stem if paper else None,
+            "stem_channels": stem_channels if paper and stem else None,
+            "stem_gflop_per_img": stem_gflop,
+            "recon_size": config.decoder_size if paper else None,
+            "primary_capsules": getattr(config, "num_primary_capsules", None),
+            "steps": steps,
+            "warmup": warmup,
+            "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+            "device": str(dev),
+            "cpu": cpu_name(),
+            "torch": torch.__version__,
+            "malloc": "retain freed memory" if retained else "default",
+        }
+        res["data_vs_train_step"] = data_ms / 1e3 * res["train_img_s"] / batch_size
+        res["train_vs_limit"] = res["train_img_s"] / res["limit_train_img_s"]
+        res["eval_vs_limit"] = res["eval_img_s"] / res["limit_eval_img_s"]
+        res["train_executed_vs_gemm"] = res["train_img_s"] * train_done / gemm_gflop_s
+        res["eval_executed_vs_gemm"] = res["eval_img_s"] * eval_done / gemm_gflop_s
+        if naive:
+            res["train_vs_naive"] = res["train_img_s"] / res["naive_train_img_s"]
+            res["eval_vs_naive"] = res["eval_img_s"] / res["naive_eval_img_s"]
+            res["peak_vs_naive"] = res["train_peak_mb"] / res["naive_train_peak_mb"]
+        res["seconds"] = time.perf_counter() - started
+        return res
 
 
 def format_table(r: dict) -> str:
