@@ -129,13 +129,29 @@ def test_large_photo_is_fast(tmp_path, suffix):
     assert centre > 0.9 and corner < 0.1
 
 
-def test_non_square_is_stretched(tmp_path):
+def test_non_square_is_padded_or_stretched(tmp_path):
     path = tmp_path / "wide.png"
     img = Image.new("L", (90, 30), 0)
     img.paste(255, (0, 0, 45, 30))  # left half light
     img.save(path)
-    x = check(load_image(path, 1, SIZE, "no"))
+    x = check(load_image(path, 1, SIZE, "no", "stretch"))
     assert x[:, :, :12].min() > 0.9 and x[:, :, 16:].max() < 0.1
+    # padded (the default): the 90x30 image sits in the middle third of a 90x90 square of
+    # its border's mean colour (mean of the edges: between the dark and the light half)
+    x = check(load_image(path, 1, SIZE, "no"))
+    band, above = x[:, 11:17], x[:, :8]
+    assert band[:, :, :12].min() > 0.9 and band[:, :, 16:].max() < 0.1
+    fill = above.mean().item()
+    assert 0.3 < fill < 0.7 and (above - fill).abs().max() < 0.02
+    # a light square on a dark wide canvas stays square (stretching would halve its width)
+    img = Image.new("L", (112, 56), 0)
+    img.paste(255, (36, 8, 76, 48))  # 40 x 40
+    img.save(path)
+    x = check(load_image(path, 1, SIZE, "no"))[0] > 0.5
+    rows, cols = x.any(dim=1).sum().item(), x.any(dim=0).sum().item()
+    assert abs(rows - cols) <= 1 and 8 <= rows <= 12
+    with pytest.raises(ValueError, match="fit"):
+        load_image(path, 1, SIZE, "no", "crop")
 
 
 def test_exif_orientation_applied(tmp_path):

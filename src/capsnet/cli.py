@@ -245,7 +245,7 @@ def _cmd_predict(a) -> int:
     status = 0
     for path in images:
         try:
-            x = load_image(path, c.in_channels, c.image_size, a.invert)
+            x = load_image(path, c.in_channels, c.image_size, a.invert, a.fit)
         except CapsnetError as e:
             print(f"capsnet: error: {e}", file=sys.stderr)
             status = 2
@@ -319,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                    help="invert to light-on-dark like Fashion-MNIST (auto: if the border "
                         "is light)")
+    r.add_argument("--fit", choices=["pad", "stretch"], default="pad",
+                   help="a non-square image: pad it to a square with its border colour, "
+                        "keeping its proportions (default), or stretch it")
     r.add_argument("--json", action="store_true", help="one JSON object per image")
 
     x = sub.add_parser("export", help="a model as ONNX (inference graph) or as a safetensors "

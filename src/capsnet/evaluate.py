@@ -43,7 +43,11 @@ def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 512,
             "reconstruction_sse": run.reconstruction_sse, "objective": objective}
 
 
-def load_image(path: str | Path, channels: int, size: int, invert: str = "auto") -> torch.Tensor:
+FITS = ("pad", "stretch")
+
+
+def load_image(path: str | Path, channels: int, size: int, invert: str = "auto",
+               fit: str = "pad") -> torch.Tensor:
     """An image file as a model input ``[C, size, size]`` in [0, 1].
 
     Any file gives this or a one-line CapsnetError naming the file and the problem: missing,
@@ -57,10 +61,14 @@ def load_image(path: str | Path, channels: int, size: int, invert: str = "auto")
     is mostly light (a photo on a white background), ``"yes"``/``"no"`` force it. Transparent
     areas become the background that ends up black: black for ``"no"``, white for ``"yes"``,
     and for ``"auto"`` black behind a light object, white behind a dark one (then inverted).
-    A non-square image is stretched to ``size`` x ``size``, as before (not padded). A large
+    A non-square image is, with ``fit="pad"`` (the default), centred on a square of its
+    border's mean colour, so the object keeps its proportions as Fashion-MNIST's centred
+    garments do; ``fit="stretch"`` stretches it to the square instead. A large
     one is first reduced cheaply (a JPEG decoded at 1/2 to 1/8 scale, then by whole factors
     before the Lanczos filter), so a 5000x3000 photo is fast.
     """
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, not {fit!r}")
     mode = "L" if channels == 1 else "RGB"
     try:
         with warnings.catch_warnings():
@@ -69,6 +77,8 @@ def load_image(path: str | Path, channels: int, size: int, invert: str = "auto")
         with img:  # decoding happens in here, where a truncated file raises
             img.draft(mode, (size, size))
             img = _flatten(ImageOps.exif_transpose(img), mode, invert)
+            if fit == "pad":
+                img = _pad_to_square(img)
             img = img.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
             x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
     except FileNotFoundError:
@@ -90,6 +100,23 @@ def load_image(path: str | Path, channels: int, size: int, invert: str = "auto")
         border = torch.cat([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], dim=1)
         invert = "yes" if border.mean() > 0.5 else "no"
     return 1 - x if invert == "yes" else x
+
+
+def _pad_to_square(img: Image.Image) -> Image.Image:
+    """``img`` centred on a square canvas filled with the mean colour of its border pixels."""
+    w, h = img.size
+    if w == h:
+        return img
+    edges = [img.crop(box) for box in ((0, 0, w, 1), (0, h - 1, w, h), (0, 0, 1, h),
+                                       (w - 1, 0, w, h))]
+    counts = [e.size[0] * e.size[1] for e in edges]
+    means = [ImageStat.Stat(e).mean for e in edges]
+    colour = tuple(round(sum(m[b] * n for m, n in zip(means, counts)) / sum(counts))
+                   for b in range(len(means[0])))
+    side = max(w, h)
+    canvas = Image.new(img.mode, (side, side), colour if len(colour) > 1 else colour[0])
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
 
 
 def _flatten(img: Image.Image, mode: str, invert: str) -> Image.Image:
