@@ -119,3 +119,31 @@ def test_server_going_away_is_reported_once(visdom_port, capsys):
     assert out == "" and err.count("\n") == 1, (out, err)
     assert err.startswith(f"capsnet: lost the Visdom server at {dash.url} (ConnectionError); "
                           "training continues without the dashboard"), err
+
+
+def test_confusion_sums_every_process_share():
+    """Under DDP each process evaluates its own share of the test set; the dashboards'
+    confusion matrix is the sum over the processes (a reduce that every rank runs)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from capsnet.dashboards import EvalSamples
+    shares = [(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0])),  # (true, predicted)
+              (torch.tensor([2, 2]), torch.tensor([2, 1]))]
+    ranks = [EvalSamples(num_classes=3) for _ in shares]
+    for samples, (true, pred) in zip(ranks, shares):
+        samples.targets, samples.preds = [true], [pred]
+    local = [s.local_confusion() for s in ranks]
+    total = sum(local)
+    for k, samples in enumerate(ranks):
+        reduce = lambda t, reduce_op: t + local[1 - k]  # noqa: E731 - the other rank's share
+        trainer = SimpleNamespace(sanity_checking=False, world_size=2,
+                                  strategy=SimpleNamespace(reduce=reduce))
+        samples.on_validation_epoch_end(trainer, SimpleNamespace(device="cpu"))
+        assert (samples.confusion() == total.numpy()).all()
+    assert total.sum() == 5 and total[2, 1] == 1 and total[1, 0] == 1
+    one = EvalSamples(num_classes=3)  # one process: its own counts
+    one.targets, one.preds = [shares[0][0]], [shares[0][1]]
+    one.on_validation_epoch_end(SimpleNamespace(sanity_checking=False, world_size=1), None)
+    assert (one.confusion() == local[0].numpy()).all()

@@ -48,6 +48,7 @@ class EvalSamples(L.Callback):
         self.targets: list[torch.Tensor] = []
         self.images: torch.Tensor | None = None
         self.recons: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None  # all processes' confusion, epoch end
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._reset()
@@ -68,12 +69,27 @@ class EvalSamples(L.Callback):
             self.recons = (None if recons is None else
                            recons[:k].detach().float().cpu().contiguous())
 
-    def confusion(self) -> np.ndarray:
-        """Counts ``[true, predicted]`` over the last test pass."""
+    def local_confusion(self) -> torch.Tensor:
+        """Counts ``[true, predicted]`` over this process's share of the last test pass."""
         if not self.preds:
-            return np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+            return torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
         return confusion_matrix(torch.cat(self.targets), torch.cat(self.preds),
-                                self.num_classes).numpy()
+                                self.num_classes)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        """Sum the counts of every process (each evaluated its own share of the test set):
+        a collective, so every rank runs it."""
+        if trainer.sanity_checking:
+            return
+        counts = self.local_confusion()
+        if trainer.world_size > 1:
+            counts = trainer.strategy.reduce(counts.to(pl_module.device), reduce_op="sum")
+        self.counts = counts.cpu()
+
+    def confusion(self) -> np.ndarray:
+        """Counts ``[true, predicted]`` over the last test pass, over all processes."""
+        counts = self.counts if self.counts is not None else self.local_confusion()
+        return counts.numpy()
 
     def grid(self) -> torch.Tensor | None:
         if self.images is None or self.recons is None:
@@ -210,11 +226,12 @@ class VisdomDashboard(L.Callback):
                                     ("recon", label, "recon"), ("acc", label, "acc")]:
                 if f"{split}/{key}{suffix}" in m:
                     self._point(win, trace, step, m[f"{split}/{key}{suffix}"], markers=True)
-        if self.samples.preds:  # rows reversed: plotly draws row 0 at the bottom
+        confusion = self.samples.confusion()
+        if confusion.sum() > 0:  # rows reversed: plotly draws row 0 at the bottom
             opts = {"title": "test confusion matrix", "rownames": self.classes[::-1],
                     "columnnames": self.classes, "xlabel": f"predicted (epoch {epoch})",
                     "ylabel": "true", "marginleft": 90, "marginbottom": 90}
-            self._send(self.vis.heatmap, X=self.samples.confusion()[::-1].copy(),
+            self._send(self.vis.heatmap, X=confusion[::-1].copy(),
                        win="confusion", opts=opts)
         grid = self.samples.grid()
         if grid is not None:
