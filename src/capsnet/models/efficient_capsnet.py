@@ -24,6 +24,9 @@ from ..layers import Decoder, conv_output_size
 from .base import CapsuleModel, ConfigBase
 
 
+BN_EPS, BN_MOMENTUM = 1e-3, 0.01  # Keras' BatchNormalization defaults (momentum 0.99)
+
+
 def squash_exp(s: Tensor, dim: int = -1, eps: float = 1e-20) -> Tensor:
     """Efficient-CapsNet's squash ``(1 - 1/e^|s|) s/|s|``: length in [0, 1), finite at 0.
 
@@ -119,9 +122,10 @@ class EfficientCapsNet(CapsuleModel):
                              f"channels, got {c.conv_channels[-1]}")
         layers, channels = [], c.in_channels
         for out, k, s in zip(c.conv_channels, c.conv_kernels, c.conv_strides):
-            # Conv -> ReLU -> BN, in the authors' order.
+            # Conv -> ReLU -> BN, in the authors' order, with Keras' batch-norm defaults as
+            # their code has them (moving average 0.99 = PyTorch momentum 0.01, eps 1e-3).
             layers += [nn.Conv2d(channels, out, k, s), nn.ReLU(inplace=True),
-                       nn.BatchNorm2d(out)]
+                       nn.BatchNorm2d(out, eps=BN_EPS, momentum=BN_MOMENTUM)]
             channels = out
         self.features = nn.Sequential(*layers)
         kernel = c.primary_kernel or c.grid
