@@ -433,8 +433,15 @@ def _html(*, run_dir, ckpt, meta, dataset, n, accuracy, losses, rows, classes, p
               "lo": f"{lo:+.2f}", "hi": f"{hi:+.2f}", "step": f"{step:.2f}",
               "gif_image": gif_image, "gif_dims": ", ".join(map(str, gif_dims)),
               "mistakes_table": mk_table, "picks": ", ".join(map(str, picks))}
-    return Template((Path(__file__).parent / "template.html").read_text("utf-8")
-                    ).substitute(fields)
+    return render("template.html", f"CapsNet report: {fields['title']}", **fields)
+
+
+def render(template: str, page_title: str, **fields) -> str:
+    """The page ``template`` (a file beside this module) with ``fields`` filled in, after
+    the shared ``head.html`` (doctype, title, style)."""
+    here = Path(__file__).parent
+    head = Template((here / "head.html").read_text("utf-8")).substitute(page_title=page_title)
+    return Template((here / template).read_text("utf-8")).substitute(head=head, **fields)
 
 
 __all__ = ["perturbation_offsets", "perturbation_grid", "dimension_effect", "sweep_frames",

@@ -15,7 +15,6 @@ import dataclasses
 import datetime as _dt
 import html
 from pathlib import Path
-from string import Template
 
 import torch
 from torch import nn
@@ -65,7 +64,7 @@ def build_pair_report(model: nn.Module, meta: dict, *, ckpt, run_dir: Path, data
     from .. import __version__
     from ..data.multi import pair_correct
     from ..pairs import score_pairs, summarize_pairs
-    from . import _after, _pct, _selection
+    from . import _after, _pct, _selection, render
     images, labels = test.images, test.labels
     if test_size:
         images, labels = images[:test_size], labels[:test_size]
@@ -98,11 +97,10 @@ def build_pair_report(model: nn.Module, meta: dict, *, ckpt, run_dir: Path, data
                          for k, name in enumerate(classes))
     failures = ("<img src=\"pair_failures.png\" alt=\"failed pairs and their reconstructions\">"
                 if len(wrong) else "<p>No failures on these test pairs.</p>")
-    page = Template((Path(__file__).parent / "template_pairs.html").read_text("utf-8")
-                    ).substitute(title=e(run_dir.name), version=e(__version__),
-                                 when=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-                                 summary_rows=rows, class_rows=class_rows,
-                                 failures=failures, shown=shown)
+    page = render("template_pairs.html", f"CapsNet report on pairs: {e(run_dir.name)}",
+                  title=e(run_dir.name), version=e(__version__),
+                  when=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"), summary_rows=rows,
+                  class_rows=class_rows, failures=failures, shown=shown)
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")
     return index
