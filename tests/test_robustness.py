@@ -328,3 +328,20 @@ def test_figure5_colours_each_garment_from_its_own_capsule():
         torch.testing.assert_close(truth[:, 0], model.decoder(v, labels[:, 0])[:, 0])
         torch.testing.assert_close(truth[:, 1], model.decoder(v, labels[:, 1])[:, 0])
     assert (top2 == v.norm(dim=-1).topk(2, dim=1).indices).all()
+
+
+def test_equal_accuracy_match_uses_validation_accuracy():
+    """scripts/robustness.py: the weaker model at its best validation epoch, the stronger at
+    its first epoch reaching that accuracy (epochs counted from 1); test_acc is ignored."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parents[1] / "scripts" / "robustness.py"
+    spec = importlib.util.spec_from_file_location("robustness_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = lambda accs: [{"epoch": e, "val_acc": a, "test_acc": 1 - a}  # noqa: E731
+                         for e, a in enumerate(accs)]
+    curves = {"capsnet": rows([0.70, 0.80, 0.86, 0.90]), "baseline-cnn": rows([0.75, 0.85, 0.84])}
+    assert script.match_epochs(curves) == ("baseline-cnn", {"baseline-cnn": 2, "capsnet": 3})
+    curves = {"capsnet": rows([0.6, 0.7]), "baseline-cnn": rows([0.65, 0.9])}
+    assert script.match_epochs(curves) == ("capsnet", {"capsnet": 2, "baseline-cnn": 2})
