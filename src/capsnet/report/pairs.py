@@ -47,7 +47,7 @@ def _figure(model, packed, labels, idx, classes, heading, path: Path) -> None:
     if len(idx) == 0:
         return
     composites, truth, answer, top2 = decode_pairs(model, packed[idx], labels[idx])
-    short = lambda k: classes[int(k)][:9]  # noqa: E731
+    short = lambda k: classes[int(k)][:11]  # noqa: E731
     titles = [(f"{int(i)}: {short(a)} +\n{short(b)}", f"{short(a)}, {short(b)}",
                f"{short(p)}, {short(q)}")
               for i, (a, b), (p, q) in zip(idx, labels[idx].tolist(), top2.tolist())]
