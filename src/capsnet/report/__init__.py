@@ -4,7 +4,8 @@ The page (``RUN_DIR/report/index.html``) shows the training curves, the confusio
 per-class accuracy, test images beside their reconstructions, the most confident mistakes,
 the paper's Figure 4 (every dimension of the winning capsule nudged from -0.25 to +0.25 and
 decoded) and an animated GIF of such a sweep. It refers only to PNG/GIF files next to it:
-no scripts, no network.
+no scripts, no network. On overlapping pairs (MultiFashion) the page is
+:func:`capsnet.report.pairs.build_pair_report`'s: the pair accuracy and Figure 5.
 
 The reusable part, also used by the tutorial notebook:
 
