@@ -22,7 +22,7 @@ from torch import nn
 from ..data.batches import to_unit
 from ..data.multi import split_packed
 
-PAIR_FILES = ("pairs.png", "pair_failures.png")
+PAIR_FILES = ("pairs.png", "pair_failures.png")  # correct pairs, failures
 
 
 @torch.no_grad()
@@ -77,9 +77,10 @@ def build_pair_report(model: nn.Module, meta: dict, *, ckpt, run_dir: Path, data
     out.mkdir(parents=True, exist_ok=True)
     right, wrong = correct.nonzero().flatten()[:shown], (~correct).nonzero().flatten()[:shown]
     _figure(model, images, labels, right, classes,
-            "correct pairs: red = first garment, green = second", out / "pairs.png")
+            "correct pairs: red = first garment, green = second", out / PAIR_FILES[0])
     _figure(model, images, labels, wrong, classes,
-            "failures: the two longest capsules are not the pair's classes", out / "pair_failures.png")
+            "failures: the two longest capsules are not the pair's classes",
+            out / PAIR_FILES[1])
     e = html.escape
     summary = [
         ("run directory", e(str(run_dir))),
