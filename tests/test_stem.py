@@ -291,3 +291,14 @@ def test_dashboard_grid_enlarges_a_smaller_reconstruction():
     assert grid.shape == (3, 2 + 32 + 2, 2 + 4 * (32 + 2))
     torch.testing.assert_close(grid[0, 2:34, 36:68], recons[0, 0].repeat_interleave(4, 0)
                                .repeat_interleave(4, 1))
+
+
+def test_train_with_sizes_that_do_not_fit_is_one_line_error(fashion_dir, tmp_path, capsys):
+    """The model's own size checks reach the user as one line, not a traceback."""
+    common = ["--data-dir", str(fashion_dir), "--train-size", "32", "--val-size", "0",
+              "--test-size", "16", "--epochs", "1", "--no-progress", "--no-tensorboard"]
+    for flags, needle in ((["--recon-size", "40"], "recon_size"),
+                          (["--stem", "3"], "too small")):
+        code = main(["train", *common, *flags, "--out", str(tmp_path / flags[0][2:])])
+        err = capsys.readouterr().err
+        assert one_line_error(code, err) and needle in err, err

@@ -66,13 +66,16 @@ def build_module(s: dict, classes, shape, crop: int | None = None,
     model = model_config(s, classes, shape)
     if multi_label:
         model["multi_label"] = True
-    return LitCapsNet(arch=s["arch"], model=model, augment=augment, lr=s["lr"],
-                      lr_decay=s["lr_decay"], data_options=data_options(s),
-                      lr_decay_steps=s["lr_decay_steps"], lr_schedule=s["lr_schedule"],
-                      warmup_steps=s["warmup_steps"], ema=s["ema"],
-                      recon_weight=s["recon_weight"],
-                      classes=list(classes), dataset=s["dataset"],
-                      channels_last=s["channels_last"])
+    try:  # the model's own checks (sizes that do not fit the images) as one-line errors
+        return LitCapsNet(arch=s["arch"], model=model, augment=augment, lr=s["lr"],
+                          lr_decay=s["lr_decay"], data_options=data_options(s),
+                          lr_decay_steps=s["lr_decay_steps"], lr_schedule=s["lr_schedule"],
+                          warmup_steps=s["warmup_steps"], ema=s["ema"],
+                          recon_weight=s["recon_weight"],
+                          classes=list(classes), dataset=s["dataset"],
+                          channels_last=s["channels_last"])
+    except ValueError as e:
+        raise CapsnetError(f"{s['arch']}: {e}") from None
 
 
 def _check_resumable(path: Path, module: LitCapsNet) -> None:
