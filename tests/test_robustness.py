@@ -221,6 +221,10 @@ def test_pair_losses_and_scores_for_both_kinds_of_model():
     assert (r.reconstruction == 0).all() and r.reconstructions is None
     scores = torch.tensor([[0.9, 0.8, 0.1, 0.0], [0.9, 0.1, 0.8, 0.0]])
     assert multi.pair_correct(scores, torch.tensor([[1, 0], [2, 3]])).tolist() == [True, False]
+    from capsnet.pairs import summarize_pairs
+    s = summarize_pairs(scores, torch.tensor([[1, 0], [2, 3]]), list("abcd"))
+    assert s["accuracy"] == 0.5 and s["per_class_n"] == {"a": 1, "b": 1, "c": 1, "d": 1}
+    assert s["per_class"] == {"a": 1.0, "b": 1.0, "c": 1.0, "d": 0.0}
     packed = torch.cat([comp, first, second], 1).mul(255).byte()
     res = evaluate_pairs(sig, ImageDataset(packed, labels, FASHION_CLASSES))
     assert res["pairs"] and res["n"] == 2 and res["reconstruction_sse"] == 0

@@ -86,20 +86,22 @@ def mean_pair_loss(loss: PairLoss, valid: Tensor | None = None):
 
 def summarize_pairs(scores: Tensor, labels: Tensor, classes: list[str]) -> dict:
     """Pair accuracy (both classes are the two highest scores) and, per class, the share of
-    the pairs holding it whose two highest scores include it. Shapes: ``scores`` ``[N, O]``,
-    ``labels`` ``[N, 2]``."""
+    the pairs holding it whose two highest scores include it (``per_class``), and how many
+    pairs hold it (``per_class_n``). Shapes: ``scores`` ``[N, O]``, ``labels`` ``[N, 2]``."""
     if len(labels) == 0:
         return {"pairs": True, "n": 0, "classes": list(classes), "accuracy": 0.0,
-                "per_class": {name: 0.0 for name in classes}}
+                "per_class": {name: 0.0 for name in classes},
+                "per_class_n": {name: 0 for name in classes}}
     top2 = scores.topk(2, dim=1).indices
-    per_class = {}
+    per_class, per_class_n = {}, {}
     for k, name in enumerate(classes):
         holds = (labels == k).any(dim=1)
         found = (top2 == k).any(dim=1) & holds
-        per_class[name] = float(found.sum() / holds.sum().clamp(min=1))
+        per_class_n[name] = int(holds.sum())
+        per_class[name] = float(found.sum()) / max(per_class_n[name], 1)
     return {"pairs": True, "n": len(labels), "classes": list(classes),
             "accuracy": float(pair_correct(scores, labels).double().mean()),
-            "per_class": per_class}
+            "per_class": per_class, "per_class_n": per_class_n}
 
 
 @torch.inference_mode()

@@ -92,10 +92,9 @@ def build_pair_report(model: nn.Module, meta: dict, *, ckpt, run_dir: Path, data
                       f"reconstruction SSE {result['reconstruction_sse']:.2f}, both garments)"),
     ]
     rows = "\n".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary)
-    holds = [int((labels == k).any(dim=1).sum()) for k in range(len(classes))]
-    class_rows = "".join(f"<tr><td>{e(name)}</td><td class=num>{holds[k]}</td><td class=num>"
-                         f"{_pct(result['per_class'][name])}</td></tr>"
-                         for k, name in enumerate(classes))
+    class_rows = "".join(f"<tr><td>{e(name)}</td><td class=num>{result['per_class_n'][name]}"
+                         f"</td><td class=num>{_pct(result['per_class'][name])}</td></tr>"
+                         for name in classes)
     failures = ("<img src=\"pair_failures.png\" alt=\"failed pairs and their reconstructions\">"
                 if len(wrong) else "<p>No failures on these test pairs.</p>")
     page = render("template_pairs.html", f"CapsNet report on pairs: {e(run_dir.name)}",
