@@ -56,6 +56,37 @@ def test_evaluate_json(trained_run, fashion_dir, capsys):
     assert result["accuracy"] == pytest.approx(best, abs=1e-6)
 
 
+def test_evaluate_on_the_runs_validation_split_and_with_mirror_images(trained_run, fashion_dir,
+                                                                     tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "evaluate", trained_run / "best.ckpt", "--data-dir",
+                           fashion_dir, "--split", "val", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["n"] == 500 and result["split"] == "val"
+    # the very images training validated on: the same accuracy as metrics.csv's val_acc
+    assert result["accuracy"] == pytest.approx(
+        read_metrics(trained_run / "metrics.csv")[0]["val_acc"], abs=1e-6)
+    # --tta hflip: each image scored by the mean of its and its mirror's capsule lengths
+    from capsnet.inference import infer
+    model, _ = load_model(trained_run / "best.ckpt", torch.device("cpu"))
+    images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(6)
+    plain, mirrored = (infer(model, x, labels).lengths for x in (images, images.flip(-1)))
+    both = infer(model, images, labels, hflip=True)
+    assert torch.allclose(both.lengths, (plain + mirrored) / 2, atol=1e-6)
+    assert not torch.allclose(plain, mirrored, atol=1e-3)  # the mirror changes something
+    code, out, _ = run_cli(capsys, "evaluate", trained_run / "best.ckpt", "--data-dir",
+                           fashion_dir, "--test-size", 200, "--tta", "hflip")
+    assert code == 0 and "200 test images, each with its mirror image" in out
+    # refusals: digits are not mirrored; a weights file alone has no run to split
+    code, _, err = run_cli(capsys, "evaluate", trained_run / "best.ckpt", "--dataset", "mnist",
+                           "--tta", "hflip")
+    assert one_line_error(code, err) and "--tta hflip" in err
+    weights = tmp_path / "w.safetensors"
+    assert run_cli(capsys, "export", trained_run / "best.ckpt", weights)[0] == 0
+    code, _, err = run_cli(capsys, "evaluate", weights, "--split", "val")
+    assert one_line_error(code, err) and "config.yaml" in err
+
+
 def test_evaluate_table(trained_run, fashion_dir, capsys):
     code, out, _ = run_cli(capsys, "evaluate", trained_run / "last.ckpt", "--data-dir",
                            fashion_dir, "--test-size", 200)

@@ -186,9 +186,28 @@ def _cmd_datasets(a) -> int:
     return cmd_datasets(a)
 
 
+def _validation_split(model_path, run: dict, dataset: str, data_dir, options: dict):
+    """The validation images of the run ``model_path`` belongs to, carved again as training
+    carved them: the run's ``config.yaml`` (beside the checkpoint) gives the dataset and
+    ``val_size``; the split's seed is fixed (:class:`~capsnet.data.datamodule.ImageDataModule`).
+    """
+    if not run:
+        raise CapsnetError(f"{model_path}: --split val needs the run's config.yaml beside the "
+                           "checkpoint (the validation split is the run's own)")
+    if not run.get("val_size"):
+        raise CapsnetError(f"{model_path}: its run had no validation split (--val-size 0)")
+    if dataset != run.get("dataset"):
+        raise CapsnetError(f"--split val is the run's split of {run.get('dataset')}, not of "
+                           f"{dataset}; leave --dataset out")
+    from .data.datamodule import ImageDataModule
+    dm = ImageDataModule(dataset, data_dir, val_size=run["val_size"], options=options)
+    dm.setup("fit")
+    return dm.val
+
+
 def _cmd_evaluate(a) -> int:
     from .checkpoints import load_model
-    from .data.registry import load_dataset, recorded_options
+    from .data.registry import dataset_info, load_dataset, recorded_options
     from .evaluate import evaluate
     from .paper import RECON_WEIGHT
     from .runtime import torch_device
@@ -199,20 +218,30 @@ def _cmd_evaluate(a) -> int:
     model, meta = load_model(a.model, device)
     run = settings_beside(a.model)
     dataset = a.dataset or meta["dataset"]
-    _, test = load_dataset(dataset, run_data_dir(a.data_dir, run), **recorded_options(
-        dataset, meta.get("data_options"), run, image_size=model.config.image_size))
+    if a.tta == "hflip" and not dataset_info(dataset).hflip_ok:
+        raise CapsnetError(f"--tta hflip does not keep the class on {dataset} (a mirrored "
+                           "image is not of the same class there)")
+    data_dir = run_data_dir(a.data_dir, run)
+    options = recorded_options(dataset, meta.get("data_options"), run,
+                               image_size=model.config.image_size)
+    if a.split == "val":
+        test = _validation_split(a.model, run, dataset, data_dir, options)
+    else:
+        _, test = load_dataset(dataset, data_dir, **options)
     if a.test_size:
         test.images, test.labels = test.images[:a.test_size], test.labels[:a.test_size]
     recon_weight = meta.get("recon_weight") or RECON_WEIGHT  # the run's own, as in report
-    result = evaluate(model, test, a.batch_size, device, recon_weight)
-    result["model"] = str(a.model)
+    result = evaluate(model, test, a.batch_size, device, recon_weight, a.tta == "hflip")
+    result.update(model=str(a.model), split=a.split, tta=a.tta)
     if a.json:
         print(json.dumps(result))
         return 0
     if result.get("pairs"):
         _print_pairs(a.model, result)
         return 0
-    print(f"{a.model}: accuracy {result['accuracy']:.4f} on {result['n']:,} test images, "
+    tta = ", each with its mirror image" if a.tta == "hflip" else ""
+    print(f"{a.model}: accuracy {result['accuracy']:.4f} on {result['n']:,} "
+          f"{'validation' if a.split == 'val' else 'test'} images{tta}, "
           f"loss {result['loss']:.4f} ({_loss_terms(result)})")
     if result.get("multi_label"):
         _print_multilabel(result)
@@ -308,7 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", help="default: the one the model was trained on")
     e.add_argument("--data-dir", help="default: the run's data_dir (or the usual places)")
     e.add_argument("--batch-size", type=int, default=512)
-    e.add_argument("--test-size", type=int, help="first N test images only")
+    e.add_argument("--test-size", type=int, help="first N images of the split only")
+    e.add_argument("--split", choices=["test", "val"], default="test",
+                   help="val: the validation images of the checkpoint's run (its config.yaml), "
+                   "to choose by; test: the test set (default)")
+    e.add_argument("--tta", choices=["none", "hflip"], default="none",
+                   help="hflip: score each image with its mirror image too (mean capsule "
+                   "lengths; clothing and objects only)")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="one JSON object on stdout")
 

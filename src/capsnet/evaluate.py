@@ -16,7 +16,8 @@ from .paper import RECON_WEIGHT
 
 
 def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 512,
-             device: str | torch.device = "cpu", recon_weight: float = RECON_WEIGHT) -> dict:
+             device: str | torch.device = "cpu", recon_weight: float = RECON_WEIGHT,
+             hflip: bool = False) -> dict:
     """Accuracy, losses, per-class accuracy and confusion matrix of ``model`` on ``data``.
 
     ``confusion[t][p]`` counts images of true class ``t`` predicted as ``p``. Multi-label
@@ -25,18 +26,22 @@ def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 512,
     labels ``[N, 2]`` int64) :func:`~capsnet.pairs.evaluate_pairs` (the pair accuracy: the
     two highest scores are the pair's two classes). ``objective`` says how the model was
     trained (``"margin"`` for capsule models; the CNN baselines' ``margin_loss`` is their
-    classification loss and their ``reconstruction_sse`` 0).
+    classification loss and their ``reconstruction_sse`` 0). ``hflip``: score each image by
+    the mean of its and its mirror image's capsule lengths (:func:`~capsnet.inference.infer`;
+    not for pairs).
     """
     from .data.multi import is_pair_set
     from .models import objective as objective_of
     objective = objective_of(model)
     if is_pair_set(data):
+        if hflip:
+            raise CapsnetError("--tta hflip is not offered for pairs")
         from .pairs import evaluate_pairs
         return {**evaluate_pairs(model, data, batch_size, device, recon_weight),
                 "objective": objective}
     check_fits(model, data.shape, len(data.classes))
     model = model.to(device)
-    run = infer(model, data.images, data.labels, batch_size, recon_weight)
+    run = infer(model, data.images, data.labels, batch_size, recon_weight, hflip)
     scores = summarize_multilabel if data.labels.dim() == 2 else summarize
     return {**scores(run.lengths, data.labels, list(data.classes)),
             "loss": run.loss, "margin_loss": run.margin_loss,

@@ -36,7 +36,7 @@ def check_fits(model: nn.Module, shape: tuple, n_classes: int, what: str = "the 
 
 @torch.inference_mode()
 def infer(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 512,
-          recon_weight: float = RECON_WEIGHT) -> Inference:
+          recon_weight: float = RECON_WEIGHT, hflip: bool = False) -> Inference:
     """Run ``model`` (on its own device) over uint8 ``images`` ``[N, C, H, W]``.
 
     The losses are those of training (:func:`capsnet.losses.capsule_loss`) with the run's
@@ -44,6 +44,10 @@ def infer(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 51
     baselines ``lengths`` are their class probabilities and the losses their own
     (:func:`capsnet.losses.model_loss`: the classification loss as ``margin_loss``, no
     reconstruction).
+
+    ``hflip``: test-time augmentation; ``lengths`` are the mean of the image's and its
+    mirror image's (only where a mirror keeps the class; the losses stay those of the
+    images as given).
     """
     model.eval()
     from .models import objective as objective_of
@@ -57,7 +61,10 @@ def infer(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 51
         loss = model_loss(objective, out, y, x, recon_weight)
         totals += torch.tensor([loss.total.item(), loss.margin.item(),
                                 loss.reconstruction.item()], dtype=torch.float64) * len(y)
-        lengths.append(out.lengths.float().cpu())
+        scores = out.lengths.float()
+        if hflip:
+            scores = (scores + model(x.flip(-1)).lengths.float()) / 2
+        lengths.append(scores.cpu())
     mean = (totals / max(1, len(labels))).tolist()
     return Inference(torch.cat(lengths) if lengths else torch.zeros(0), *mean)
 
