@@ -88,8 +88,8 @@ class BaselineCNNMultiConfig(BaselineCNNConfig):
 
 
 class BaselineCNN(nn.Module):
-    """Convolutions (5x5 or ``first_kernel``, stride 1, "same", ReLU[, 2x2 max pooling]) -> fully connected
-    layers (ReLU) -> dropout -> one output per class.
+    """Convolutions (``first_kernel``, then 5x5; stride 1, "same", ReLU[, 2x2 max pooling])
+    -> fully connected layers (ReLU) -> dropout -> one output per class.
 
     ``forward(x, target=None)``: ``x`` ``[B, C, H, W]`` in [0, 1] -> :class:`CapsuleOutput`
     with ``lengths`` ``[B, O]`` the class probabilities (softmax here; one sigmoid per class
