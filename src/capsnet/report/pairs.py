@@ -95,7 +95,7 @@ def build_pair_report(model: nn.Module, meta: dict, *, ckpt, run_dir: Path, data
     class_rows = "".join(f"<tr><td>{e(name)}</td><td class=num>{result['per_class_n'][name]}"
                          f"</td><td class=num>{_pct(result['per_class'][name])}</td></tr>"
                          for name in classes)
-    failures = ("<img src=\"pair_failures.png\" alt=\"failed pairs and their reconstructions\">"
+    failures = (f"<img src=\"{PAIR_FILES[1]}\" alt=\"failed pairs and their reconstructions\">"
                 if len(wrong) else "<p>No failures on these test pairs.</p>")
     page = render("template_pairs.html", f"CapsNet report on pairs: {e(run_dir.name)}",
                   title=e(run_dir.name), version=e(__version__),
