@@ -334,3 +334,31 @@ def test_resume_with_a_validation_split(fashion_dir, tmp_path):
     rows = read_metrics(out / "metrics.csv")
     assert [r["epoch"] for r in rows] == [0, 1] and all("val_acc" in r for r in rows)
     assert (out / "best.ckpt").is_file()
+
+
+def test_init_starts_from_trained_weights_and_swa_averages_every_step(
+        trained_run, fashion_dir, tmp_path, capsys):
+    out = tmp_path / "swa"
+    # A learning rate of 1e-12 leaves the weights where --init put them, so the average
+    # must equal the starting model; random weights would be far from it.
+    code, stdout, _ = run_cli(capsys, "train", "--init", trained_run / "best.ckpt", "--swa",
+                              "--lr-schedule", "constant", "--lr", "1e-12",
+                              "--train-size", "192", "--val-size", "0", "--test-size", "64",
+                              "--batch-size", "64", "--epochs", "1", "--no-progress",
+                              "--no-tensorboard", "--data-dir", fashion_dir, "--out", out)
+    assert code == 0 and "starting from the weights of" in stdout
+    start, _ = load_model(trained_run / "best.ckpt")
+    averaged, _ = load_model(out / "last.ckpt")
+    for (name, a), b in zip(start.state_dict().items(), averaged.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)
+    state = torch.load(out / "last.ckpt", weights_only=True)["state_dict"]
+    assert int(state["ema.n_averaged"]) == 3  # one update per step: 192 images / 64
+    # Refusals: another architecture, both averages at once, a missing file.
+    for args, needle in [(["--arch", "efficient-capsnet"], "holds a capsnet"),
+                         (["--swa", "--ema", "0.99"], "exclude each other"),
+                         (["--init", tmp_path / "nothing.ckpt"], "nothing.ckpt")]:
+        init = [] if "--init" in args else ["--init", trained_run / "best.ckpt"]
+        code, _, err = run_cli(capsys, "train", *init, *args, "--train-size", "64",
+                               "--test-size", "64", "--val-size", "0", "--epochs", "1",
+                               "--data-dir", fashion_dir, "--out", tmp_path / "r")
+        assert one_line_error(code, err) and needle in str(err), err

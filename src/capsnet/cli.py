@@ -52,13 +52,20 @@ def _train_parser(sub) -> None:
         ("batch_size", f"default {D['batch_size']}", {"type": int}),
         ("eval_batch_size", f"default {D['eval_batch_size']}", {"type": int}),
         ("lr", f"Adam learning rate (default {D['lr']})", {"type": float}),
-        ("lr_schedule", "exp (the authors': x lr_decay every lr_decay_steps) or cosine "
-                        f"(to 0 at the last step) (default {D['lr_schedule']})",
-         {"choices": ["exp", "cosine"]}),
-        ("warmup_steps", "linear learning-rate warm-up steps for cosine (default 0)",
-         {"type": int}),
+        ("lr_schedule", "exp (the authors': x lr_decay every lr_decay_steps), cosine "
+                        "(to 0 at the last step) or constant "
+                        f"(default {D['lr_schedule']})",
+         {"choices": ["exp", "cosine", "constant"]}),
+        ("warmup_steps", "linear learning-rate warm-up steps for cosine and constant "
+                         "(default 0)", {"type": int}),
         ("ema", "exponential moving average of the weights, e.g. 0.999; evaluated and "
                 "checkpointed as the model (default 0: off)", {"type": float}),
+        ("swa", "stochastic weight averaging: the equal-weight mean of the weights after "
+                "every step of this run is evaluated and checkpointed as the model; meant "
+                "with --init and --lr-schedule constant (default off)", {"action": bool_}),
+        ("init", "start from the weights of MODEL (a checkpoint, a .safetensors file or a "
+                 "shipped model's name) with a new optimizer and schedule; same "
+                 "architecture and shapes (default: random weights)", {"metavar": "MODEL"}),
         ("lr_decay", f"learning-rate factor per --lr-decay-steps (default {D['lr_decay']})",
          {"type": float}),
         ("lr_decay_steps", f"default {D['lr_decay_steps']}", {"type": int}),

@@ -25,8 +25,12 @@ class LitCapsNet(L.LightningModule):
 
     ``lr_schedule="exp"``: ``lr * lr_decay ** (step / lr_decay_steps)`` (the authors' schedule:
     1e-3, decayed by 0.96 every 2000 steps). ``"cosine"``: :func:`lr_factor` over the whole run.
-    ``ema > 0`` keeps an exponential moving average of the weights (:func:`ema_update`);
-    validation, test and the checkpoints' exported model then use the averaged weights.
+    ``"constant"``: ``lr`` after the warm-up. ``ema > 0`` keeps an exponential moving average
+    of the weights (:func:`ema_update`); ``swa`` instead their equal-weight mean over every
+    step of the run (stochastic weight averaging, Izmailov et al. 2018: meant for a run
+    started from trained weights at a constant learning rate). Validation, test and the
+    checkpoints' exported model then use the averaged weights (kept as ``self.ema`` either
+    way, so the checkpoints' keys are the same).
     Logged metrics, per split ``train``/``val``/``test``: ``{split}/loss``, ``{split}/margin``,
     ``{split}/recon`` (sum of squared errors per image), ``{split}/acc``; and ``lr``. On
     multi-label data ``acc`` is the share of images whose predicted label set is exactly the
@@ -49,7 +53,7 @@ class LitCapsNet(L.LightningModule):
                  recon_weight: float = RECON_WEIGHT, classes: list[str] | None = None,
                  dataset: str = "fashion-mnist", channels_last: bool = True,
                  lr_schedule: str = "exp", warmup_steps: int = 0, ema: float = 0.0,
-                 arch: str = "capsnet", data_options: dict | None = None):
+                 arch: str = "capsnet", data_options: dict | None = None, swa: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.augment_config = AugmentConfig(**(augment or {}))
@@ -60,8 +64,10 @@ class LitCapsNet(L.LightningModule):
         # build in it, so --no-channels-last converts them back.
         self.model.to(memory_format=torch.channels_last if channels_last
                       else torch.contiguous_format)
-        self.ema = (AveragedModel(self.model, multi_avg_fn=ema_update(ema), use_buffers=True)
-                    if ema > 0 else None)
+        # The running mean of torch.optim.swa_utils (multi_avg_fn None) is SWA's average.
+        self.ema = (AveragedModel(self.model, multi_avg_fn=ema_update(ema) if ema > 0 else None,
+                                  use_buffers=True)
+                    if ema > 0 or swa else None)
         if self.ema is not None:  # updated by averaging, never by gradients (DDP checks)
             self.ema.requires_grad_(False)
         self.split_names: list[str] = ["test"]  # names of the validation dataloaders
@@ -189,6 +195,10 @@ class LitCapsNet(L.LightningModule):
             total = int(self.trainer.estimated_stepping_batches)
             sched = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda step: lr_factor(step, total, hp.warmup_steps))
+        elif hp.lr_schedule == "constant":
+            warmup = hp.warmup_steps
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         else:
             gamma = hp.lr_decay ** (1.0 / hp.lr_decay_steps)
             sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma)

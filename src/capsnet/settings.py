@@ -16,7 +16,7 @@ import yaml
 from .errors import CapsnetError
 from .paper import RECON_WEIGHT, ROUTING_ITERATIONS
 
-LR_SCHEDULES = ("exp", "cosine")
+LR_SCHEDULES = ("exp", "cosine", "constant")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")  # Lightning's names
 STRATEGIES = ("auto", "ddp")  # Lightning's: one process, or one process per device
 
@@ -24,7 +24,8 @@ DEFAULTS: dict = {
     "arch": "capsnet", "dataset": "fashion-mnist", "data_dir": None, "out": "runs/capsnet",
     "epochs": 10, "batch_size": 128, "eval_batch_size": 512,
     "lr": 1e-3, "lr_schedule": "exp", "lr_decay": 0.96, "lr_decay_steps": 2000,
-    "warmup_steps": 0, "ema": 0.0,
+    "warmup_steps": 0, "ema": 0.0, "swa": False,
+    "init": None,  # start from these weights (a checkpoint, weights file or shipped name)
     "routing_iterations": ROUTING_ITERATIONS, "detach_routing": False,
     "stem": 0, "stem_channels": 64,  # CapsNet's downsampling stem (0: none, the paper's model)
     "recon_size": 0,  # CapsNet's decoder output side (0: the image's, the paper's decoder)
@@ -106,6 +107,12 @@ def check_settings(s: dict) -> dict:
                            f"got {s['strategy']!r}")
     if s["ema"] >= 1:
         raise CapsnetError(f"setting 'ema' must be below 1 (0: off), got {s['ema']}")
+    if s["swa"] and s["ema"] > 0:
+        raise CapsnetError("settings 'swa' and 'ema' exclude each other (one average of the "
+                           "weights is evaluated and saved); set ema to 0 with swa")
+    if s.get("init") is not None and not isinstance(s["init"], str):
+        raise CapsnetError(f"setting 'init' must be a path or a shipped model's name, got "
+                           f"{s['init']!r}")
     from .models import ARCHITECTURES  # the registry is the one list (imports torch)
     if s["arch"] not in ARCHITECTURES:
         raise CapsnetError(f"setting 'arch' must be one of {', '.join(ARCHITECTURES)}, "

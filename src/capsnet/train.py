@@ -70,7 +70,7 @@ def build_module(s: dict, classes, shape, crop: int | None = None,
         return LitCapsNet(arch=s["arch"], model=model, augment=augment, lr=s["lr"],
                           lr_decay=s["lr_decay"], data_options=data_options(s),
                           lr_decay_steps=s["lr_decay_steps"], lr_schedule=s["lr_schedule"],
-                          warmup_steps=s["warmup_steps"], ema=s["ema"],
+                          warmup_steps=s["warmup_steps"], ema=s["ema"], swa=s["swa"],
                           recon_weight=s["recon_weight"],
                           classes=list(classes), dataset=s["dataset"],
                           channels_last=s["channels_last"])
@@ -93,6 +93,23 @@ def _check_resumable(path: Path, module: LitCapsNet) -> None:
     except (RuntimeError, TypeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CapsnetError(f"{path}: does not fit this run's model ({first[:160]})") from None
+
+
+def _load_init(spec: str, module: LitCapsNet) -> None:
+    """Start ``module`` from the weights of a trained model (``--init``): the weights that
+    were evaluated there (the average, if it had one); optimizer and schedule start anew.
+    One-line error unless it is the same architecture with the same shapes."""
+    from .checkpoints import load_model
+    model, meta = load_model(spec)
+    arch = module.hparams.arch
+    if meta["arch"] != arch:
+        raise CapsnetError(f"--init {spec}: holds a {meta['arch']}, this run trains a {arch}")
+    try:
+        module.model.load_state_dict(model.state_dict())
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CapsnetError(f"--init {spec}: does not fit this run's model ({first[:160]})"
+                           ) from None
 
 
 def _extra_callbacks(s: dict, datamodule) -> list:
@@ -163,6 +180,8 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
     module = build_module(s, dm.classes, dm.shape, dm.info.crop, dm.multi_label)
     if resume:
         _check_resumable(last, module)
+    elif s["init"] is not None:
+        _load_init(s["init"], module)
     module.split_names = list(dm.eval_splits())
     n = module.model.num_parameters()
     world = s["devices"] * s["num_nodes"]
@@ -172,6 +191,8 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
         print(f"{s['arch']}: {n:,} parameters ({n / 1e6:.1f}M); {len(dm.train):,} training images, "
           f"{', '.join(f'{len(d):,} {k}' for k, d in dm.eval_splits().items())}; "
           f"device {accelerator}; {torch.get_num_threads()} threads{parallel}", flush=True)
+        if s["init"] is not None and not resume:
+            print(f"starting from the weights of {s['init']}", flush=True)
 
     # best.ckpt follows validation accuracy; the test set never chooses anything, so without
     # a validation split there is only last.ckpt.
