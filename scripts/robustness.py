@@ -20,6 +20,10 @@ and a Markdown table on stdout.
   weaker model's best validation accuracy ``a`` and its epoch; the stronger model's first
   epoch whose validation accuracy reaches ``a``. Both chosen weights are then evaluated on
   the expanded test set and on the affine test set (``fashion-mnist-affine``).
+  With ``--fine S`` the stronger model's match is made finer than an epoch: it is trained
+  again (same seed and flags, in ``expanded-ARCH-steps``) up to the matched epoch, keeping its
+  weights every ``S`` steps (``capsnet train --save-every-steps``); the first of those whose
+  validation accuracy reaches ``a`` is the one compared.
 
 The learning rate schedule is the default per-step exponential decay, which does not depend
 on ``--epochs``, so training one epoch at a time is the same run as training them at once.
@@ -149,26 +153,49 @@ def cmd_affine(a, common: list[str]) -> dict:
         curves[arch] = metrics(d)[:a.epochs]
     weaker, chosen = match_epochs(curves)
     out = {"matched_on": "validation accuracy (expanded)", "weaker": weaker, "models": {}}
+    target = curves[weaker][chosen[weaker] - 1]["val_acc"]
     for arch, epoch in chosen.items():
         d = a.out / f"expanded-{arch}"
-        w = weights(d, epoch)
-        expanded = evaluate(w, "--dataset", "fashion-mnist-expanded")
-        affine = evaluate(w, "--dataset", "fashion-mnist-affine")
         rows = curves[arch][:epoch]
+        used = {"weights": str(weights(d, epoch)), "epoch": epoch, "minutes": minutes(rows),
+                "val_acc": rows[-1]["val_acc"]}
+        if a.fine and arch != weaker:
+            used = fine_match(a, common, arch, epoch, target) or used
+        expanded = evaluate(Path(used["weights"]), "--dataset", "fashion-mnist-expanded")
+        affine = evaluate(Path(used["weights"]), "--dataset", "fashion-mnist-affine")
         out["models"][arch] = {
-            "parameters": parameters(d), "epoch": epoch, "minutes": minutes(rows),
-            "val_acc": rows[-1]["val_acc"], "expanded_test_acc": expanded["accuracy"],
+            "parameters": parameters(d), **used, "expanded_test_acc": expanded["accuracy"],
             "affine_test_acc": affine["accuracy"], "n": affine["n"],
             "epochs_trained": len(curves[arch]),
             "best_val_acc": max(r["val_acc"] for r in curves[arch])}
     return out
 
 
+def fine_match(a, common: list[str], arch: str, epoch: int, target: float) -> dict | None:
+    """The stronger model ``arch`` stopped at the first of its every-``a.fine``-steps weights
+    files (a new run, trained up to ``epoch``) whose validation accuracy reaches ``target``."""
+    d = a.out / f"expanded-{arch}-steps"
+    train(d, epoch, [*common, "--dataset", "fashion-mnist-expanded", "--arch", arch,
+                     "--save-every-steps", str(a.fine)])
+    rows = metrics(d)[:epoch]
+    files = sorted(d.glob("step-*.safetensors"))
+    steps_per_epoch = int(files[-1].stem.split("-")[1]) / len(rows) if files else 1
+    for w in files:
+        val = evaluate(w, "--split", "val")["accuracy"]
+        if val >= target:
+            step = int(w.stem.split("-")[1])
+            return {"weights": str(w), "step": step, "val_acc": val,
+                    "epoch": step / steps_per_epoch,
+                    "minutes": minutes(rows) * step / (steps_per_epoch * len(rows))}
+    return None
+
+
 def affine_table(res: dict) -> str:
     lines = ["| model | parameters | epoch used | wall time to it (min) | val acc (expanded) | "
              "expanded test acc | affine test acc |", "|---|---:|---:|---:|---:|---:|---:|"]
     for arch, r in res["models"].items():
-        lines.append(f"| {arch} | {r['parameters'] or 0:,} | {r['epoch']} | {r['minutes']:.0f} "
+        epoch = (f"{r['epoch']:.2f} (step {r['step']})" if "step" in r else str(r["epoch"]))
+        lines.append(f"| {arch} | {r['parameters'] or 0:,} | {epoch} | {r['minutes']:.1f} "
                      f"| {r['val_acc']:.2%} | {r['expanded_test_acc']:.2%} | "
                      f"{r['affine_test_acc']:.2%} |")
     return "\n".join(lines)
@@ -184,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-size", type=int, help="first N test images/pairs (default: all)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--data-dir", help="where Fashion-MNIST is (default: capsnet's search)")
+    p.add_argument("--fine", type=int, default=0, metavar="S",
+                   help="affine: match the stronger model every S steps instead of per epoch")
     p.add_argument("--extra", default="", help="more `capsnet train` flags, one string")
     a = p.parse_args(argv)
     if a.epochs < 1:

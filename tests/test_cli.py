@@ -362,3 +362,22 @@ def test_init_starts_from_trained_weights_and_swa_averages_every_step(
                                "--test-size", "64", "--val-size", "0", "--epochs", "1",
                                "--data-dir", fashion_dir, "--out", tmp_path / "r")
         assert one_line_error(code, err) and needle in str(err), err
+
+
+def test_save_every_steps_keeps_weights_files_that_evaluate_on_the_runs_split(
+        fashion_dir, tmp_path, capsys):
+    out = tmp_path / "steps"
+    assert main(["train", *SMALL, "--data-dir", str(fashion_dir), "--epochs", "1",
+                 "--save-every-steps", "3", "--out", str(out)]) == 0  # 384 / 64 = 6 steps
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000003.safetensors",
+                                                          "step-000006.safetensors"]
+    final, _ = load_model(out / "step-000006.safetensors")
+    last, _ = load_model(out / "last.ckpt")
+    for (name, a), b in zip(last.state_dict().items(), final.state_dict().values()):
+        assert torch.equal(a, b), name
+    earlier, _ = load_model(out / "step-000003.safetensors")
+    assert not torch.equal(earlier.digits.weight, final.digits.weight)
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "step-000003.safetensors"), "--split", "val",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 128

@@ -74,6 +74,27 @@ class EpochMetricsCSV(L.Callback):
             csv.DictWriter(f, COLUMNS).writerow(row)
 
 
+class SaveWeightsEvery(L.Callback):
+    """Writes the evaluated weights (the average, if the run keeps one) every ``every``
+    training steps to ``out/step-NNNNNN.safetensors`` (``NNNNNN``: the global step), a
+    weights file like ``capsnet export`` writes. For comparisons at a finer grain than the
+    epoch (``docs/robustness.md``: the affine experiment's equal-accuracy match)."""
+
+    def __init__(self, out: str | Path, every: int):
+        self.out, self.every = Path(out), every
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if trainer.global_rank != 0 or step % self.every:
+            return
+        from .weights import save_weights
+        hp = pl_module.hparams
+        info = {"classes": hp.classes, "dataset": hp.dataset, "source": f"step {step}",
+                "epoch": trainer.current_epoch, "recon_weight": hp.recon_weight,
+                "data_options": hp.data_options}
+        save_weights(pl_module.eval_model, self.out / f"step-{step:06d}.safetensors", info)
+
+
 class StopOnNonFinite(L.Callback):
     """Stop the run at the first training step whose loss is NaN or infinite.
 

@@ -119,6 +119,9 @@ def _train_parser(sub) -> None:
          {"action": bool_}),
         ("log_every", f"log and refresh every N steps (default {D['log_every']})",
          {"type": int}),
+        ("save_every_steps", "also keep the evaluated weights every N training steps as "
+                             "OUT/step-NNNNNN.safetensors, for comparisons finer than an "
+                             "epoch (default 0: off)", {"type": int}),
         ("tensorboard", "TensorBoard logs in OUT/tensorboard (default on)", {"action": bool_}),
         ("progress", "progress bar (default on)", {"action": bool_}),
         ("visdom", "stream to a Visdom server (default off)", {"action": bool_}),
@@ -199,8 +202,9 @@ def _validation_split(model_path, run: dict, dataset: str, data_dir, options: di
     ``val_size``; the split's seed is fixed (:class:`~capsnet.data.datamodule.ImageDataModule`).
     """
     if not run:
-        raise CapsnetError(f"{model_path}: --split val needs the run's config.yaml beside the "
-                           "checkpoint (the validation split is the run's own)")
+        raise CapsnetError(f"{model_path}: --split val needs a checkpoint or weights file with "
+                           "its run's config.yaml beside it (the validation split is the "
+                           "run's own)")
     if not run.get("val_size"):
         raise CapsnetError(f"{model_path}: its run had no validation split (--val-size 0)")
     if dataset != run.get("dataset"):
@@ -214,7 +218,7 @@ def _validation_split(model_path, run: dict, dataset: str, data_dir, options: di
 
 def _cmd_evaluate(a) -> int:
     from .checkpoints import load_model
-    from .data.registry import dataset_info, load_dataset, recorded_options
+    from .data.registry import load_dataset, recorded_options, refuse_mirroring
     from .evaluate import evaluate
     from .paper import RECON_WEIGHT
     from .runtime import torch_device
@@ -225,9 +229,8 @@ def _cmd_evaluate(a) -> int:
     model, meta = load_model(a.model, device)
     run = settings_beside(a.model)
     dataset = a.dataset or meta["dataset"]
-    if a.tta == "hflip" and not dataset_info(dataset).hflip_ok:
-        raise CapsnetError(f"--tta hflip does not keep the class on {dataset} (a mirrored "
-                           "image is not of the same class there)")
+    if a.tta == "hflip":
+        refuse_mirroring(dataset, "--tta hflip")
     data_dir = run_data_dir(a.data_dir, run)
     options = recorded_options(dataset, meta.get("data_options"), run,
                                image_size=model.config.image_size)

@@ -35,7 +35,7 @@ DEFAULTS: dict = {
     "image_size": None, "test_fraction": 0.2,
     "seed": 0, "device": "auto", "devices": 1, "num_nodes": 1, "strategy": "auto",
     "precision": "32", "threads": None, "channels_last": True,
-    "log_every": 20, "tensorboard": True, "progress": True,
+    "log_every": 20, "save_every_steps": 0, "tensorboard": True, "progress": True,
     "visdom": False, "visdom_server": "http://127.0.0.1", "visdom_port": 8097,
     "visdom_env": "capsnet",
 }
@@ -45,7 +45,7 @@ _POSITIVE = ("epochs", "batch_size", "eval_batch_size", "lr", "lr_decay", "lr_de
              "routing_iterations", "train_size", "test_size", "log_every", "threads",
              "devices", "num_nodes", "image_size", "stem_channels")
 _NON_NEGATIVE = ("warmup_steps", "ema", "recon_weight", "shift", "rotate", "scale", "shear", "translate", "val_size",
-                 "stem", "recon_size")
+                 "stem", "recon_size", "save_every_steps")
 
 
 def read_config(path: str | Path) -> dict:

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from .callbacks import (EpochMetricsCSV, ProgressBar, SafeCheckpointIO, SameWeightsOnAllRanks,
-                        StopOnNonFinite, read_metrics)
+                        SaveWeightsEvery, StopOnNonFinite, read_metrics)
 from .data.datamodule import ImageDataModule
 from .data.generated import check_training
 from .errors import CapsnetError
@@ -174,9 +174,9 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
                          s["train_size"], s["val_size"], s["test_size"], seed=s["seed"],
                          options=data_options(s) if dm_sized(s) else None)
     dm.setup("fit")
-    if s["hflip"] and not dm.info.hflip_ok:
-        raise CapsnetError(f"--hflip does not keep the class on {s['dataset']} (a mirrored "
-                           "image is not of the same class there); leave it off")
+    if s["hflip"]:
+        from .data.registry import refuse_mirroring
+        refuse_mirroring(s["dataset"], "--hflip")
     module = build_module(s, dm.classes, dm.shape, dm.info.crop, dm.multi_label)
     if resume:
         _check_resumable(last, module)
@@ -210,6 +210,8 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
                                            auto_insert_metric_name=False))
     callbacks = [StopOnNonFinite(), *checkpoints, EpochMetricsCSV(out / "metrics.csv"),
                  SameWeightsOnAllRanks()]
+    if s["save_every_steps"]:
+        callbacks.append(SaveWeightsEvery(out, s["save_every_steps"]))
     if s["progress"]:
         callbacks.append(ProgressBar(refresh_rate=max(1, s["log_every"] // 4)))
     callbacks += _extra_callbacks(s, dm)

@@ -215,6 +215,14 @@ def dataset_info(name: str) -> DatasetSpec:
                            f"{', '.join(DATASETS)}") from None
 
 
+def refuse_mirroring(name: str, flag: str) -> None:
+    """One-line error when ``flag`` (``--hflip``, ``--tta hflip``) would mirror the images of
+    a dataset whose ``hflip_ok`` is False (digits: a mirrored 2 is not a 2)."""
+    if not dataset_info(name).hflip_ok:
+        raise CapsnetError(f"{flag} does not keep the class on {name} (a mirrored image is "
+                           "not of the same class there); leave it off")
+
+
 # --------------------------------------------------------------------------- finding
 
 def cache_dir(name: str) -> Path:

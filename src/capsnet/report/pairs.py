@@ -100,7 +100,8 @@ def build_pair_report(model: nn.Module, meta: dict, *, ckpt, run_dir: Path, data
     page = render("template_pairs.html", f"CapsNet report on pairs: {e(run_dir.name)}",
                   title=e(run_dir.name), version=e(__version__),
                   when=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"), summary_rows=rows,
-                  class_rows=class_rows, failures=failures, shown=shown)
+                  class_rows=class_rows, failures=failures, shown=shown,
+                  pairs_png=PAIR_FILES[0])
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")
     return index
