@@ -1,9 +1,11 @@
 """Accuracy against the clock for a finished run: a table and a plot from its metrics.csv.
 
-    python scripts/clock.py RUN_DIR [--png docs/accuracy_vs_time.png] [--cpu "Intel Xeon ..."]
+    python scripts/clock.py RUN_DIR [RUN_DIR2 ...] [--png docs/accuracy_vs_time.png] [--cpu "Intel Xeon ..."]
 
 Wall time is the sum of the epochs' ``epoch_time_s`` (training plus the per-epoch evaluation
-of the validation and test sets), so it continues across ``--resume``. Per-epoch test accuracy
+of the validation and test sets), so it continues across ``--resume``. Several run folders
+are the stages of one recipe in order (a run started with ``--init`` from the one before):
+their epochs are counted on one clock, and the plot marks where each stage begins. Per-epoch test accuracy
 is a record only: the test set chose nothing (best.ckpt follows validation accuracy).
 """
 
@@ -40,7 +42,20 @@ def first_reached(rows: list[dict], key: str = "test_acc") -> dict:
     return out
 
 
-def plot(rows: list[dict], path: Path, cpu: str) -> None:
+def stages(run_dirs: list[str]) -> tuple[list[dict], list[int]]:
+    """The metrics.csv rows of the stages, epochs numbered on from one stage to the next,
+    and the epoch (counted from 1) at which each stage after the first begins."""
+    rows, starts = [], []
+    for d in run_dirs:
+        if rows:
+            starts.append(len(rows) + 1)
+        rows += [{**r, "epoch": len(rows) + i} for i, r in
+                 enumerate(read_metrics(Path(d) / "metrics.csv"))]
+    return rows, starts
+
+
+def plot(rows: list[dict], path: Path, cpu: str, starts: list[int] = (),
+         recipe: str = "configs/fashion-mnist.yaml") -> None:
     minutes, elapsed = [], 0.0
     for r in rows:
         elapsed += r["epoch_time_s"]
@@ -54,32 +69,38 @@ def plot(rows: list[dict], path: Path, cpu: str) -> None:
             ax.plot(x, [100 * r[key] for r in rows], "o-", ms=3, color=colour, label=name)
         for t in (90, 92, 93):
             ax.axhline(t, color="#999", lw=0.6, ls=":")
+        for s in starts:  # a new stage begins after epoch s - 1
+            ax.axvline(x[s - 2], color="#7570b3", lw=0.8, ls="--")
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(84, 95)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"capsnet, configs/fashion-mnist.yaml, 2 threads on {cpu}", fontsize=10)
+    fig.suptitle(f"capsnet, {recipe}, 2 threads on {cpu}", fontsize=10)
     fig.savefig(path, dpi=90, facecolor="white")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run_dir")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="a run, or the stages of one recipe in order")
     p.add_argument("--png", help="write the plot here")
     p.add_argument("--cpu", default="this CPU", help="CPU name for the plot's title")
+    p.add_argument("--recipe", default="configs/fashion-mnist.yaml",
+                   help="the recipe's name for the plot's title")
     a = p.parse_args(argv)
-    rows = read_metrics(Path(a.run_dir) / "metrics.csv")
-    if not rows:
-        print(f"{a.run_dir}: no metrics.csv rows", file=sys.stderr)
+    empty = [d for d in a.run_dirs if not read_metrics(Path(d) / "metrics.csv")]
+    if empty:
+        print(f"{empty[0]}: no metrics.csv rows", file=sys.stderr)
         return 2
+    rows, starts = stages(a.run_dirs)
     print(table(rows))
     print()
     for key in ("test_acc", "val_acc"):
         for t, (epoch, minutes) in first_reached(rows, key).items():
             print(f"{key} first >= {t:.1%}: epoch {epoch}, {minutes:.1f} min")
     if a.png:
-        plot(rows, Path(a.png), a.cpu)
+        plot(rows, Path(a.png), a.cpu, starts, a.recipe)
         print(f"wrote {a.png}")
     return 0
 
