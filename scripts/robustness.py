@@ -160,7 +160,7 @@ def cmd_affine(a, common: list[str]) -> dict:
         used = {"weights": str(weights(d, epoch)), "epoch": epoch, "minutes": minutes(rows),
                 "val_acc": rows[-1]["val_acc"]}
         if a.fine and arch != weaker:
-            used = fine_match(a, common, arch, epoch, target) or used
+            used = fine_match(a, common, arch, epoch, target, curves[arch]) or used
         expanded = evaluate(Path(used["weights"]), "--dataset", "fashion-mnist-expanded")
         affine = evaluate(Path(used["weights"]), "--dataset", "fashion-mnist-affine")
         out["models"][arch] = {
@@ -171,22 +171,26 @@ def cmd_affine(a, common: list[str]) -> dict:
     return out
 
 
-def fine_match(a, common: list[str], arch: str, epoch: int, target: float) -> dict | None:
+def fine_match(a, common: list[str], arch: str, epoch: int, target: float,
+               timed: list[dict]) -> dict | None:
     """The stronger model ``arch`` stopped at the first of its every-``a.fine``-steps weights
-    files (a new run, trained up to ``epoch``) whose validation accuracy reaches ``target``."""
+    files (a new run, trained up to ``epoch``) whose validation accuracy reaches ``target``.
+    Its wall time is pro-rated from ``timed``, the first run's epochs (the new run replays
+    them with more work per step: saving and, later, evaluating every file)."""
     d = a.out / f"expanded-{arch}-steps"
     train(d, epoch, [*common, "--dataset", "fashion-mnist-expanded", "--arch", arch,
                      "--save-every-steps", str(a.fine)])
     rows = metrics(d)[:epoch]
     files = sorted(d.glob("step-*.safetensors"))
     steps_per_epoch = int(files[-1].stem.split("-")[1]) / len(rows) if files else 1
+    curve = []  # (step, validation accuracy) of every file looked at
     for w in files:
-        val = evaluate(w, "--split", "val")["accuracy"]
-        if val >= target:
-            step = int(w.stem.split("-")[1])
-            return {"weights": str(w), "step": step, "val_acc": val,
-                    "epoch": step / steps_per_epoch,
-                    "minutes": minutes(rows) * step / (steps_per_epoch * len(rows))}
+        step = int(w.stem.split("-")[1])
+        curve.append((step, evaluate(w, "--split", "val")["accuracy"]))
+        if curve[-1][1] >= target:
+            return {"weights": str(w), "step": step, "val_acc": curve[-1][1],
+                    "epoch": step / steps_per_epoch, "val_curve": curve,
+                    "minutes": minutes(timed[:len(rows)]) * step / (steps_per_epoch * len(rows))}
     return None
 
 
