@@ -182,16 +182,32 @@ def fine_match(a, common: list[str], arch: str, epoch: int, target: float,
                      "--save-every-steps", str(a.fine)])
     rows = metrics(d)[:epoch]
     files = sorted(d.glob("step-*.safetensors"))
-    steps_per_epoch = int(files[-1].stem.split("-")[1]) / len(rows) if files else 1
-    curve = []  # (step, validation accuracy) of every file looked at
+    from capsnet.checkpoints import safe_load
+    steps_per_epoch = safe_load(d / "last.ckpt")["global_step"] / len(rows)
+    found, curve = first_reaching(files, lambda w: evaluate(w, "--split", "val")["accuracy"],
+                                  target)
+    if found is None:
+        return None
+    step = step_of(found)
+    return {"weights": str(found), "step": step, "val_acc": curve[-1][1],
+            "epoch": step / steps_per_epoch, "val_curve": [(step_of(w), acc) for w, acc in curve],
+            "minutes": minutes(timed[:len(rows)]) * step / (steps_per_epoch * len(rows))}
+
+
+def step_of(weights_file: Path) -> int:
+    """``step-000068.safetensors`` -> 68."""
+    return int(weights_file.stem.split("-")[1])
+
+
+def first_reaching(files: list[Path], score, target: float):
+    """The first of ``files`` (in order) whose ``score`` reaches ``target``, scoring no file
+    after it; returns ``(file or None, [(file, score), ...] of the files scored)``."""
+    curve = []
     for w in files:
-        step = int(w.stem.split("-")[1])
-        curve.append((step, evaluate(w, "--split", "val")["accuracy"]))
+        curve.append((w, score(w)))
         if curve[-1][1] >= target:
-            return {"weights": str(w), "step": step, "val_acc": curve[-1][1],
-                    "epoch": step / steps_per_epoch, "val_curve": curve,
-                    "minutes": minutes(timed[:len(rows)]) * step / (steps_per_epoch * len(rows))}
-    return None
+            return w, curve
+    return None, curve
 
 
 def affine_table(res: dict) -> str:

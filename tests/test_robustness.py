@@ -337,18 +337,39 @@ def test_figure5_colours_each_garment_from_its_own_capsule():
     assert (top2 == v.norm(dim=-1).topk(2, dim=1).indices).all()
 
 
-def test_equal_accuracy_match_uses_validation_accuracy():
-    """scripts/robustness.py: the weaker model at its best validation epoch, the stronger at
-    its first epoch reaching that accuracy (epochs counted from 1); test_acc is ignored."""
+def _robustness_script():
+    """scripts/robustness.py as a module (scripts are not a package)."""
     import importlib.util
     from pathlib import Path
     path = Path(__file__).parents[1] / "scripts" / "robustness.py"
     spec = importlib.util.spec_from_file_location("robustness_script", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_equal_accuracy_match_uses_validation_accuracy():
+    """scripts/robustness.py: the weaker model at its best validation epoch, the stronger at
+    its first epoch reaching that accuracy (epochs counted from 1); test_acc is ignored."""
+    script = _robustness_script()
     rows = lambda accs: [{"epoch": e, "val_acc": a, "test_acc": 1 - a}  # noqa: E731
                          for e, a in enumerate(accs)]
     curves = {"capsnet": rows([0.70, 0.80, 0.86, 0.90]), "baseline-cnn": rows([0.75, 0.85, 0.84])}
     assert script.match_epochs(curves) == ("baseline-cnn", {"baseline-cnn": 2, "capsnet": 3})
     curves = {"capsnet": rows([0.6, 0.7]), "baseline-cnn": rows([0.65, 0.9])}
     assert script.match_epochs(curves) == ("capsnet", {"capsnet": 2, "baseline-cnn": 2})
+
+
+def test_fine_match_scores_files_in_order_and_stops_at_the_first_reaching():
+    """scripts/robustness.py --fine: the first weights file at or above the target, none
+    scored after it; None when no file reaches it."""
+    from pathlib import Path
+    script = _robustness_script()
+    files = [Path(f"step-{s:06d}.safetensors") for s in (4, 8, 12, 16)]
+    acc = dict(zip(files, (0.50, 0.53, 0.56, 0.60)))
+    scored = []
+    score = lambda w: scored.append(w) or acc[w]  # noqa: E731
+    found, curve = script.first_reaching(files, score, 0.546)
+    assert found == files[2] and scored == files[:3] and curve[-1] == (files[2], 0.56)
+    assert script.step_of(found) == 12
+    assert script.first_reaching(files, acc.get, 0.7) == (None, list(acc.items()))
