@@ -116,3 +116,13 @@ def visdom_port(tmp_path_factory):
     port, stop = start_visdom_server(tmp_path_factory.mktemp("visdom"))
     yield port
     stop()
+
+
+def load_script(name: str):
+    """``scripts/NAME.py`` as a module (the scripts are not a package)."""
+    import importlib.util
+    path = pathlib.Path(__file__).parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

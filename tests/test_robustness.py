@@ -338,14 +338,8 @@ def test_figure5_colours_each_garment_from_its_own_capsule():
 
 
 def _robustness_script():
-    """scripts/robustness.py as a module (scripts are not a package)."""
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).parents[1] / "scripts" / "robustness.py"
-    spec = importlib.util.spec_from_file_location("robustness_script", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+    from conftest import load_script
+    return load_script("robustness")
 
 
 def test_equal_accuracy_match_uses_validation_accuracy():

@@ -1,0 +1,27 @@
+"""The documentation scripts' own logic (their figures come from real runs, not from here)."""
+
+import csv
+
+from capsnet.callbacks import COLUMNS
+from conftest import load_script
+
+
+def _metrics(folder, val_accs):
+    folder.mkdir()
+    with open(folder / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, COLUMNS)
+        w.writeheader()
+        for e, a in enumerate(val_accs):
+            w.writerow({"epoch": e, "val_acc": a, "test_acc": a - 0.01, "epoch_time_s": 60})
+
+
+def test_clock_counts_the_stages_of_a_recipe_on_one_clock(tmp_path):
+    clock = load_script("clock")
+    _metrics(tmp_path / "stage1", [0.90, 0.92, 0.93])
+    _metrics(tmp_path / "stage2", [0.925, 0.935])
+    rows, starts = clock.stages([tmp_path / "stage1", tmp_path / "stage2"])
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4] and starts == [4]
+    assert [r["val_acc"] for r in rows] == [0.90, 0.92, 0.93, 0.925, 0.935]
+    # first time at or above a threshold: (epoch counted from 1, minutes on the one clock)
+    assert clock.first_reached(rows, "val_acc")[0.93] == (3, 3.0)
+    assert 0.936 not in clock.first_reached(rows, "val_acc")
