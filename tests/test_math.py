@@ -203,4 +203,25 @@ def test_ema_follows_then_averages():
     with torch.no_grad():
         p.weight.fill_(2.0)
     avg.update_parameters(p)  # n = 1: weight of the old average min(0.99, 2/11)
-    assert float(avg.module.weight) == pytest.approx(1 * 2 / 11 + 2 * 9 / 11)
+    assert float(avg.module.weight.detach()) == pytest.approx(1 * 2 / 11 + 2 * 9 / 11)
+
+
+def test_swa_is_the_equal_weight_mean_and_constant_schedule_warms_up():
+    """LitCapsNet(swa=True): the evaluated model is the plain mean of every update so far;
+    ``lr_schedule="constant"``: linear warm-up, then the learning rate itself."""
+    from capsnet.lit import LitCapsNet
+    lit = LitCapsNet(model={"conv_channels": 8, "primary_types": 2}, swa=True,
+                     lr_schedule="constant", warmup_steps=4, lr=1e-3)
+    w = lit.model.digits.weight
+    for value in (1.0, 2.0, 6.0):
+        with torch.no_grad():
+            w.fill_(value)
+        lit.ema.update_parameters(lit.model)
+    assert torch.allclose(lit.eval_model.digits.weight, torch.full_like(w, 3.0))
+    config = lit.configure_optimizers()  # Adam over the model, the constant schedule
+    lrs = []
+    for _ in range(6):
+        lrs.append(config["optimizer"].param_groups[0]["lr"])
+        config["optimizer"].step()
+        config["lr_scheduler"]["scheduler"].step()
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
