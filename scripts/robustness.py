@@ -189,9 +189,11 @@ def fine_match(a, common: list[str], arch: str, epoch: int, target: float,
     if found is None:
         return None
     step = step_of(found)
-    return {"weights": str(found), "step": step, "val_acc": curve[-1][1],
-            "epoch": step / steps_per_epoch, "val_curve": [(step_of(w), acc) for w, acc in curve],
-            "minutes": minutes(timed[:len(rows)]) * step / (steps_per_epoch * len(rows))}
+    epochs = step / steps_per_epoch
+    full = min(int(epochs), len(timed) - 1)  # whole epochs before the step, then a share
+    return {"weights": str(found), "step": step, "val_acc": curve[-1][1], "epoch": epochs,
+            "val_curve": [(step_of(w), acc) for w, acc in curve],
+            "minutes": minutes(timed[:full]) + (epochs - full) * timed[full]["epoch_time_s"] / 60}
 
 
 def step_of(weights_file: Path) -> int:
