@@ -39,6 +39,7 @@ import sys
 from pathlib import Path
 
 from capsnet.callbacks import read_metrics
+from capsnet.checkpoints import safe_load
 
 MULTI = ("capsnet", "baseline-cnn-multi")
 AFFINE = ("capsnet", "baseline-cnn")
@@ -182,7 +183,6 @@ def fine_match(a, common: list[str], arch: str, epoch: int, target: float,
                      "--save-every-steps", str(a.fine)])
     rows = metrics(d)[:epoch]
     files = sorted(d.glob("step-*.safetensors"))
-    from capsnet.checkpoints import safe_load
     steps_per_epoch = safe_load(d / "last.ckpt")["global_step"] / len(rows)
     found, curve = first_reaching(files, lambda w: evaluate(w, "--split", "val")["accuracy"],
                                   target)

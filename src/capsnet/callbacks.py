@@ -87,11 +87,8 @@ class SaveWeightsEvery(L.Callback):
         step = trainer.global_step
         if trainer.global_rank != 0 or step % self.every:
             return
-        from .weights import save_weights
-        hp = pl_module.hparams
-        info = {"classes": hp.classes, "dataset": hp.dataset, "source": f"step {step}",
-                "epoch": trainer.current_epoch, "recon_weight": hp.recon_weight,
-                "data_options": hp.data_options}
+        from .weights import describe, save_weights
+        info = describe({**pl_module.hparams, "epoch": trainer.current_epoch}, f"step {step}")
         save_weights(pl_module.eval_model, self.out / f"step-{step:06d}.safetensors", info)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import CapsnetError
+from .errors import CapsnetError, first_line
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -56,8 +56,8 @@ def safe_load(path: str | Path, map_location: Any = "cpu") -> dict:
         raise CapsnetError(f"{path}: refused to load (it holds more than plain tensors and "
                            f"data: {_refusal_reason(str(e))})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CapsnetError(f"{path}: not a readable checkpoint ({first[:200]})") from None
+        raise CapsnetError(f"{path}: not a readable checkpoint ({first_line(e)[:200]})"
+                           ) from None
     if not isinstance(ckpt, dict):
         raise CapsnetError(f"{path}: not a capsnet checkpoint (holds a {type(ckpt).__name__})")
     return ckpt
@@ -94,8 +94,8 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu"
         model.load_state_dict({k[len(prefix):]: v for k, v in state.items()
                                if k.startswith(prefix)})
     except (ValueError, TypeError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise CapsnetError(f"{path}: weights do not fit a {arch} ({first[:200]})") from None
+        raise CapsnetError(f"{path}: weights do not fit a {arch} ({first_line(e)[:200]})"
+                           ) from None
     n = model.config.num_classes
     classes = list(hp.get("classes") or [str(i) for i in range(n)])
     meta = {"classes": classes, "dataset": hp.get("dataset", "fashion-mnist"),

@@ -75,7 +75,7 @@ def export(spec: str, out: str | Path, dtype: str = "float32", batch: int = 1) -
     """Write the model ``spec`` (name, weights file or checkpoint) to ``out`` (.onnx or
     .safetensors)."""
     from .checkpoints import load_model
-    from .weights import save_weights
+    from .weights import describe, save_weights
     out = Path(out)
     if out.suffix not in (".onnx", ".safetensors"):
         raise CapsnetError(f"{out}: the output must end in .onnx or .safetensors")
@@ -86,7 +86,4 @@ def export(spec: str, out: str | Path, dtype: str = "float32", batch: int = 1) -
     model, meta = load_model(spec)
     if out.suffix == ".onnx":
         return export_onnx(model, out, batch)
-    info = {"classes": meta["classes"], "dataset": meta.get("dataset"),
-            "source": Path(str(spec)).name, "epoch": meta.get("epoch"),
-            "recon_weight": meta.get("recon_weight"), "data_options": meta.get("data_options")}
-    return save_weights(model, out, info, getattr(torch, dtype))
+    return save_weights(model, out, describe(meta, Path(str(spec)).name), getattr(torch, dtype))

@@ -17,7 +17,7 @@ from .models.base import PRESENT
 from .models import build_model, objective
 from .pairs import mean_pair_loss, pair_losses
 from .paper import RECON_WEIGHT
-from .optim import adam, ema_update, lr_factor
+from .optim import adam, ema_update, lr_factor, warmup_factor
 
 
 class LitCapsNet(L.LightningModule):
@@ -196,9 +196,8 @@ class LitCapsNet(L.LightningModule):
             sched = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda step: lr_factor(step, total, hp.warmup_steps))
         elif hp.lr_schedule == "constant":
-            warmup = hp.warmup_steps
             sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+                opt, lambda step: warmup_factor(step, hp.warmup_steps))
         else:
             gamma = hp.lr_decay ** (1.0 / hp.lr_decay_steps)
             sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma)

@@ -21,10 +21,15 @@ def adam(params, lr: float = 1e-3) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr)
 
 
+def warmup_factor(step: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps (0: none), then 1: the ``constant`` schedule."""
+    return min(1.0, (step + 1) / warmup) if warmup else 1.0
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Cosine schedule: linear warm-up over ``warmup`` steps, then half a cosine to 0 at ``total``."""
     if warmup and step < warmup:
-        return (step + 1) / warmup
+        return warmup_factor(step, warmup)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.5 * (1 + math.cos(math.pi * progress))
 

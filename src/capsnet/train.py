@@ -22,7 +22,8 @@ from .callbacks import (EpochMetricsCSV, ProgressBar, SafeCheckpointIO, SameWeig
                         SaveWeightsEvery, StopOnNonFinite, read_metrics)
 from .data.datamodule import ImageDataModule
 from .data.generated import check_training
-from .errors import CapsnetError
+from .data.registry import refuse_mirroring
+from .errors import CapsnetError, first_line
 from .lit import LitCapsNet
 from .runtime import retain_freed_memory, trainer_devices
 from .settings import DEFAULTS, check_settings
@@ -91,8 +92,8 @@ def _check_resumable(path: Path, module: LitCapsNet) -> None:
     try:
         module.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CapsnetError(f"{path}: does not fit this run's model ({first[:160]})") from None
+        raise CapsnetError(f"{path}: does not fit this run's model ({first_line(e)[:160]})"
+                           ) from None
 
 
 def _load_init(spec: str, module: LitCapsNet) -> None:
@@ -107,9 +108,8 @@ def _load_init(spec: str, module: LitCapsNet) -> None:
     try:
         module.model.load_state_dict(model.state_dict())
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CapsnetError(f"--init {spec}: does not fit this run's model ({first[:160]})"
-                           ) from None
+        raise CapsnetError(f"--init {spec}: does not fit this run's model "
+                           f"({first_line(e)[:160]})") from None
 
 
 def _extra_callbacks(s: dict, datamodule) -> list:
@@ -175,7 +175,6 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
                          options=data_options(s) if dm_sized(s) else None)
     dm.setup("fit")
     if s["hflip"]:
-        from .data.registry import refuse_mirroring
         refuse_mirroring(s["dataset"], "--hflip")
     module = build_module(s, dm.classes, dm.shape, dm.info.crop, dm.multi_label)
     if resume:

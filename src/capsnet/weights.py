@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CapsnetError
+from .errors import CapsnetError, first_line
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # name -> file in WEIGHTS_DIR; `capsnet predict IMAGE` without a model uses DEFAULT_MODEL.
@@ -45,6 +45,14 @@ def save_weights(model: nn.Module, path: str | Path, meta: dict,
     path = Path(path)
     atomic_write(path, lambda f: f.write(_serialize(tensors, info)))
     return path
+
+
+def describe(meta: dict, source: str) -> dict:
+    """What a weights file records beside the architecture and its config: the classes,
+    dataset, epoch, reconstruction weight and data options of ``meta`` (a checkpoint's
+    metadata or a run's hyper-parameters) and the file it came from (``source``)."""
+    keys = ("classes", "dataset", "epoch", "recon_weight", "data_options")
+    return {"source": source, **{k: meta.get(k) for k in keys}}
 
 
 def _serialize(tensors: dict, info: dict) -> bytes:
@@ -87,8 +95,7 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu"
         raise CapsnetError(f"{path}: cannot read ({e.strerror})") from None
     except (SafetensorError, ValueError, KeyError, TypeError) as e:
         raise CapsnetError(f"{path}: not a capsnet weights file "
-                           f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
-                           ) from None
+                           f"({first_line(e)[:160]})") from None
     if not isinstance(info, dict) or _digest(tensors) != info.get("sha256"):
         raise CapsnetError(f"{path}: the tensors do not match the file's checksum (truncated "
                            "or altered); get the file again")
@@ -97,9 +104,8 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu"
         model.load_state_dict({k: v.float() if v.is_floating_point() else v
                                for k, v in tensors.items()})
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CapsnetError(f"{path}: weights do not fit the model they name ({first[:200]})"
-                           ) from None
+        raise CapsnetError(f"{path}: weights do not fit the model they name "
+                           f"({first_line(e)[:200]})") from None
     meta = {k: info.get(k) for k in ("classes", "dataset", "source", "epoch", "recon_weight")}
     meta["data_options"] = info.get("data_options") or {}
     meta["arch"] = info["arch"]
