@@ -105,6 +105,7 @@ def test_missing_data_names_both_ways(tmp_path, capsys, monkeypatch):
     assert "download" in err and "network unreachable" in err
     assert calls and all(u.endswith("train-images-idx3-ubyte.gz") for u in calls)
     assert not empty.exists()  # the failed download left no empty folder behind
+    assert not (tmp_path / "run").exists()  # nor did the refused run
 
 
 def test_search_order(tmp_path, monkeypatch):
@@ -205,7 +206,7 @@ def test_hflip_refused_on_digits(tmp_path, capsys):
                  "--val-size", "0", "--out", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err
     assert one_line_error(code, err) and "--hflip" in err and "mnist" in err
-    assert not (tmp_path / "run" / "last.ckpt").exists()
+    assert not (tmp_path / "run").exists()  # a refused run leaves no folder behind
 
 
 def test_hflip_mirrors_about_half_the_images():

@@ -154,13 +154,6 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
                            "continue it or --out to start a new one")
     accelerator, devices = trainer_devices(s["device"], s["devices"], s["num_nodes"],
                                            s["strategy"])
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob("*.ckpt.*.tmp"):  # left by a run killed while saving
-            stale.unlink()
-        with open(out / "config.yaml", "w") as f:
-            yaml.safe_dump(s, f, sort_keys=False)
-
     if s["threads"]:
         torch.set_num_threads(s["threads"])
     elif accelerator == "cpu" and s["devices"] > 1:  # share the cores among the processes
@@ -182,6 +175,12 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
     elif s["init"] is not None:
         _load_init(s["init"], module)
     module.split_names = list(dm.eval_splits())
+    if main:  # only now: a run refused above (data, flags, --init) leaves no folder behind
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob("*.ckpt.*.tmp"):  # left by a run killed while saving
+            stale.unlink()
+        with open(out / "config.yaml", "w") as f:
+            yaml.safe_dump(s, f, sort_keys=False)
     n = module.model.num_parameters()
     world = s["devices"] * s["num_nodes"]
     parallel = (f"; {world} processes, global batch {world * s['batch_size']}"
