@@ -265,6 +265,18 @@ def test_config_file_and_flag_override(tmp_path, fashion_dir, capsys):
     assert one_line_error(code, err) and "epocs" in err
 
 
+def test_a_users_config_yaml_in_out_is_never_overwritten(tmp_path, fashion_dir, capsys):
+    out = tmp_path / "exp"
+    out.mkdir()
+    mine = "# my notes on this experiment\nepochs: 1\ntrain_size: 64\ntest_size: 64\n"
+    (out / "config.yaml").write_text(mine)
+    code, _, err = run_cli(capsys, "train", "--config", out / "config.yaml", "--out", out,
+                           "--data-dir", fashion_dir, "--no-progress", "--no-tensorboard")
+    assert one_line_error(code, err) and "config.yaml" in err and "--out" in err
+    assert (out / "config.yaml").read_text() == mine
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
 def test_help_and_predict_load_neither_lightning_nor_tensorboard(tmp_path):
     """Fast start: `capsnet --help` imports no torch at all; `predict` on one image loads the
     model without Lightning, TensorBoard or torchmetrics (checked in a fresh interpreter)."""

@@ -127,6 +127,23 @@ def check_settings(s: dict) -> dict:
     return s
 
 
+RUN_CONFIG_HEADER = "# capsnet train: this run's settings (--resume reads them)\n"
+
+
+def save_run_settings(run_dir: Path, s: dict, resume: bool) -> None:
+    """Writes ``run_dir/config.yaml``. A new run never overwrites a config.yaml that capsnet
+    did not write (a user's own settings file kept in the folder given as ``--out``)."""
+    path = run_dir / "config.yaml"
+    if not resume and path.is_file():
+        with open(path, errors="replace") as f:
+            if f.readline() != RUN_CONFIG_HEADER:
+                raise CapsnetError(f"{path} is not a capsnet run's config.yaml and would be "
+                                   "overwritten; choose another --out or move the file")
+    with open(path, "w") as f:
+        f.write(RUN_CONFIG_HEADER)
+        yaml.safe_dump(s, f, sort_keys=False)
+
+
 def load_run_settings(run_dir: str | Path) -> dict:
     """The settings a run was started with (its ``config.yaml``)."""
     path = Path(run_dir) / "config.yaml"

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -26,7 +25,8 @@ from .data.registry import refuse_mirroring
 from .errors import CapsnetError, first_line
 from .lit import LitCapsNet
 from .runtime import retain_freed_memory, trainer_devices
-from .settings import DEFAULTS, check_settings
+from .settings import DEFAULTS, check_settings, save_run_settings
+
 
 def model_config(s: dict, classes, shape) -> dict:
     """The architecture's config dict from the settings and the data's shape and classes."""
@@ -179,8 +179,7 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob("*.ckpt.*.tmp"):  # left by a run killed while saving
             stale.unlink()
-        with open(out / "config.yaml", "w") as f:
-            yaml.safe_dump(s, f, sort_keys=False)
+        save_run_settings(out, s, resume)
     n = module.model.num_parameters()
     world = s["devices"] * s["num_nodes"]
     parallel = (f"; {world} processes, global batch {world * s['batch_size']}"
