@@ -206,6 +206,23 @@ def test_ema_follows_then_averages():
     assert float(avg.module.weight.detach()) == pytest.approx(1 * 2 / 11 + 2 * 9 / 11)
 
 
+def test_ema_of_a_model_with_batch_norm():
+    """Efficient-CapsNet has batch norm: its running statistics are averaged like weights,
+    its integer step counter copied (``lerp`` on a Long tensor raised before)."""
+    from capsnet.lit import LitCapsNet
+    lit = LitCapsNet(arch="efficient-capsnet", ema=0.5)
+    bn = next(m for m in lit.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    lit.model.train()
+    for step in range(3):
+        with torch.no_grad():
+            lit.model(torch.rand(4, 1, 28, 28) + step)
+        lit.ema.update_parameters(lit.model)
+    avg_bn = next(m for m in lit.eval_model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert int(avg_bn.num_batches_tracked) == int(bn.num_batches_tracked) == 3
+    assert not torch.equal(avg_bn.running_mean, bn.running_mean)  # an average, not a copy
+    assert torch.isfinite(avg_bn.running_mean).all()
+
+
 def test_swa_is_the_equal_weight_mean_and_constant_schedule_warms_up():
     """LitCapsNet(swa=True): the evaluated model is the plain mean of every update so far;
     ``lr_schedule="constant"``: linear warm-up, then the learning rate itself."""

@@ -40,11 +40,16 @@ def ema_update(decay: float):
 
     After ``n`` updates the weight of the old average is ``min(decay, (1 + n) / (10 + n))``, so
     the average follows the model closely in the first steps instead of remembering the random
-    initial weights for ``1 / (1 - decay)`` steps.
+    initial weights for ``1 / (1 - decay)`` steps. Integer buffers (batch norm's
+    ``num_batches_tracked``, averaged with the weights under ``use_buffers=True``) are counters,
+    not weights: they are copied.
     """
     def update(averaged: list[Tensor], current: list[Tensor], num_averaged) -> None:
         n = int(num_averaged)
         d = min(decay, (1 + n) / (10 + n))
         for a, c in zip(averaged, current):
-            a.lerp_(c, 1 - d)
+            if a.is_floating_point():
+                a.lerp_(c, 1 - d)
+            else:
+                a.copy_(c)
     return update
