@@ -60,6 +60,44 @@ def one_line_error(code, err) -> bool:
     return code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def exports_agree(ckpt, tmp_path, capsys, fashion_dir) -> None:
+    """``capsnet export`` of a training checkpoint to safetensors and on to ONNX: the weights
+    file evaluates exactly like the checkpoint; ONNX Runtime on real test images gives the
+    same classes, and lengths and poses within 1e-4, at any batch size."""
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from capsnet.checkpoints import load_model
+    from capsnet.cli import main
+    from capsnet.data import load_dataset, to_unit
+    st = tmp_path / "m.safetensors"
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", str(ckpt), str(st)]) == 0
+    assert main(["export", str(st), str(onnx_path)]) == 0
+    capsys.readouterr()
+    results = []
+    for spec in (ckpt, st):
+        assert main(["evaluate", str(spec), "--json", "--test-size", "500",
+                     "--data-dir", str(fashion_dir)]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0]["accuracy"] == results[1]["accuracy"]
+    assert results[0]["confusion"] == results[1]["confusion"]
+    model, _ = load_model(st)
+    _, test = load_dataset("fashion-mnist", fashion_dir)
+    x = to_unit(test.images[:64])
+    with torch.inference_mode():
+        out = model(x)
+    session = ort.InferenceSession(str(onnx_path))
+    lengths, poses = session.run(None, {"images": x.numpy()})
+    assert np.abs(lengths - out.lengths.numpy()).max() < 1e-4
+    assert np.abs(poses - out.poses.numpy()).max() < 1e-4
+    assert (lengths.argmax(1) == out.lengths.argmax(1).numpy()).all()
+    assert session.run(None, {"images": x[:1].numpy()})[0].shape == (1, 10)  # dynamic batch
+
+
 def free_port() -> int:
     """A loopback TCP port nothing listens on (at the time of asking)."""
     import socket

@@ -7,6 +7,7 @@ import torch
 
 from capsnet.models import ARCHITECTURES, EfficientCapsNet, build_model
 from capsnet.models.efficient_capsnet import self_attention_routing, squash_exp
+from conftest import exports_agree
 
 
 def test_parameter_count_matches_the_authors():
@@ -64,7 +65,7 @@ def test_short_real_run_learns_and_evaluates(fashion_dir, tmp_path, capsys):
     out = tmp_path / "eff"
     assert main(["train", "--arch", "efficient-capsnet", "--data-dir", str(fashion_dir),
                  "--train-size", "2000", "--val-size", "200", "--test-size", "200",
-                 "--epochs", "2", "--batch-size", "32", "--lr", "0.002",
+                 "--epochs", "2", "--batch-size", "32", "--lr", "0.002", "--ema", "0.99",
                  "--no-progress", "--no-tensorboard", "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
     assert "efficient-capsnet" in stdout
@@ -76,6 +77,7 @@ def test_short_real_run_learns_and_evaluates(fashion_dir, tmp_path, capsys):
     assert code == 0 and result["n"] == 2000
     print("efficient-capsnet, 2 epochs on 2,000 images:", result["accuracy"])
     assert result["accuracy"] > 0.6  # chance is 0.1
+    exports_agree(out / "best.ckpt", tmp_path, capsys, fashion_dir)  # batch norm's buffers too
     code = main(["train", "--arch", "efficient-capsnet", "--routing-iterations", "2",
                  "--out", str(tmp_path / "x"), "--data-dir", str(fashion_dir)])
     err = capsys.readouterr().err

@@ -10,7 +10,7 @@ from capsnet.cli import main
 from capsnet.errors import CapsnetError
 from capsnet.models import build_model
 from capsnet.weights import load_weights, save_weights
-from conftest import one_line_error
+from conftest import exports_agree, one_line_error
 
 TINY = {"conv_channels": 8, "primary_types": 2}
 META = {"classes": [f"c{i}" for i in range(10)], "dataset": "fashion-mnist"}
@@ -123,37 +123,7 @@ def test_diverging_run_stops_with_one_line_and_writes_no_checkpoint(fashion_dir,
 
 def test_export_safetensors_and_onnx_from_a_checkpoint(trained_run, tmp_path, capsys,
                                                        fashion_dir):
-    import numpy as np
-    import onnxruntime as ort
-
-    from capsnet.checkpoints import load_model
-    from capsnet.data import load_dataset, to_unit
-    ckpt = trained_run / "best.ckpt"
-    st = tmp_path / "m.safetensors"
-    onnx_path = tmp_path / "m.onnx"
-    assert main(["export", str(ckpt), str(st)]) == 0
-    assert main(["export", str(st), str(onnx_path)]) == 0
-    capsys.readouterr()
-    # the weights file evaluates exactly like the checkpoint
-    results = []
-    for spec in (ckpt, st):
-        assert main(["evaluate", str(spec), "--json", "--test-size", "500",
-                     "--data-dir", str(fashion_dir)]) == 0
-        results.append(json.loads(capsys.readouterr().out))
-    assert results[0]["accuracy"] == results[1]["accuracy"]
-    assert results[0]["confusion"] == results[1]["confusion"]
-    # ONNX Runtime on real test images: same classes, lengths within 1e-4
-    model, _ = load_model(st)
-    _, test = load_dataset("fashion-mnist", fashion_dir)
-    x = to_unit(test.images[:64])
-    with torch.inference_mode():
-        out = model(x)
-    session = ort.InferenceSession(str(onnx_path))
-    lengths, poses = session.run(None, {"images": x.numpy()})
-    assert np.abs(lengths - out.lengths.numpy()).max() < 1e-4
-    assert np.abs(poses - out.poses.numpy()).max() < 1e-4
-    assert (lengths.argmax(1) == out.lengths.argmax(1).numpy()).all()
-    assert session.run(None, {"images": x[:1].numpy()})[0].shape == (1, 10)  # dynamic batch
+    exports_agree(trained_run / "best.ckpt", tmp_path, capsys, fashion_dir)
 
 
 def test_export_bad_output(weights_file, tmp_path, capsys):
