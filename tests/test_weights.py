@@ -1,6 +1,5 @@
 """Weights files, export (safetensors, ONNX), checkpoints that must not be trusted, divergence."""
 
-import json
 import os
 
 import pytest
