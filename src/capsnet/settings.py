@@ -130,16 +130,20 @@ def check_settings(s: dict) -> dict:
 RUN_CONFIG_HEADER = "# capsnet train: this run's settings (--resume reads them)\n"
 
 
-def save_run_settings(run_dir: Path, s: dict, resume: bool) -> None:
-    """Writes ``run_dir/config.yaml``. A new run never overwrites a config.yaml that capsnet
-    did not write (a user's own settings file kept in the folder given as ``--out``)."""
+def refuse_foreign_config(run_dir: Path, resume: bool) -> None:
+    """A new run never overwrites a config.yaml that capsnet did not write (a user's own
+    settings file kept in the folder given as ``--out``): a one-line error instead."""
     path = run_dir / "config.yaml"
     if not resume and path.is_file():
         with open(path, errors="replace") as f:
             if f.readline() != RUN_CONFIG_HEADER:
                 raise CapsnetError(f"{path} is not a capsnet run's config.yaml and would be "
                                    "overwritten; choose another --out or move the file")
-    with open(path, "w") as f:
+
+
+def save_run_settings(run_dir: Path, s: dict) -> None:
+    """Writes ``run_dir/config.yaml``, marked by its first line as written by capsnet."""
+    with open(run_dir / "config.yaml", "w") as f:
         f.write(RUN_CONFIG_HEADER)
         yaml.safe_dump(s, f, sort_keys=False)
 

@@ -25,7 +25,7 @@ from .data.registry import refuse_mirroring
 from .errors import CapsnetError, first_line
 from .lit import LitCapsNet
 from .runtime import retain_freed_memory, trainer_devices
-from .settings import DEFAULTS, check_settings, save_run_settings
+from .settings import DEFAULTS, check_settings, refuse_foreign_config, save_run_settings
 
 
 def model_config(s: dict, classes, shape) -> dict:
@@ -175,11 +175,12 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
     elif s["init"] is not None:
         _load_init(s["init"], module)
     module.split_names = list(dm.eval_splits())
+    refuse_foreign_config(out, resume)  # in every process, so that all of them stop
     if main:  # only now: a run refused above (data, flags, --init) leaves no folder behind
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob("*.ckpt.*.tmp"):  # left by a run killed while saving
             stale.unlink()
-        save_run_settings(out, s, resume)
+        save_run_settings(out, s)
     n = module.model.num_parameters()
     world = s["devices"] * s["num_nodes"]
     parallel = (f"; {world} processes, global batch {world * s['batch_size']}"
