@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -393,3 +394,17 @@ def test_save_every_steps_keeps_weights_files_that_evaluate_on_the_runs_split(
     assert main(["evaluate", str(out / "step-000003.safetensors"), "--split", "val",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 128
+
+
+CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_config_files_are_valid_and_choose_on_validation(path):
+    """Every recipe in configs/ reads and passes the settings check, keeps a validation split
+    (best.ckpt follows it), and mirrors images except in the paper's own recipe."""
+    from capsnet.settings import DEFAULTS, check_settings, read_config
+    s = check_settings({**DEFAULTS, **read_config(path)})
+    assert s["val_size"] == 5000 and s["dataset"] == "fashion-mnist"
+    assert s["hflip"] == (path.stem != "paper")
+    assert s["arch"] == ("efficient-capsnet" if "efficient" in path.stem else "capsnet")
