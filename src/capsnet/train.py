@@ -218,6 +218,9 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
     trainer = L.Trainer(
         accelerator=accelerator, devices=devices, num_nodes=s["num_nodes"],
         strategy=s["strategy"], use_distributed_sampler=False,  # ShardedBatches does it
+        # Batch norm (Efficient-CapsNet) over the global batch; PyTorch's SyncBatchNorm runs
+        # on GPUs only, so CPU processes keep per-process statistics (docs/distributed.md).
+        sync_batchnorm=accelerator == "gpu" and world > 1,
         max_epochs=s["epochs"],
         precision=s["precision"],
         logger=logger, callbacks=callbacks, plugins=[SafeCheckpointIO()],
