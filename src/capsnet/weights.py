@@ -48,12 +48,15 @@ def save_weights(model: nn.Module, path: str | Path, meta: dict,
     return path
 
 
+# What a weights file records beside the architecture, its config and the checksum: written
+# by describe(), read back by load_weights().
+RECORDED = ("source", "classes", "dataset", "epoch", "recon_weight", "data_options")
+
+
 def describe(meta: dict, source: str) -> dict:
-    """What a weights file records beside the architecture and its config: the classes,
-    dataset, epoch, reconstruction weight and data options of ``meta`` (a checkpoint's
-    metadata or a run's hyper-parameters) and the file it came from (``source``)."""
-    keys = ("classes", "dataset", "epoch", "recon_weight", "data_options")
-    return {"source": source, **{k: meta.get(k) for k in keys}}
+    """The :data:`RECORDED` fields of ``meta`` (a checkpoint's metadata or a run's
+    hyper-parameters), with ``source``: the file the weights came from."""
+    return {**{k: meta.get(k) for k in RECORDED}, "source": source}
 
 
 def _serialize(tensors: dict, info: dict) -> bytes:
@@ -107,8 +110,8 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu"
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
         raise CapsnetError(f"{path}: weights do not fit the model they name "
                            f"({first_line(e)[:200]})") from None
-    meta = {k: info.get(k) for k in ("classes", "dataset", "source", "epoch", "recon_weight")}
-    meta["data_options"] = info.get("data_options") or {}
+    meta = {k: info.get(k) for k in RECORDED}
+    meta["data_options"] = meta["data_options"] or {}
     meta["arch"] = info["arch"]
     meta["classes"] = list(meta["classes"] or range(model.config.num_classes))
     return model.to(device).eval(), meta
