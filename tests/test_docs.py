@@ -76,3 +76,19 @@ def test_every_recipe_is_in_the_cli_reference():
     assert recipes, "no configs/*.yaml"
     missing = [r for r in recipes if f"configs/{r}" not in doc]
     assert not missing, f"recipes not described in docs/cli.md: {missing}"
+
+
+def test_python_api_example_runs():
+    """The first example of docs/cli.md's Python API section runs as printed, and the
+    parameter counts its comments state are the models' own."""
+    section = CLI_DOC.read_text().split("## Python API", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "docs/cli.md (Python API)", "exec"), scope)
+    counts = [int(c.replace(",", "")) for c in re.findall(r"# .*?([\d,]{5,}) parameters", code)]
+    assert counts == [8_215_568, 161_824]
+    model, efficient = scope["CapsNet"](), scope["build_model"]("efficient-capsnet")
+    assert sum(p.numel() for p in model.parameters()) == counts[0]
+    assert sum(p.numel() for n, p in efficient.named_parameters()
+               if not n.startswith("decoder")) == counts[1]
+    assert scope["out"].lengths.shape == (8, 10) and scope["meta"]["arch"] == "capsnet"
