@@ -18,6 +18,8 @@ def _fashion_dir() -> pathlib.Path:
     return pathlib.Path("/usr/share/datasets/fashion-mnist")
 
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))  # the shipped recipes
 FASHION_DIR = _fashion_dir()
 
 # A short real run: 1 epoch on the first 4,096 real training images, tested on 1,000 real
@@ -122,8 +124,7 @@ def start_visdom_server(tmp_dir):
     port = free_port()
     code = ("from capsnet.visdom_server import serve; "
             f"serve(port={port}, env_path={str(tmp_dir / 'envs')!r})")
-    root = pathlib.Path(__file__).resolve().parents[1]
-    path = [str(root / "src"), os.environ.get("PYTHONPATH", "")]
+    path = [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
     log = open(tmp_dir / "server.log", "w+")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=log,
@@ -159,7 +160,7 @@ def visdom_port(tmp_path_factory):
 def load_script(name: str):
     """``scripts/NAME.py`` as a module (the scripts are not a package)."""
     import importlib.util
-    path = pathlib.Path(__file__).parents[1] / "scripts" / f"{name}.py"
+    path = ROOT / "scripts" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"script_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

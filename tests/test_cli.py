@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from capsnet.callbacks import read_metrics
 from capsnet.checkpoints import load_model
 from capsnet.cli import main
 from capsnet.data.datasets import load_dataset
-from conftest import one_line_error
+from conftest import CONFIGS, one_line_error
 
 
 def run_cli(capsys, *args):
@@ -394,9 +393,6 @@ def test_save_every_steps_keeps_weights_files_that_evaluate_on_the_runs_split(
     assert main(["evaluate", str(out / "step-000003.safetensors"), "--split", "val",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 128
-
-
-CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

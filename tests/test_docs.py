@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from capsnet.cli import build_parser
+from conftest import CONFIGS, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CLI_DOC = ROOT / "docs" / "cli.md"
 
@@ -72,7 +72,7 @@ def test_every_flag_is_in_the_cli_reference():
 
 def test_every_recipe_is_in_the_cli_reference():
     doc = CLI_DOC.read_text()
-    recipes = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+    recipes = [p.name for p in CONFIGS]
     assert recipes, "no configs/*.yaml"
     missing = [r for r in recipes if f"configs/{r}" not in doc]
     assert not missing, f"recipes not described in docs/cli.md: {missing}"
