@@ -7,11 +7,17 @@ of the validation and test sets), so it continues across ``--resume``. Several r
 are the stages of one recipe in order (a run started with ``--init`` from the one before):
 their epochs are counted on one clock, and the plot marks where each stage begins. Per-epoch test accuracy
 is a record only: the test set chose nothing (best.ckpt follows validation accuracy).
+
+A long run on a shared machine has epochs that were slowed down by other work or paused
+(``--disturbed 1-3,19``, epochs counted from 1 on the one clock). The table then adds a
+second clock, "alone", on which each of those epochs counts as long as the median of the
+others; the thresholds are reported on both clocks and the plot uses the second, saying so.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -22,23 +28,49 @@ from capsnet.callbacks import read_metrics
 THRESHOLDS = (0.90, 0.92, 0.93, 0.936, 0.94)
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| epoch | wall time (min) | val acc | test acc |", "|---:|---:|---:|---:|"]
-    elapsed = 0.0
+def minutes(rows: list[dict], disturbed: frozenset[int] = frozenset()) -> list[float]:
+    """Minutes on the clock at the end of each epoch; the ``disturbed`` epochs (counted from 1)
+    count as long as the median undisturbed epoch."""
+    alone = [r["epoch_time_s"] for r in rows if r["epoch"] + 1 not in disturbed]
+    typical = statistics.median(alone) if alone else 0.0
+    out, elapsed = [], 0.0
     for r in rows:
-        elapsed += r["epoch_time_s"]
-        lines.append(f"| {r['epoch'] + 1} | {elapsed / 60:.1f} | {r.get('val_acc', float('nan')):.2%} "
-                     f"| {r['test_acc']:.2%} |")
+        elapsed += typical if r["epoch"] + 1 in disturbed else r["epoch_time_s"]
+        out.append(elapsed / 60)
+    return out
+
+
+def parse_epochs(text: str) -> frozenset[int]:
+    """``"1-3,19"`` -> {1, 2, 3, 19}."""
+    out = set()
+    for part in filter(None, text.split(",")):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return frozenset(out)
+
+
+def table(rows: list[dict], disturbed: frozenset[int] = frozenset()) -> str:
+    clock = minutes(rows)
+    alone = minutes(rows, disturbed) if disturbed else None
+    head = "| epoch | wall time (min) |" + (" alone (min) |" if alone else "")
+    lines = [head + " val acc | test acc |", "|---:|---:|" + ("---:|" if alone else "") + "---:|---:|"]
+    for i, r in enumerate(rows):
+        mark = "*" if r["epoch"] + 1 in disturbed else ""
+        lines.append(f"| {r['epoch'] + 1}{mark} | {clock[i]:.1f} |"
+                     + (f" {alone[i]:.1f} |" if alone else "")
+                     + f" {r.get('val_acc', float('nan')):.2%} | {r['test_acc']:.2%} |")
     return "\n".join(lines)
 
 
-def first_reached(rows: list[dict], key: str = "test_acc") -> dict:
-    out, elapsed = {}, 0.0
-    for r in rows:
-        elapsed += r["epoch_time_s"]
+def first_reached(rows: list[dict], key: str = "test_acc",
+                  disturbed: frozenset[int] = frozenset()) -> dict:
+    """{threshold: (epoch counted from 1, minutes on the clock)} for the first epoch at or
+    above each threshold."""
+    out = {}
+    for r, m in zip(rows, minutes(rows, disturbed)):
         for t in THRESHOLDS:
             if t not in out and r.get(key, 0) >= t:
-                out[t] = (r["epoch"] + 1, elapsed / 60)
+                out[t] = (r["epoch"] + 1, m)
     return out
 
 
@@ -55,15 +87,14 @@ def stages(run_dirs: list[str]) -> tuple[list[dict], list[int]]:
 
 
 def plot(rows: list[dict], path: Path, cpu: str, starts: list[int] = (),
-         recipe: str = "configs/fashion-mnist.yaml") -> None:
-    minutes, elapsed = [], 0.0
-    for r in rows:
-        elapsed += r["epoch_time_s"]
-        minutes.append(elapsed / 60)
+         recipe: str = "configs/fashion-mnist.yaml",
+         disturbed: frozenset[int] = frozenset()) -> None:
+    clock = minutes(rows, disturbed)
     epochs = [r["epoch"] + 1 for r in rows]
     fig = Figure(figsize=(10, 3.6), layout="constrained")
-    for ax, x, label in zip(fig.subplots(1, 2), (minutes, epochs),
-                            ("wall-clock training time (minutes)", "epoch")):
+    time_label = "wall-clock training time (minutes)" + (
+        f"; {len(disturbed)} disturbed epochs at the median epoch's time" if disturbed else "")
+    for ax, x, label in zip(fig.subplots(1, 2), (clock, epochs), (time_label, "epoch")):
         for key, colour, name in (("val_acc", "#d95f02", "validation (5,000)"),
                                   ("test_acc", "#1b9e77", "test (10,000)")):
             ax.plot(x, [100 * r[key] for r in rows], "o-", ms=3, color=colour, label=name)
@@ -88,19 +119,24 @@ def main(argv=None) -> int:
     p.add_argument("--cpu", default="this CPU", help="CPU name for the plot's title")
     p.add_argument("--recipe", default="configs/fashion-mnist.yaml",
                    help="the recipe's name for the plot's title")
+    p.add_argument("--disturbed", type=parse_epochs, default=frozenset(), metavar="EPOCHS",
+                   help="epochs slowed by other work, e.g. 1-3,19: also shown on a clock that "
+                        "counts them at the median epoch's time")
     a = p.parse_args(argv)
     empty = [d for d in a.run_dirs if not read_metrics(Path(d) / "metrics.csv")]
     if empty:
         print(f"{empty[0]}: no metrics.csv rows", file=sys.stderr)
         return 2
     rows, starts = stages(a.run_dirs)
-    print(table(rows))
+    print(table(rows, a.disturbed))
     print()
     for key in ("test_acc", "val_acc"):
-        for t, (epoch, minutes) in first_reached(rows, key).items():
-            print(f"{key} first >= {t:.1%}: epoch {epoch}, {minutes:.1f} min")
+        alone = first_reached(rows, key, a.disturbed)
+        for t, (epoch, m) in first_reached(rows, key).items():
+            extra = f" ({alone[t][1]:.1f} alone)" if a.disturbed else ""
+            print(f"{key} first >= {t:.1%}: epoch {epoch}, {m:.1f} min{extra}")
     if a.png:
-        plot(rows, Path(a.png), a.cpu, starts, a.recipe)
+        plot(rows, Path(a.png), a.cpu, starts, a.recipe, a.disturbed)
         print(f"wrote {a.png}")
     return 0
 

@@ -25,3 +25,20 @@ def test_clock_counts_the_stages_of_a_recipe_on_one_clock(tmp_path):
     # first time at or above a threshold: (epoch counted from 1, minutes on the one clock)
     assert clock.first_reached(rows, "val_acc")[0.93] == (3, 3.0)
     assert 0.936 not in clock.first_reached(rows, "val_acc")
+
+
+def test_clock_counts_disturbed_epochs_at_the_median_on_a_second_clock(tmp_path):
+    clock = load_script("clock")
+    _metrics(tmp_path / "run", [0.88, 0.90, 0.91, 0.92])
+    rows, _ = clock.stages([tmp_path / "run"])
+    rows[1]["epoch_time_s"] = 3600  # epoch 2 paused for most of an hour
+    rows[3]["epoch_time_s"] = 90
+    disturbed = clock.parse_epochs("2")
+    assert clock.parse_epochs("1-3,19") == {1, 2, 3, 19}
+    assert clock.minutes(rows) == [1.0, 61.0, 62.0, 63.5]
+    # the median of the others (60, 60, 90 s) stands in for epoch 2
+    assert clock.minutes(rows, disturbed) == [1.0, 2.0, 3.0, 4.5]
+    assert clock.first_reached(rows, "val_acc")[0.92] == (4, 63.5)
+    assert clock.first_reached(rows, "val_acc", disturbed)[0.92] == (4, 4.5)
+    lines = clock.table(rows, disturbed).splitlines()
+    assert lines[0].count("|") == 6 and lines[3].startswith("| 2* | 61.0 | 2.0 |")
