@@ -42,3 +42,21 @@ def test_clock_counts_disturbed_epochs_at_the_median_on_a_second_clock(tmp_path)
     assert clock.first_reached(rows, "val_acc", disturbed)[0.92] == (4, 4.5)
     lines = clock.table(rows, disturbed).splitlines()
     assert lines[0].count("|") == 6 and lines[3].startswith("| 2* | 61.0 | 2.0 |")
+
+
+def test_greedy_soup_keeps_a_candidate_only_if_validation_does_not_drop():
+    import torch
+    soup = load_script("soup")
+    # three one-weight "models"; the score prefers a weight close to 1.0
+    states = [{"w": torch.tensor([x]), "steps": torch.tensor(i)}
+              for i, x in enumerate([0.8, 1.6, 1.1])]
+
+    def score(state):
+        return -abs(state["w"].item() - 1.0)
+
+    mixed, chosen, log = soup.greedy(states, score)
+    # tried best first: 1.1 (start), 0.8 (mean 0.95: better, kept), 1.6 (mean 1.1667: worse)
+    assert [i for i, _, _ in log] == [2, 0, 1] and chosen == [2, 0]
+    assert log[0][2] is None and abs(log[1][2] + 0.05) < 1e-6
+    assert abs(mixed["w"].item() - 0.95) < 1e-6 and mixed["steps"].item() == 2
+    assert soup.mean_state(states)["w"].dtype == torch.float32
