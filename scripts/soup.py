@@ -9,8 +9,9 @@ The validation split is the run's own (``config.yaml`` beside the first candidat
 
     python scripts/soup.py RUN1/best.ckpt RUN2/best.ckpt ... --out soup.safetensors
 
-prints one line per candidate (its validation accuracy, and the soup's with it: added or left out) and
-writes the soup as a weights file like the shipped one (``capsnet evaluate soup.safetensors``).
+prints one line per candidate (its validation accuracy, and the soup's with it: added or
+left out) and writes the soup as a weights file like the shipped one (``capsnet evaluate
+soup.safetensors``).
 """
 
 from __future__ import annotations
