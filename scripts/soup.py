@@ -33,13 +33,13 @@ def mean_state(states: list[dict]) -> dict:
 
 
 def greedy(states: list[dict], score: Callable[[dict], float]
-           ) -> tuple[dict, list[int], list[tuple[int, float, float | None]]]:
+           ) -> tuple[dict, float, list[int], list[tuple[int, float, float | None]]]:
     """Greedy soup of ``states`` under ``score`` (validation accuracy of a state dict).
 
-    Returns the soup, the indices of the chosen states and, per candidate in the order tried
-    (best first), ``(index, its own score, the soup's score with it)``; the last ``None``
-    for the first. A candidate is kept when the soup's score with it is at least the soup's
-    so far.
+    Returns the soup, its score, the indices of the chosen states and, per candidate in the
+    order tried (best first), ``(index, its own score, the soup's score with it)``; the last
+    ``None`` for the first. A candidate is kept when the soup's score with it is at least the
+    soup's so far.
     """
     own = [score(s) for s in states]
     order = sorted(range(len(states)), key=lambda i: -own[i])
@@ -51,7 +51,7 @@ def greedy(states: list[dict], score: Callable[[dict], float]
         if trial >= best:
             chosen.append(i)
             best = trial
-    return mean_state([states[j] for j in chosen]), chosen, log
+    return mean_state([states[j] for j in chosen]), best, chosen, log
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,14 +92,13 @@ def main(argv: list[str] | None = None) -> int:
             return evaluate(model, val, a.batch_size,
                             recon_weight=meta.get("recon_weight") or RECON_WEIGHT)["accuracy"]
 
-        soup, chosen, log = greedy(states, score)
+        soup, final, chosen, log = greedy(states, score)
         print(f"validation split: {len(val):,} images of {meta['dataset']}")
         for i, own, trial in log:
             verdict = "start" if trial is None else (
                 f"soup {trial:.4f}: " + ("added" if i in chosen else "left out"))
             print(f"  {a.models[i]}: {own:.4f}  {verdict}")
         model.load_state_dict(soup)
-        final = score(soup)
         source = "soup of " + ", ".join("/".join(Path(a.models[i]).parts[-2:]) for i in chosen)
         save_weights(model, a.out, describe({**meta, "epoch": None}, source),
                      getattr(torch, a.dtype))

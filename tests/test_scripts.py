@@ -54,9 +54,10 @@ def test_greedy_soup_keeps_a_candidate_only_if_validation_does_not_drop():
     def score(state):
         return -abs(state["w"].item() - 1.0)
 
-    mixed, chosen, log = soup.greedy(states, score)
+    mixed, best, chosen, log = soup.greedy(states, score)
     # tried best first: 1.1 (start), 0.8 (mean 0.95: better, kept), 1.6 (mean 1.1667: worse)
     assert [i for i, _, _ in log] == [2, 0, 1] and chosen == [2, 0]
     assert log[0][2] is None and abs(log[1][2] + 0.05) < 1e-6
     assert abs(mixed["w"].item() - 0.95) < 1e-6 and mixed["steps"].item() == 2
+    assert abs(best + 0.05) < 1e-6
     assert soup.mean_state(states)["w"].dtype == torch.float32
