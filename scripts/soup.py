@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=500)
     a = p.parse_args(argv)
     try:
+        if a.batch_size < 1:
+            raise CapsnetError("--batch-size must be positive")
         if not a.out.endswith(".safetensors"):
             raise CapsnetError(f"{a.out}: --out must end in .safetensors")
         model, meta = load_model(a.models[0])
