@@ -56,12 +56,9 @@ def greedy(states: list[dict], score: Callable[[dict], float]
 
 def main(argv: list[str] | None = None) -> int:
     from capsnet.checkpoints import load_model
-    from capsnet.cli import _validation_split
-    from capsnet.data.registry import recorded_options
     from capsnet.errors import CapsnetError
-    from capsnet.evaluate import evaluate
+    from capsnet.evaluate import evaluate, evaluation_data
     from capsnet.paper import RECON_WEIGHT
-    from capsnet.settings import run_data_dir, settings_beside
     from capsnet.weights import describe, save_weights
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -77,11 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         if not a.out.endswith(".safetensors"):
             raise CapsnetError(f"{a.out}: --out must end in .safetensors")
         model, meta = load_model(a.models[0])
-        run = settings_beside(a.models[0])
-        options = recorded_options(meta["dataset"], meta.get("data_options"), run,
-                                   image_size=model.config.image_size)
-        val = _validation_split(a.models[0], run, meta["dataset"], run_data_dir(None, run),
-                                options)
+        val = evaluation_data(a.models[0], model, meta, "val")
         states = []
         for path in a.models:
             other, _ = load_model(path)

@@ -196,48 +196,20 @@ def _cmd_datasets(a) -> int:
     return cmd_datasets(a)
 
 
-def _validation_split(model_path, run: dict, dataset: str, data_dir, options: dict):
-    """The validation images of the run ``model_path`` belongs to, carved again as training
-    carved them: the run's ``config.yaml`` (beside the checkpoint) gives the dataset and
-    ``val_size``; the split's seed is fixed (:class:`~capsnet.data.datamodule.ImageDataModule`).
-    """
-    if not run:
-        raise CapsnetError(f"{model_path}: --split val needs a checkpoint or weights file with "
-                           "its run's config.yaml beside it (the validation split is the "
-                           "run's own)")
-    if not run.get("val_size"):
-        raise CapsnetError(f"{model_path}: its run had no validation split (--val-size 0)")
-    if dataset != run.get("dataset"):
-        raise CapsnetError(f"--split val is the run's split of {run.get('dataset')}, not of "
-                           f"{dataset}; leave --dataset out")
-    from .data.datamodule import ImageDataModule
-    dm = ImageDataModule(dataset, data_dir, val_size=run["val_size"], options=options)
-    dm.setup("fit")
-    return dm.val
-
-
 def _cmd_evaluate(a) -> int:
     from .checkpoints import load_model
-    from .data.registry import load_dataset, recorded_options, refuse_mirroring
-    from .evaluate import evaluate
+    from .data.registry import refuse_mirroring
+    from .evaluate import evaluate, evaluation_data
     from .paper import RECON_WEIGHT
     from .runtime import torch_device
-    from .settings import run_data_dir, settings_beside
     if a.batch_size < 1 or (a.test_size is not None and a.test_size < 1):
         raise CapsnetError("--batch-size and --test-size must be positive")
     device = torch_device(a.device)
     model, meta = load_model(a.model, device)
-    run = settings_beside(a.model)
     dataset = a.dataset or meta["dataset"]
     if a.tta == "hflip":
         refuse_mirroring(dataset, "--tta hflip")
-    data_dir = run_data_dir(a.data_dir, run)
-    options = recorded_options(dataset, meta.get("data_options"), run,
-                               image_size=model.config.image_size)
-    if a.split == "val":
-        test = _validation_split(a.model, run, dataset, data_dir, options)
-    else:
-        _, test = load_dataset(dataset, data_dir, **options)
+    test = evaluation_data(a.model, model, meta, a.split, dataset, a.data_dir)
     if a.test_size:
         test.images, test.labels = test.images[:a.test_size], test.labels[:a.test_size]
     recon_weight = meta.get("recon_weight") or RECON_WEIGHT  # the run's own, as in report

@@ -51,6 +51,41 @@ def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 512,
 FITS = ("pad", "stretch")
 
 
+def evaluation_data(model_path: str | Path, model: nn.Module, meta: dict, split: str = "test",
+                    dataset: str | None = None, data_dir: str | None = None) -> ImageDataset:
+    """The images to evaluate a model on, read with the data options it was trained with.
+
+    ``model``/``meta`` as :func:`~capsnet.checkpoints.load_model` returned them for
+    ``model_path``. ``split="test"``: the test set of ``dataset`` (default: the model's own).
+    ``split="val"``: the validation images of the run ``model_path`` belongs to, carved again
+    as training carved them; the run's ``config.yaml`` (beside the file) gives the dataset and
+    ``val_size``, and the split's seed is fixed (:class:`~capsnet.data.datamodule.ImageDataModule`).
+    ``data_dir``: ``--data-dir``, else the run's own (:func:`~capsnet.settings.run_data_dir`).
+    """
+    from .data.registry import load_dataset, recorded_options
+    from .settings import run_data_dir, settings_beside
+    run = settings_beside(model_path)
+    dataset = dataset or meta["dataset"]
+    data_dir = run_data_dir(data_dir, run)
+    options = recorded_options(dataset, meta.get("data_options"), run,
+                               image_size=model.config.image_size)
+    if split == "test":
+        return load_dataset(dataset, data_dir, **options)[1]
+    if not run:
+        raise CapsnetError(f"{model_path}: the validation split needs a checkpoint or weights "
+                           "file with its run's config.yaml beside it (the split is the run's "
+                           "own)")
+    if not run.get("val_size"):
+        raise CapsnetError(f"{model_path}: its run had no validation split (--val-size 0)")
+    if dataset != run.get("dataset"):
+        raise CapsnetError(f"the validation split is the run's split of {run.get('dataset')}, "
+                           f"not of {dataset}; leave --dataset out")
+    from .data.datamodule import ImageDataModule
+    dm = ImageDataModule(dataset, data_dir, val_size=run["val_size"], options=options)
+    dm.setup("fit")
+    return dm.val
+
+
 def load_image(path: str | Path, channels: int, size: int, invert: str = "auto",
                fit: str = "pad") -> torch.Tensor:
     """An image file as a model input ``[C, size, size]`` in [0, 1].

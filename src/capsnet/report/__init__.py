@@ -262,10 +262,10 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     from ..callbacks import read_metrics
     from ..checkpoints import load_model
     from ..models import is_capsule_model
-    from ..data.registry import load_dataset, recorded_options
+    from ..evaluate import evaluation_data
     from ..inference import check_fits, infer, summarize
     from ..runtime import torch_device
-    from ..settings import load_run_settings, run_data_dir
+    from ..settings import load_run_settings
 
     from ..weights import SHIPPED
     spec, run_dir = str(run_dir), Path(run_dir)
@@ -290,9 +290,7 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
                            "`capsnet evaluate`")
     c = model.config
     dataset = dataset or settings.get("dataset") or meta["dataset"]
-    _, test = load_dataset(dataset, run_data_dir(data_dir, settings),
-                           **recorded_options(dataset, meta.get("data_options"), settings,
-                                              image_size=c.image_size))
+    test = evaluation_data(ckpt, model, meta, "test", dataset, data_dir)
     from ..data.multi import is_pair_set
     recon_weight = meta.get("recon_weight") or RECON_WEIGHT  # the run's own, as in evaluate
     out = Path(out) if out else run_dir / "report"
