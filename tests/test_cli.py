@@ -228,6 +228,8 @@ def test_unreadable_or_foreign_checkpoint(tmp_path, capsys, content, needle):
     (["train", "--epochs", "0"], "epochs"),
     (["train", "--batch-size", "abc"], "batch-size"),
     (["train", "--routing-iterations", "-1"], "routing_iterations"),
+    (["train", "--erase", "1.5"], "erase"),
+    (["train", "--erase", "-0.1"], "erase"),
     (["train", "--device", "cuda:7"], "cuda"),
     (["train", "--device", "tpu"], "device"),
     (["train", "--no-such-flag"], "no-such-flag"),

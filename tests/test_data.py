@@ -6,7 +6,7 @@ import struct
 import pytest
 import torch
 
-from capsnet.data.augment import AugmentConfig, augment, random_shift
+from capsnet.data.augment import AugmentConfig, augment, random_erase, random_shift
 from capsnet.cli import main
 from capsnet.data.datamodule import ImageDataModule
 from capsnet.data.datasets import load_dataset, locate, read_idx
@@ -216,3 +216,22 @@ def test_hflip_mirrors_about_half_the_images():
     mirrored = (y == x.flip(-1)).flatten(1).all(1)
     kept = (y == x).flatten(1).all(1)
     assert bool((mirrored | kept).all()) and 150 < int(mirrored.sum()) < 250
+
+
+def test_random_erase_blanks_one_rectangle_in_about_p_of_the_images():
+    torch.manual_seed(0)
+    x = torch.ones(2000, 1, 28, 28)
+    y = random_erase(x, 0.5)
+    zeros = (y == 0)[:, 0]  # [B, H, W]
+    erased = zeros.flatten(1).any(1)
+    assert 900 < int(erased.sum()) < 1100  # each image its own draw, p = 0.5
+    share = zeros.flatten(1).float().mean(1)[erased]
+    assert share.min() >= 0.01 and share.max() <= 0.45  # 2-40% of the image, after rounding
+    assert share.std() > 0.05  # sizes differ from image to image
+    for box in zeros[erased][:50]:  # the zeros form one full rectangle
+        rows, cols = box.any(1).nonzero(), box.any(0).nonzero()
+        assert int(box.sum()) == len(rows) * len(cols)
+        assert bool(box[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all())
+    assert torch.equal(y[~erased], x[~erased])
+    assert torch.equal(random_erase(x, 0.0), x)
+    assert torch.equal(augment(x[:4], AugmentConfig(shift=0, erase=0.0)), x[:4])

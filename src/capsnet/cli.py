@@ -91,6 +91,8 @@ def _train_parser(sub) -> None:
         ("translate", "max random affine translation, fraction of the side (default 0)",
          {"type": float}),
         ("hflip", "random horizontal flips (default off)", {"action": bool_}),
+        ("erase", "probability of random erasing: a rectangle of 2-40%% of the image set "
+                  "to 0 (default 0: off)", {"type": float}),
         ("train_size", "use only the first N training images", {"type": int}),
         ("val_size", "carve N validation images (class-stratified, fixed seed) out of the "
                      f"training set; best.ckpt follows them (default {D['val_size']}; 0: "

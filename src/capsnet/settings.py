@@ -31,6 +31,7 @@ DEFAULTS: dict = {
     "recon_size": 0,  # CapsNet's decoder output side (0: the image's, the paper's decoder)
     "recon_weight": RECON_WEIGHT,
     "shift": 2, "rotate": 0.0, "scale": 0.0, "shear": 0.0, "translate": 0.0, "hflip": False,
+    "erase": 0.0,
     "train_size": None, "val_size": 5000, "test_size": None,
     "image_size": None, "test_fraction": 0.2,
     "seed": 0, "device": "auto", "devices": 1, "num_nodes": 1, "strategy": "auto",
@@ -44,8 +45,8 @@ DEFAULTS: dict = {
 _POSITIVE = ("epochs", "batch_size", "eval_batch_size", "lr", "lr_decay", "lr_decay_steps",
              "routing_iterations", "train_size", "test_size", "log_every", "threads",
              "devices", "num_nodes", "image_size", "stem_channels")
-_NON_NEGATIVE = ("warmup_steps", "ema", "recon_weight", "shift", "rotate", "scale", "shear", "translate", "val_size",
-                 "stem", "recon_size", "save_every_steps")
+_NON_NEGATIVE = ("warmup_steps", "ema", "recon_weight", "shift", "rotate", "scale", "shear", "translate", "erase",
+                 "val_size", "stem", "recon_size", "save_every_steps")
 
 
 def read_config(path: str | Path) -> dict:
@@ -105,6 +106,8 @@ def check_settings(s: dict) -> dict:
     if s["strategy"] not in STRATEGIES:
         raise CapsnetError(f"setting 'strategy' must be one of {', '.join(STRATEGIES)}, "
                            f"got {s['strategy']!r}")
+    if s["erase"] > 1:
+        raise CapsnetError(f"setting 'erase' is a probability, at most 1, got {s['erase']}")
     if s["ema"] >= 1:
         raise CapsnetError(f"setting 'ema' must be below 1 (0: off), got {s['ema']}")
     if s["swa"] and s["ema"] > 0:

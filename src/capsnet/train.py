@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from .callbacks import (EpochMetricsCSV, ProgressBar, SafeCheckpointIO, SameWeightsOnAllRanks,
                         SaveWeightsEvery, StopOnNonFinite, read_metrics)
+from .data.augment import AUGMENT_FLAGS
 from .data.datamodule import ImageDataModule
 from .data.generated import check_training
 from .data.registry import refuse_mirroring
@@ -62,7 +63,7 @@ def dm_sized(s: dict) -> bool:
 
 def build_module(s: dict, classes, shape, crop: int | None = None,
                  multi_label: bool = False) -> LitCapsNet:
-    augment = {k: s[k] for k in ("shift", "rotate", "scale", "shear", "translate", "hflip")}
+    augment = {k: s[k] for k in AUGMENT_FLAGS}
     augment["crop"] = crop or 0
     model = model_config(s, classes, shape)
     if multi_label:

@@ -7,7 +7,7 @@ torch random generator (so a seed, and a checkpointed RNG state, reproduce it).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -20,7 +20,8 @@ class AugmentConfig:
 
     ``rotate`` and ``shear`` are maximum angles in degrees, ``scale`` the maximum relative
     change of size (0.1 means 0.9x..1.1x), ``translate`` the maximum affine shift as a fraction
-    of the image side; all draws are uniform and independent per image.
+    of the image side, ``erase`` the probability of blanking a random rectangle
+    (:func:`random_erase`); all draws are uniform and independent per image.
     """
 
     shift: int = 2
@@ -29,11 +30,16 @@ class AugmentConfig:
     shear: float = 0.0
     translate: float = 0.0
     hflip: bool = False
+    erase: float = 0.0
     crop: int = 0  # random crop x crop patches (data served larger, e.g. smallNORB); 0: off
 
     @property
     def affine(self) -> bool:
         return any(v > 0 for v in (self.rotate, self.scale, self.shear, self.translate))
+
+
+# The user's augmentation settings (train flags and config keys); crop is the dataset's.
+AUGMENT_FLAGS = tuple(f.name for f in fields(AugmentConfig) if f.name != "crop")
 
 
 def _uniform(n: int, bound: float, like: Tensor) -> Tensor:
@@ -82,6 +88,35 @@ def random_hflip(x: Tensor, p: float = 0.5) -> Tensor:
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
+def random_erase(x: Tensor, p: float, area: tuple[float, float] = (0.02, 0.4),
+                 aspect: float = 0.3) -> Tensor:
+    """Random erasing (Zhong et al., 2017), per image: with probability ``p`` a rectangle
+    covering ``area`` (a fraction drawn uniformly) of the image, with height/width ratio
+    drawn log-uniformly in [``aspect``, 1/``aspect``], is set to 0.
+
+    Zero, not the paper's random values: a capsule model's decoder reconstructs its input,
+    and noise cannot be reconstructed; on Fashion-MNIST's black background a zero patch is
+    an occlusion. Shapes: ``[B, C, H, W]`` -> ``[B, C, H, W]``.
+    """
+    if p <= 0:
+        return x
+    b, _, h, w = x.shape
+    dev = x.device
+    share = torch.empty(b, device=dev).uniform_(*area)
+    ratio = torch.exp(torch.empty(b, device=dev).uniform_(math.log(aspect), -math.log(aspect)))
+    eh = (torch.sqrt(share * h * w * ratio)).round().clamp(1, h)  # [B]
+    ew = (torch.sqrt(share * h * w / ratio)).round().clamp(1, w)
+    top = (torch.rand(b, device=dev) * (h - eh + 1)).floor()
+    left = (torch.rand(b, device=dev) * (w - ew + 1)).floor()
+    rows = torch.arange(h, device=dev)[None, :]  # [1, H]
+    cols = torch.arange(w, device=dev)[None, :]
+    in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])  # [B, H]
+    in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])  # [B, W]
+    hit = (torch.rand(b, device=dev) < p)[:, None, None]
+    box = in_rows[:, :, None] & in_cols[:, None, :] & hit  # [B, H, W]
+    return x.masked_fill(box[:, None], 0.0)
+
+
 def random_crop(x: Tensor, size: int) -> Tensor:
     """A ``size x size`` patch of each image at its own random place.
 
@@ -106,4 +141,5 @@ def augment(x: Tensor, cfg: AugmentConfig) -> Tensor:
         x = random_hflip(x)
     if cfg.affine:
         x = random_affine(x, cfg)
-    return random_shift(x, cfg.shift)
+    x = random_shift(x, cfg.shift)
+    return random_erase(x, cfg.erase)

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from ..errors import CapsnetError
 from . import affine, multi
+from .augment import AUGMENT_FLAGS
 from .datasets import ImageDataset, read_idx_dataset
 
 TEST_SEED = 171009829  # arXiv 1710.09829, the paper
@@ -47,8 +48,6 @@ VAL_PARTNERS = 1
 CACHE_KEY = "test-v1"
 
 MULTI, EXPANDED, AFFINE = "multi", "expanded", "affine"
-# Training flags the generated protocols replace by their own placement of the garments.
-_AUGMENT_FLAGS = ("shift", "rotate", "scale", "shear", "translate", "hflip")
 
 
 def digest(*tensors: Tensor) -> str:
@@ -181,7 +180,7 @@ def check_training(s: dict) -> None:
         how = ("each garment is shifted by up to 4 pixels when pairs are made" if
                spec.protocol == MULTI else "its garments are placed at random on the 40x40 "
                "canvas (shifts of up to 6 pixels)")
-        for key in _AUGMENT_FLAGS:
+        for key in AUGMENT_FLAGS:  # replaced by the protocol's own placement
             if s.get(key, DEFAULTS[key]) != DEFAULTS[key]:
                 raise CapsnetError(f"--{key} does not apply to {spec.name}: {how}")
     kind = objective(s["arch"])
