@@ -87,6 +87,48 @@ def test_evaluate_on_the_runs_validation_split_and_with_mirror_images(trained_ru
     assert one_line_error(code, err) and "config.yaml" in err
 
 
+def test_evaluate_an_ensemble_on_the_runs_validation_split(trained_run, fashion_dir, tmp_path,
+                                                           capsys):
+    import shutil
+    from capsnet.evaluate import evaluation_data
+    from capsnet.inference import infer
+    from capsnet.weights import describe, save_weights
+    run = tmp_path / "run"  # a copy of the run with a second, different member beside it
+    shutil.copytree(trained_run, run)
+    model, meta = load_model(run / "best.ckpt")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * p.std().nan_to_num() * 0.3)
+    save_weights(model, run / "other.safetensors", describe(meta, "a perturbed copy"))
+    code, out, _ = run_cli(capsys, "evaluate", run / "best.ckpt", run / "other.safetensors",
+                           "--data-dir", fashion_dir, "--split", "val", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["n"] == 500 and result["model"] == "ensemble"
+    # each image scored by the mean of the two members' capsule lengths
+    best, _ = load_model(run / "best.ckpt")
+    val = evaluation_data(run / "best.ckpt", best, meta, "val", data_dir=str(fashion_dir))
+    lengths = [infer(m, val.images, val.labels).lengths for m in (best, model)]
+    alone = [float((x.argmax(1) == val.labels).float().mean()) for x in lengths]
+    mean = ((lengths[0] + lengths[1]) / 2).argmax(1)
+    assert result["accuracy"] == pytest.approx(float((mean == val.labels).float().mean()))
+    assert result["member_accuracy"] == pytest.approx(alone)
+    assert alone[0] != alone[1]  # two different members
+    code, out, _ = run_cli(capsys, "evaluate", run / "best.ckpt", run / "other.safetensors",
+                           "--data-dir", fashion_dir, "--test-size", 100)
+    assert code == 0 and out.startswith("ensemble of 2 models: accuracy") and "alone" in out
+    # a member whose run carved another validation split is refused
+    other_run = tmp_path / "other_run"
+    other_run.mkdir()
+    shutil.copy(run / "other.safetensors", other_run)
+    (other_run / "config.yaml").write_text(
+        (run / "config.yaml").read_text().replace("val_size: 500", "val_size: 400"))
+    code, _, err = run_cli(capsys, "evaluate", run / "best.ckpt",
+                           other_run / "other.safetensors", "--data-dir", fashion_dir,
+                           "--split", "val")
+    assert one_line_error(code, err) and "other.safetensors" in err and "val images" in err
+
+
 def test_evaluate_table(trained_run, fashion_dir, capsys):
     code, out, _ = run_cli(capsys, "evaluate", trained_run / "last.ckpt", "--data-dir",
                            fashion_dir, "--test-size", 200)
@@ -222,6 +264,16 @@ def test_unreadable_or_foreign_checkpoint(tmp_path, capsys, content, needle):
         path.write_bytes(content)
     code, _, err = run_cli(capsys, "evaluate", path)
     assert one_line_error(code, err) and "x.ckpt" in err and needle in err
+
+
+def test_a_reader_that_leaves_early_is_no_traceback():
+    """`capsnet datasets | head -1`: the pipe closes before capsnet has written."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from capsnet.cli import main; "
+                             "sys.exit(main(['datasets']))"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1 and err == ""
 
 
 @pytest.mark.parametrize("args,needle", [

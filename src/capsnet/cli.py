@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import CapsnetError
@@ -199,34 +200,54 @@ def _cmd_datasets(a) -> int:
 
 
 def _cmd_evaluate(a) -> int:
+    import torch
     from .checkpoints import load_model
     from .data.registry import refuse_mirroring
-    from .evaluate import evaluate, evaluation_data
+    from .evaluate import evaluate, evaluate_ensemble, evaluation_data
     from .paper import RECON_WEIGHT
     from .runtime import torch_device
     if a.batch_size < 1 or (a.test_size is not None and a.test_size < 1):
         raise CapsnetError("--batch-size and --test-size must be positive")
     device = torch_device(a.device)
-    model, meta = load_model(a.model, device)
+    loaded = [load_model(path, device) for path in a.model]
+    model, meta = loaded[0]
     dataset = a.dataset or meta["dataset"]
     if a.tta == "hflip":
         refuse_mirroring(dataset, "--tta hflip")
-    test = evaluation_data(a.model, model, meta, a.split, dataset, a.data_dir)
+    test = evaluation_data(a.model[0], model, meta, a.split, dataset, a.data_dir)
+    for path, (other, other_meta) in zip(a.model[1:], loaded[1:]):
+        # An ensemble is scored on one set: a member's own split must be the same images
+        # (a validation split carved otherwise could hold another member's training images).
+        own = evaluation_data(path, other, other_meta, a.split, dataset, a.data_dir)
+        if not (torch.equal(own.images, test.images) and torch.equal(own.labels, test.labels)):
+            raise CapsnetError(f"{path}: its {a.split} images are not those of {a.model[0]}; "
+                               "an ensemble is evaluated on one set")
     if a.test_size:
         test.images, test.labels = test.images[:a.test_size], test.labels[:a.test_size]
-    recon_weight = meta.get("recon_weight") or RECON_WEIGHT  # the run's own, as in report
-    result = evaluate(model, test, a.batch_size, device, recon_weight, a.tta == "hflip")
-    result.update(model=str(a.model), split=a.split, tta=a.tta)
+    # Each model's own reconstruction weight (its run's), as in report.
+    weights = [m.get("recon_weight") or RECON_WEIGHT for _, m in loaded]
+    if len(loaded) == 1:
+        result = evaluate(model, test, a.batch_size, device, weights[0], a.tta == "hflip")
+        result.update(model=str(a.model[0]))
+    else:
+        result = evaluate_ensemble([m for m, _ in loaded], test, a.batch_size, device,
+                                   weights, a.tta == "hflip")
+        result.update(model="ensemble", members=[str(p) for p in a.model])
+    result.update(split=a.split, tta=a.tta)
     if a.json:
         print(json.dumps(result))
         return 0
     if result.get("pairs"):
-        _print_pairs(a.model, result)
+        _print_pairs(a.model[0], result)
         return 0
     tta = ", each with its mirror image" if a.tta == "hflip" else ""
-    print(f"{a.model}: accuracy {result['accuracy']:.4f} on {result['n']:,} "
+    name = a.model[0] if len(a.model) == 1 else f"ensemble of {len(a.model)} models"
+    mean = "" if len(a.model) == 1 else "; the members' mean"
+    print(f"{name}: accuracy {result['accuracy']:.4f} on {result['n']:,} "
           f"{'validation' if a.split == 'val' else 'test'} images{tta}, "
-          f"loss {result['loss']:.4f} ({_loss_terms(result)})")
+          f"loss {result['loss']:.4f} ({_loss_terms(result)}{mean})")
+    for path, acc in zip(result.get("members", []), result.get("member_accuracy", [])):
+        print(f"  member {path}: accuracy {acc:.4f} alone")
     if result.get("multi_label"):
         _print_multilabel(result)
         return 0
@@ -317,7 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
 
     e = sub.add_parser("evaluate", help="test-set accuracy, losses, confusion matrix")
-    _model_arg(e)
+    e.add_argument("model", nargs="+", metavar="MODEL", help="a shipped model's name "
+                   "(fashion-mnist), a .safetensors weights file or a training checkpoint "
+                   "(.ckpt); several: an ensemble, each image scored by the mean of their "
+                   "capsule lengths")
     e.add_argument("--dataset", help="default: the one the model was trained on")
     e.add_argument("--data-dir", help="default: the run's data_dir (or the usual places)")
     e.add_argument("--batch-size", type=int, default=512)
@@ -442,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("capsnet: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`capsnet evaluate ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's recipe
+        return 1
 
 
 if __name__ == "__main__":

@@ -48,6 +48,45 @@ def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 512,
             "reconstruction_sse": run.reconstruction_sse, "objective": objective}
 
 
+def evaluate_ensemble(models: list[nn.Module], data: ImageDataset, batch_size: int = 512,
+                      device: str | torch.device = "cpu",
+                      recon_weights: list[float] | None = None, hflip: bool = False) -> dict:
+    """:func:`evaluate` for an ensemble: each image is scored by the mean of the members'
+    capsule lengths ``[N, O]`` (the paper's CIFAR-10 result is an ensemble of 7 models).
+
+    ``recon_weights``: each member's own (default the paper's); ``loss``,
+    ``margin_loss`` and ``reconstruction_sse`` are the members' means, ``member_accuracy``
+    each member's own accuracy. Single-label classification only (not pairs, not
+    multi-label); the members must be of one kind (capsule models or CNN baselines).
+    """
+    from .data.multi import is_pair_set
+    from .models import objective as objective_of
+    if is_pair_set(data) or data.labels.dim() == 2:
+        raise CapsnetError("an ensemble is evaluated on single-label classification only, "
+                           "not on pairs or multi-label data")
+    kinds = {objective_of(m) for m in models}
+    if len(kinds) > 1:
+        raise CapsnetError("an ensemble's members must all be capsule models or all CNN "
+                           f"baselines, not a mix ({', '.join(sorted(kinds))})")
+    recon_weights = recon_weights or [RECON_WEIGHT] * len(models)
+    classes = list(data.classes)
+    runs = []
+    for model, weight in zip(models, recon_weights):
+        check_fits(model, data.shape, len(classes))
+        runs.append(infer(model.to(device), data.images, data.labels, batch_size, weight,
+                          hflip))
+    lengths = torch.stack([r.lengths for r in runs]).mean(0)  # [N, O]
+
+    def mean(key: str) -> float:
+        return sum(getattr(r, key) for r in runs) / len(runs)
+
+    return {**summarize(lengths, data.labels, classes),
+            "loss": mean("loss"), "margin_loss": mean("margin_loss"),
+            "reconstruction_sse": mean("reconstruction_sse"), "objective": kinds.pop(),
+            "member_accuracy": [summarize(r.lengths, data.labels, classes)["accuracy"]
+                                for r in runs]}
+
+
 FITS = ("pad", "stretch")
 
 
