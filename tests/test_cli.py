@@ -127,6 +127,12 @@ def test_evaluate_an_ensemble_on_the_runs_validation_split(trained_run, fashion_
                            other_run / "other.safetensors", "--data-dir", fashion_dir,
                            "--split", "val")
     assert one_line_error(code, err) and "other.safetensors" in err and "val images" in err
+    # and so is a member with other classes (a digit model beside a clothing one)
+    save_weights(model, run / "digits.safetensors",
+                 describe({**meta, "classes": list("0123456789")}, "digits"))
+    code, _, err = run_cli(capsys, "evaluate", run / "best.ckpt", run / "digits.safetensors",
+                           "--data-dir", fashion_dir, "--test-size", 10)
+    assert one_line_error(code, err) and "digits.safetensors" in err and "classes" in err
 
 
 def test_evaluate_table(trained_run, fashion_dir, capsys):

@@ -216,6 +216,9 @@ def _cmd_evaluate(a) -> int:
         refuse_mirroring(dataset, "--tta hflip")
     test = evaluation_data(a.model[0], model, meta, a.split, dataset, a.data_dir)
     for path, (other, other_meta) in zip(a.model[1:], loaded[1:]):
+        if list(other_meta["classes"]) != list(meta["classes"]):
+            raise CapsnetError(f"{path}: its classes are not those of {a.model[0]}; an "
+                               "ensemble averages the scores of one set of classes")
         # An ensemble is scored on one set: a member's own split must be the same images
         # (a validation split carved otherwise could hold another member's training images).
         own = evaluation_data(path, other, other_meta, a.split, dataset, a.data_dir)
