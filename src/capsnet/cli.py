@@ -158,9 +158,10 @@ def _cmd_train(a) -> int:
     return 0
 
 
-def _model_arg(p, help_extra: str = "") -> None:
-    p.add_argument("model", metavar="MODEL", help="a shipped model's name (fashion-mnist), a "
-                   ".safetensors weights file or a training checkpoint (.ckpt)" + help_extra)
+def _model_arg(p, help_extra: str = "", nargs: str | None = None) -> None:
+    p.add_argument("model", metavar="MODEL", nargs=nargs, help="a shipped model's name "
+                   "(fashion-mnist), a .safetensors weights file or a training checkpoint "
+                   "(.ckpt)" + help_extra)
 
 
 def _print_multilabel(result: dict) -> None:
@@ -341,10 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
 
     e = sub.add_parser("evaluate", help="test-set accuracy, losses, confusion matrix")
-    e.add_argument("model", nargs="+", metavar="MODEL", help="a shipped model's name "
-                   "(fashion-mnist), a .safetensors weights file or a training checkpoint "
-                   "(.ckpt); several: an ensemble, each image scored by the mean of their "
-                   "capsule lengths")
+    _model_arg(e, "; several: an ensemble, each image scored by the mean of their capsule "
+               "lengths", nargs="+")
     e.add_argument("--dataset", help="default: the one the model was trained on")
     e.add_argument("--data-dir", help="default: the run's data_dir (or the usual places)")
     e.add_argument("--batch-size", type=int, default=512)

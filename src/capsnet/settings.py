@@ -45,8 +45,8 @@ DEFAULTS: dict = {
 _POSITIVE = ("epochs", "batch_size", "eval_batch_size", "lr", "lr_decay", "lr_decay_steps",
              "routing_iterations", "train_size", "test_size", "log_every", "threads",
              "devices", "num_nodes", "image_size", "stem_channels")
-_NON_NEGATIVE = ("warmup_steps", "ema", "recon_weight", "shift", "rotate", "scale", "shear", "translate", "erase",
-                 "val_size", "stem", "recon_size", "save_every_steps")
+_NON_NEGATIVE = ("warmup_steps", "ema", "recon_weight", "shift", "rotate", "scale", "shear",
+                 "translate", "erase", "val_size", "stem", "recon_size", "save_every_steps")
 
 
 def read_config(path: str | Path) -> dict:
