@@ -67,7 +67,7 @@ def test_evaluate_on_the_runs_validation_split_and_with_mirror_images(trained_ru
         read_metrics(trained_run / "metrics.csv")[0]["val_acc"], abs=1e-6)
     # --tta hflip: each image scored by the mean of its and its mirror's capsule lengths
     from capsnet.inference import infer
-    model, _ = load_model(trained_run / "best.ckpt", torch.device("cpu"))
+    model, meta = load_model(trained_run / "best.ckpt", torch.device("cpu"))
     images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
     labels = torch.arange(6)
     plain, mirrored = (infer(model, x, labels).lengths for x in (images, images.flip(-1)))
@@ -77,13 +77,20 @@ def test_evaluate_on_the_runs_validation_split_and_with_mirror_images(trained_ru
     code, out, _ = run_cli(capsys, "evaluate", trained_run / "best.ckpt", "--data-dir",
                            fashion_dir, "--test-size", 200, "--tta", "hflip")
     assert code == 0 and "200 test images, each with its mirror image" in out
-    # refusals: digits are not mirrored; a weights file alone has no run to split
+    # an exported weights file records its run's split: the same images, away from the run
+    weights = tmp_path / "w.safetensors"
+    assert run_cli(capsys, "export", trained_run / "best.ckpt", weights)[0] == 0
+    code, out, _ = run_cli(capsys, "evaluate", weights, "--data-dir", fashion_dir, "--split",
+                           "val", "--json")
+    assert code == 0 and json.loads(out)["n"] == 500
+    assert json.loads(out)["accuracy"] == pytest.approx(result["accuracy"], abs=1e-6)
+    # refusals: digits are not mirrored; a weights file that records no split has no run
     code, _, err = run_cli(capsys, "evaluate", trained_run / "best.ckpt", "--dataset", "mnist",
                            "--tta", "hflip")
     assert one_line_error(code, err) and "--tta hflip" in err
-    weights = tmp_path / "w.safetensors"
-    assert run_cli(capsys, "export", trained_run / "best.ckpt", weights)[0] == 0
-    code, _, err = run_cli(capsys, "evaluate", weights, "--split", "val")
+    from capsnet.weights import describe, save_weights
+    save_weights(model, tmp_path / "old.safetensors", describe(meta, "written before val_size"))
+    code, _, err = run_cli(capsys, "evaluate", tmp_path / "old.safetensors", "--split", "val")
     assert one_line_error(code, err) and "config.yaml" in err
 
 

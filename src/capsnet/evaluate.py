@@ -98,12 +98,15 @@ def evaluation_data(model_path: str | Path, model: nn.Module, meta: dict, split:
     ``model_path``. ``split="test"``: the test set of ``dataset`` (default: the model's own).
     ``split="val"``: the validation images of the run ``model_path`` belongs to, carved again
     as training carved them; the run's ``config.yaml`` (beside the file) gives the dataset and
-    ``val_size``, and the split's seed is fixed (:class:`~capsnet.data.datamodule.ImageDataModule`).
+    ``val_size``, else the ``val_size`` a weights file recorded (``meta``); the split's seed is
+    fixed (:class:`~capsnet.data.datamodule.ImageDataModule`).
     ``data_dir``: ``--data-dir``, else the run's own (:func:`~capsnet.settings.run_data_dir`).
     """
     from .data.registry import load_dataset, recorded_options
     from .settings import run_data_dir, settings_beside
     run = settings_beside(model_path)
+    if not run and meta.get("val_size"):  # a weights file alone that recorded its run's split
+        run = {"dataset": meta["dataset"], "val_size": meta["val_size"]}
     dataset = dataset or meta["dataset"]
     data_dir = run_data_dir(data_dir, run)
     options = recorded_options(dataset, meta.get("data_options"), run,
@@ -112,8 +115,8 @@ def evaluation_data(model_path: str | Path, model: nn.Module, meta: dict, split:
         return load_dataset(dataset, data_dir, **options)[1]
     if not run:
         raise CapsnetError(f"{model_path}: the validation split needs a checkpoint or weights "
-                           "file with its run's config.yaml beside it (the split is the run's "
-                           "own)")
+                           "file with its run's config.yaml beside it, or a weights file that "
+                           "records its run's split (the split is the run's own)")
     if not run.get("val_size"):
         raise CapsnetError(f"{model_path}: its run had no validation split (--val-size 0)")
     if dataset != run.get("dataset"):

@@ -1,7 +1,8 @@
 """Weights files: a model as safetensors (no pickle, no code) with its architecture and config.
 
 A weights file holds the tensors of one model and, in its safetensors metadata, one JSON
-entry ``capsnet``: ``{"arch", "config", "classes", "dataset", "source", "sha256"}``, where
+entry ``capsnet``: ``{"arch", "config", "classes", "dataset", "source", "sha256", ...}``
+(:data:`RECORDED` lists the rest, e.g. ``val_size``: the run's validation split), where
 ``sha256`` is the digest of every tensor's name, dtype, shape and bytes, checked on load, so a
 truncated or altered file is refused with one line. Shipped models (:data:`SHIPPED`) live in
 ``capsnet/weights/`` and are found by name.
@@ -49,8 +50,11 @@ def save_weights(model: nn.Module, path: str | Path, meta: dict,
 
 
 # What a weights file records beside the architecture, its config and the checksum: written
-# by describe(), read back by load_weights().
-RECORDED = ("source", "classes", "dataset", "epoch", "recon_weight", "data_options")
+# by describe(), read back by load_weights(). ``val_size``: the size of the run's validation
+# split (its seed is fixed), so that `evaluate --split val` can carve it again from the file
+# alone; None in files written before it was recorded.
+RECORDED = ("source", "classes", "dataset", "epoch", "recon_weight", "data_options",
+            "val_size")
 
 
 def describe(meta: dict, source: str) -> dict:
