@@ -89,7 +89,8 @@ def test_evaluate_on_the_runs_validation_split_and_with_mirror_images(trained_ru
                            "--tta", "hflip")
     assert one_line_error(code, err) and "--tta hflip" in err
     from capsnet.weights import describe, save_weights
-    save_weights(model, tmp_path / "old.safetensors", describe(meta, "written before val_size"))
+    save_weights(model, tmp_path / "old.safetensors",
+                 describe({**meta, "val_size": None}, "written before val_size"))
     code, _, err = run_cli(capsys, "evaluate", tmp_path / "old.safetensors", "--split", "val")
     assert one_line_error(code, err) and "config.yaml" in err
 

@@ -79,9 +79,12 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu"
 
     The checkpoint names its architecture (``hyper_parameters.arch``; checkpoints from before
     the registry hold the paper's CapsNet). With weight averaging (``--ema``) the averaged
-    weights are the model, as they were the ones evaluated during training.
+    weights are the model, as they were the ones evaluated during training. ``val_size`` (the
+    run's validation split, which a weights file exported from it records) comes from the
+    run's ``config.yaml`` beside the checkpoint, None without one.
     """
     from .models import build_model
+    from .settings import settings_beside
     ckpt = safe_load(path)
     hp = ckpt.get("hyper_parameters")
     state = ckpt.get("state_dict")
@@ -101,7 +104,8 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu"
     meta = {"classes": classes, "dataset": hp.get("dataset", "fashion-mnist"),
             "epoch": ckpt.get("epoch"), "arch": arch,
             "recon_weight": hp.get("recon_weight"),
-            "data_options": hp.get("data_options") or {}}
+            "data_options": hp.get("data_options") or {},
+            "val_size": settings_beside(path).get("val_size")}
     return model.to(device).eval(), meta
 
 

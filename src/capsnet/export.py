@@ -75,8 +75,7 @@ def export(spec: str, out: str | Path, dtype: str = "float32", batch: int = 1) -
     """Write the model ``spec`` (name, weights file or checkpoint) to ``out`` (.onnx or
     .safetensors)."""
     from .checkpoints import load_model
-    from .settings import settings_beside
-    from .weights import describe, resolve, save_weights
+    from .weights import describe, save_weights
     out = Path(out)
     if out.suffix not in (".onnx", ".safetensors"):
         raise CapsnetError(f"{out}: the output must end in .onnx or .safetensors")
@@ -87,6 +86,4 @@ def export(spec: str, out: str | Path, dtype: str = "float32", batch: int = 1) -
     model, meta = load_model(spec)
     if out.suffix == ".onnx":
         return export_onnx(model, out, batch)
-    if not meta.get("val_size"):  # a checkpoint: its run's split, from config.yaml beside it
-        meta = {**meta, "val_size": settings_beside(resolve(spec)).get("val_size")}
     return save_weights(model, out, describe(meta, Path(str(spec)).name), getattr(torch, dtype))
