@@ -1,6 +1,7 @@
 """The tutorial notebook runs from top to bottom (so it never rots) and shows its pictures."""
 
 import pathlib
+import re
 import time
 
 import nbformat
@@ -32,4 +33,7 @@ def test_tutorial_runs_top_to_bottom(tmp_path):
     assert len(images) >= 3  # sample images, reconstructions, the perturbation grid
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "test accuracy" in text
+    # the pictures come from the shipped model: its accuracy on the notebook's 500 test images
+    shipped = re.search(r"test accuracy ([\d.]+)% on the same 500 images", text)
+    assert shipped and float(shipped.group(1)) > 85.0, text[-2000:]
     assert "grid: (16, 11, 1, 28, 28)" in text
