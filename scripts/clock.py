@@ -23,7 +23,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from capsnet.callbacks import read_metrics
+from capsnet.metrics import read_metrics
 
 THRESHOLDS = (0.90, 0.92, 0.93, 0.936, 0.94)
 

@@ -38,7 +38,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from capsnet.callbacks import read_metrics
+from capsnet.metrics import read_metrics
 from capsnet.checkpoints import safe_load
 
 MULTI = ("capsnet", "baseline-cnn-multi")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from capsnet.callbacks import read_metrics
+from capsnet.metrics import read_metrics
 from capsnet.checkpoints import load_model
 from capsnet.cli import main
 from capsnet.data.datasets import load_dataset
@@ -317,7 +317,7 @@ def test_bad_flags_one_line(capsys, tmp_path, args, needle):
 
 def test_config_file_and_flag_override(tmp_path, fashion_dir, capsys):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("epochs: 1\ntrain-size: 128\ntest_size: 64\nbatch_size: 64\n"
+    cfg.write_text("epochs: 1\ntrain-size: 128\ntest_size: 64\nval_size: 64\nbatch_size: 64\n"
                    "routing_iterations: 1\nprogress: false\ntensorboard: false\nlr: 0.01\n")
     out = tmp_path / "run"
     code, stdout, _ = run_cli(capsys, "train", "--config", cfg, "--lr", "0.002", "--data-dir",
@@ -327,6 +327,7 @@ def test_config_file_and_flag_override(tmp_path, fashion_dir, capsys):
     import yaml
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["lr"] == 0.002 and saved["train_size"] == 128 and saved["epochs"] == 1
+    assert saved["val_size"] == 64
     bad = tmp_path / "bad.yaml"
     bad.write_text("epocs: 3\n")
     code, _, err = run_cli(capsys, "train", "--config", bad, "--out", tmp_path / "r2")
@@ -347,7 +348,8 @@ def test_a_users_config_yaml_in_out_is_never_overwritten(tmp_path, fashion_dir, 
 
 def test_help_and_predict_load_neither_lightning_nor_tensorboard(tmp_path):
     """Fast start: `capsnet --help` imports no torch at all; `predict` on one image loads the
-    model without Lightning, TensorBoard or torchmetrics (checked in a fresh interpreter)."""
+    model without Lightning, TensorBoard or torchmetrics, and so does `report` of a missing run
+    (checked in a fresh interpreter)."""
     from PIL import Image
 
     from capsnet.models import build_model
@@ -367,6 +369,8 @@ with contextlib.redirect_stdout(io.StringIO()):
 assert "torch" not in sys.modules, "--help imported torch"
 assert main(["predict", "--model", {str(tmp_path / 'm.safetensors')!r},
              {str(tmp_path / 'x.png')!r}]) == 0
+with contextlib.redirect_stderr(io.StringIO()):
+    assert main(["report", {str(tmp_path / 'no-run')!r}]) == 2
 loaded = [m for m in {heavy!r} if m in sys.modules]
 assert not loaded, loaded
 """

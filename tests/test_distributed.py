@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsnet.callbacks import read_metrics
+from capsnet.metrics import read_metrics
 from capsnet.data.batches import ShardedBatches
 from capsnet.errors import CapsnetError
 from capsnet.runtime import trainer_devices

@@ -255,7 +255,7 @@ def test_refusals_are_one_line(capsys, tmp_path):
 
 
 def test_capsnet_on_pairs_trains_evaluates_and_reports(fashion_dir, tmp_path, capsys):
-    from capsnet.callbacks import read_metrics
+    from capsnet.metrics import read_metrics
     from capsnet.cli import main
     out = tmp_path / "multi"
     assert main(["train", "--dataset", "multi-fashion-mnist", "--data-dir", str(fashion_dir),

@@ -15,24 +15,8 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 
 from .checkpoints import atomic_torch_save, safe_load
 from .errors import CapsnetError
+from .metrics import COLUMNS, read_metrics  # noqa: F401  (read_metrics: re-exported)
 
-COLUMNS = ["epoch", "train_loss", "train_margin", "train_recon", "train_acc",
-           "val_loss", "val_margin", "val_recon", "val_acc",
-           "test_loss", "test_margin", "test_recon", "test_acc",
-           "train_f2", "val_f2", "test_f2", "lr", "epoch_time_s"]  # f2: multi-label data
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """Rows of a ``metrics.csv`` as dicts of floats (``epoch`` as int); empty cells dropped."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            rows.append({k: (int(v) if k == "epoch" else float(v))
-                         for k, v in row.items() if v not in ("", None)})
-    return rows
 
 
 class EpochMetricsCSV(L.Callback):

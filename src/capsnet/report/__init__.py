@@ -259,7 +259,7 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     ``report-<name>/``).
     """
     from .. import __version__, plots
-    from ..callbacks import read_metrics
+    from ..metrics import read_metrics
     from ..checkpoints import load_model
     from ..models import is_capsule_model
     from ..evaluate import evaluation_data

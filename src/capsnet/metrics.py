@@ -1,0 +1,25 @@
+"""A run's ``metrics.csv``: its columns and a reader (no Lightning, so ``capsnet report``
+and the scripts start quickly)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+COLUMNS = ["epoch", "train_loss", "train_margin", "train_recon", "train_acc",
+           "val_loss", "val_margin", "val_recon", "val_acc",
+           "test_loss", "test_margin", "test_recon", "test_acc",
+           "train_f2", "val_f2", "test_f2", "lr", "epoch_time_s"]  # f2: multi-label data
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Rows of a ``metrics.csv`` as dicts of floats (``epoch`` as int); empty cells dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            rows.append({k: (int(v) if k == "epoch" else float(v))
+                         for k, v in row.items() if v not in ("", None)})
+    return rows
