@@ -187,7 +187,7 @@ def test_predict_bad_image(trained_run, tmp_path, capsys):
 
 # ---------------------------------------------------------------- resume and interruption
 
-SMALL = ["--train-size", "384", "--val-size", "128", "--test-size", "128", "--batch-size", "64", "--seed", "3",
+SMALL = ["--train-size", "256", "--val-size", "128", "--test-size", "128", "--batch-size", "64", "--seed", "3",
          "--no-progress", "--no-tensorboard", "--routing-iterations", "1"]
 
 
@@ -452,17 +452,17 @@ def test_save_every_steps_keeps_weights_files_that_evaluate_on_the_runs_split(
         fashion_dir, tmp_path, capsys):
     out = tmp_path / "steps"
     assert main(["train", *SMALL, "--data-dir", str(fashion_dir), "--epochs", "1",
-                 "--save-every-steps", "3", "--out", str(out)]) == 0  # 384 / 64 = 6 steps
-    assert sorted(p.name for p in out.glob("step-*")) == ["step-000003.safetensors",
-                                                          "step-000006.safetensors"]
-    final, _ = load_model(out / "step-000006.safetensors")
+                 "--save-every-steps", "2", "--out", str(out)]) == 0  # 256 / 64 = 4 steps
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000002.safetensors",
+                                                          "step-000004.safetensors"]
+    final, _ = load_model(out / "step-000004.safetensors")
     last, _ = load_model(out / "last.ckpt")
     for (name, a), b in zip(last.state_dict().items(), final.state_dict().values()):
         assert torch.equal(a, b), name
-    earlier, _ = load_model(out / "step-000003.safetensors")
+    earlier, _ = load_model(out / "step-000002.safetensors")
     assert not torch.equal(earlier.digits.weight, final.digits.weight)
     capsys.readouterr()
-    assert main(["evaluate", str(out / "step-000003.safetensors"), "--split", "val",
+    assert main(["evaluate", str(out / "step-000002.safetensors"), "--split", "val",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 128
 
