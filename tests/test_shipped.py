@@ -44,3 +44,23 @@ def test_predict_without_a_model_uses_the_shipped_one(fashion_dir, tmp_path, cap
     assert hits >= 17  # a 93% model on 20 real test images
     assert rows[0]["class"] in ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+def test_shipped_model_knows_its_runs_validation_split(fashion_dir, capsys):
+    """The shipped file predates files recording their split; SHIPPED_RUN supplies it, so the
+    shipped model can be compared with a new run on the same validation images."""
+    import torch
+
+    from capsnet.checkpoints import load_model
+    from capsnet.data.datamodule import ImageDataModule
+    from capsnet.evaluate import evaluation_data
+    model, meta = load_model("fashion-mnist")
+    assert meta["val_size"] == 5000
+    val = evaluation_data("fashion-mnist", model, meta, "val", data_dir=str(fashion_dir))
+    dm = ImageDataModule("fashion-mnist", str(fashion_dir), val_size=5000)
+    dm.setup("fit")
+    assert torch.equal(val.images, dm.val.images) and torch.equal(val.labels, dm.val.labels)
+    assert main(["evaluate", "fashion-mnist", "--split", "val", "--test-size", "500", "--json",
+                 "--data-dir", str(fashion_dir)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 500 and result["split"] == "val" and result["accuracy"] > 0.88

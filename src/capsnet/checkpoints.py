@@ -116,8 +116,11 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu"
     Returns the model in eval mode and its metadata (``arch``, ``classes``, ``dataset``,
     ``epoch`` where known). Nothing is unpickled beyond plain tensors and data.
     """
-    from .weights import load_weights, resolve
+    from .weights import SHIPPED_RUN, load_weights, resolve
     path = resolve(spec)
     if path.suffix == ".safetensors":
-        return load_weights(path, device)
+        model, meta = load_weights(path, device)
+        for key, value in SHIPPED_RUN.get(str(spec), {}).items():
+            meta[key] = meta.get(key) or value
+        return model, meta
     return load_checkpoint_model(path, device)
