@@ -18,7 +18,6 @@ from .errors import CapsnetError
 from .metrics import COLUMNS, read_metrics  # noqa: F401  (read_metrics: re-exported)
 
 
-
 class EpochMetricsCSV(L.Callback):
     """Appends one row per finished epoch (after its evaluation) to ``path``.
 
