@@ -2,7 +2,7 @@
 
 import csv
 
-from capsnet.callbacks import COLUMNS
+from capsnet.metrics import COLUMNS
 from conftest import load_script
 
 

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 
 from .checkpoints import atomic_torch_save, safe_load
 from .errors import CapsnetError
-from .metrics import COLUMNS, read_metrics  # noqa: F401  (read_metrics: re-exported)
+from .metrics import COLUMNS, read_metrics
 
 
 class EpochMetricsCSV(L.Callback):

@@ -55,7 +55,7 @@ def training_curves(rows: list[dict], steps: dict | None = None,
                     recon_weight: float = RECON_WEIGHT) -> Figure:
     """Loss and accuracy per epoch, train vs test (and validation when the run had one).
 
-    ``rows``: the rows of ``metrics.csv`` (:func:`capsnet.callbacks.read_metrics`). ``steps``
+    ``rows``: the rows of ``metrics.csv`` (:func:`capsnet.metrics.read_metrics`). ``steps``
     (optional): ``{"loss": (x, y), "acc": (x, y)}`` per-step training values with ``x`` in
     epochs, drawn as a thin line under the per-epoch points.
     """

@@ -18,13 +18,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from .callbacks import (EpochMetricsCSV, ProgressBar, SafeCheckpointIO, SameWeightsOnAllRanks,
-                        SaveWeightsEvery, StopOnNonFinite, read_metrics)
+                        SaveWeightsEvery, StopOnNonFinite)
 from .data.augment import AUGMENT_FLAGS
 from .data.datamodule import ImageDataModule
 from .data.generated import check_training
 from .data.registry import refuse_mirroring
 from .errors import CapsnetError, first_line
 from .lit import LitCapsNet
+from .metrics import read_metrics
 from .runtime import retain_freed_memory, trainer_devices
 from .settings import DEFAULTS, check_settings, refuse_foreign_config, save_run_settings
 
