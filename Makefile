@@ -24,8 +24,13 @@ $(STAMP): pyproject.toml Makefile apt-packages.txt scripts/apt_install.sh script
 	bash scripts/visdom_assets.sh $(PY)
 	touch $(STAMP)
 
+# Two pytest-xdist workers, one torch thread each (tests/conftest.py): much of the suite
+# waits on process start-up, imports and browsers, which overlap that way; "worksteal" lets
+# a worker take queued tests from the other while that one trains the shared short run.
+PYTEST_FLAGS ?= -n 2 --dist worksteal
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_FLAGS)
 
 demo: setup
 	rm -rf runs/demo

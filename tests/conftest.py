@@ -18,6 +18,10 @@ def _fashion_dir() -> pathlib.Path:
     return pathlib.Path("/usr/share/datasets/fashion-mnist")
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each,
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # set before torch is imported (and for the
+    # commands the tests start); two threads each would oversubscribe the cores.
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))  # the shipped recipes
 FASHION_DIR = _fashion_dir()
@@ -39,11 +43,26 @@ def fashion_dir():
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, fashion_dir):
-    """Directory of a finished short real run (last.ckpt, best.ckpt, metrics.csv, ...)."""
+    """Directory of a finished short real run (last.ckpt, best.ckpt, metrics.csv, ...).
+
+    Tests only read it (or copy it). Under pytest-xdist (``make test`` runs two workers) the
+    workers share one run: the first to ask trains it while holding a file lock, the other
+    waits and reuses it (the pattern of pytest-xdist's documentation)."""
+    import shutil
+
+    from filelock import FileLock
+
     from capsnet.cli import main
-    out = tmp_path_factory.mktemp("run") / "tiny"
-    assert main(["train", *TINY_RUN_FLAGS, "--data-dir", str(fashion_dir),
-                 "--out", str(out)]) == 0
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this session's folder, common to its workers
+    out, done = root / "tiny-run", root / "tiny-run.done"
+    with FileLock(str(root / "tiny-run.lock")):
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)  # a failed earlier attempt
+            assert main(["train", *TINY_RUN_FLAGS, "--data-dir", str(fashion_dir),
+                         "--out", str(out)]) == 0
+            done.touch()
     return out
 
 

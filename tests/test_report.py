@@ -3,7 +3,6 @@
 import html.parser
 import pathlib
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -45,12 +44,12 @@ def model_and_test(trained_run, fashion_dir):
 
 
 @pytest.fixture(scope="module")
-def report(trained_run, fashion_dir):
-    """The report of the shared short real run on 500 test images, and how long it took."""
-    out = trained_run / "report"
-    shutil.rmtree(out, ignore_errors=True)
+def report(trained_run, fashion_dir, tmp_path_factory):
+    """The report of the shared short real run on 500 test images, and how long it took
+    (written outside the run's folder, which other tests read at the same time)."""
+    out = tmp_path_factory.mktemp("report")
     t0 = time.perf_counter()
-    code = main(["report", str(trained_run), "--test-size", "500",
+    code = main(["report", str(trained_run), "--test-size", "500", "--out", str(out),
                  "--data-dir", str(fashion_dir)])
     seconds = time.perf_counter() - t0
     assert code == 0
