@@ -34,6 +34,17 @@ TINY_RUN_FLAGS = ["--train-size", "4096", "--val-size", "500", "--test-size", "1
                   "--log-every", "8"]
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist, the tests that use the shared short run come first (otherwise in
+    their order). ``--dist worksteal`` hands each worker a contiguous half of the list, so
+    one worker trains the run and then uses it while the other works through the rest,
+    instead of waiting for the run in a fixture. (``--dist loadgroup`` would say this with
+    marks, but with pytest 9.2 it ignores them: pytest-xdist issue #1386.)"""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: "trained_run" not in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(scope="session")
 def fashion_dir():
     assert (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file(), (
