@@ -25,8 +25,8 @@ $(STAMP): pyproject.toml Makefile apt-packages.txt scripts/apt_install.sh script
 	touch $(STAMP)
 
 # Two pytest-xdist workers, one torch thread each (tests/conftest.py): much of the suite
-# waits on process start-up, imports and browsers, which overlap that way; "worksteal" lets
-# a worker take queued tests from the other while that one trains the shared short run.
+# waits on process start-up, imports and browsers, which overlap that way. "worksteal" gives
+# each worker half of the list (the shared short run's tests first) and balances the ends.
 PYTEST_FLAGS ?= -n 2 --dist worksteal
 
 test: setup
