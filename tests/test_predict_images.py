@@ -1,7 +1,6 @@
 """Any image file a user gives ``predict``: a model input, or a one-line error naming the file."""
 
 import struct
-import time
 import zlib
 
 import numpy as np
@@ -117,14 +116,19 @@ def test_fully_transparent_is_blank(tmp_path):
 
 
 @pytest.mark.parametrize("suffix", ["jpg", "png"])
-def test_large_photo_is_fast(tmp_path, suffix):
+def test_large_photo_is_reduced_cheaply(tmp_path, suffix, monkeypatch):
+    """A 5000x3000 photo: a JPEG is decoded at 1/8 of its size (Pillow's draft mode; on
+    2 cores about 0.01 s, a PNG decoded whole about 0.15 s) and both come out right."""
     path = tmp_path / f"big.{suffix}"
     img = Image.new("RGB", (5000, 3000), "black")
     img.paste((255, 255, 255), (1250, 750, 3750, 2250))
     img.save(path, **({"quality": 90} if suffix == "jpg" else {"compress_level": 1}))
-    t = time.perf_counter()
+    resized, resize = [], Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize",
+                        lambda self, *a, **k: resized.append(self.size) or resize(self, *a, **k))
     x = check(load_image(path, 3, SIZE), 3)
-    assert time.perf_counter() - t < 2  # here 0.01 s (jpg: decoded at 1/8), 0.15 s (png)
+    side = 5000 // 8 if suffix == "jpg" else 5000  # the square the final resize starts from
+    assert resized == [(side, side)], resized
     centre, corner = centre_and_corner(x)
     assert centre > 0.9 and corner < 0.1
 
@@ -214,11 +218,10 @@ def test_enormous_image_refused_from_its_header(tmp_path, monkeypatch):
     from PIL import ImageFile
     loads = []
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self))
-    t = time.perf_counter()
     path = fake_png(tmp_path / "huge.png", 20000, 20000)  # 400 megapixels, 98 bytes
     with pytest.raises(CapsnetError, match=r"huge.png: image too large .*400000000 pixels"):
         load_image(path, 1, SIZE)
-    assert time.perf_counter() - t < 0.5 and loads == []  # no pixel decoded
+    assert loads == []  # refused before any pixel was decoded
 
 
 # ---------------------------------------------------------------- the command, end to end
