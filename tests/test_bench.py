@@ -33,7 +33,7 @@ NAIVE_ROWS = ("naive (images/s)", "capsnet / naive")
 KEYS = ["train_img_s", "eval_img_s", "limit_train_img_s", "limit_eval_img_s",
         "naive_train_img_s", "naive_eval_img_s", "train_gflop_per_img", "eval_gflop_per_img",
         "gemm_gflop_s", "train_peak_mb", "naive_train_peak_mb", "batch_size", "threads",
-        "device", "torch"]
+        "device", "torch", "precision"]
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +129,27 @@ def test_efficient_capsnet(capsys):
     assert r["naive_train_peak_mb"] is None
     assert "train_vs_naive" not in r and "eval_vs_naive" not in r
     assert r["train_img_s"] > 0 and r["eval_img_s"] > 0 and r["malloc"] == "default"
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_precision_runs_forward_and_loss_under_autocast(precision, capsys, monkeypatch):
+    import capsnet.bench as bench_module
+    seen, loss = [], bench_module.capsule_loss
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return loss(*args, **kwargs)
+    monkeypatch.setattr(bench_module, "capsule_loss", spy)
+    assert main(["bench", *IN_PROCESS, "--no-naive", "--precision", precision, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["precision"] == precision and r["train_img_s"] > 0
+    assert seen and all(seen) == (precision == "bf16-mixed"), seen
+
+
+def test_16_mixed_on_the_cpu_is_one_line_error(capsys):
+    code = main(["bench", *IN_PROCESS, "--precision", "16-mixed", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert one_line_error(code, err) and "needs a GPU" in err
 
 
 def test_unknown_arch():

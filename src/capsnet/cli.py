@@ -30,7 +30,7 @@ def _flag(p, name: str, help: str, **kw):
 
 
 def _train_parser(sub) -> None:
-    from .settings import DEFAULTS as D
+    from .settings import DEFAULTS as D, PRECISIONS
     p = sub.add_parser("train", help="train a capsule network", description=(
         "Train a CapsNet. Settings: defaults < --config YAML < the resumed run's config.yaml "
         "< flags."))
@@ -116,7 +116,7 @@ def _train_parser(sub) -> None:
                      "averaged; gloo on CPU, NCCL on GPU) (default auto)",
          {"choices": ["auto", "ddp"]}),
         ("precision", "32, bf16-mixed or 16-mixed (GPU only) (default 32)",
-         {"choices": ["32", "bf16-mixed", "16-mixed"]}),
+         {"choices": PRECISIONS}),
         ("threads", "CPU threads (default: torch's choice)", {"type": int}),
         ("channels_last", "channels-last convolutions (default on: faster on CPU)",
          {"action": bool_}),
@@ -408,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--recon-size", type=int, default=0,
                    help="capsnet: side of the decoder's output (default 0: the image's; as "
                    "capsnet train --recon-size)")
+    from .settings import PRECISIONS
+    b.add_argument("--precision", default="32", choices=PRECISIONS,
+                   help="32, or forward and loss under autocast to bf16 / fp16 as Lightning's "
+                   "bf16-mixed / 16-mixed (GPU only) do (default 32)")
     b.add_argument("--no-naive", dest="naive", action="store_false",
                    help="skip the naive reference (faster)")
     b.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=True,

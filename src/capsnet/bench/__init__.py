@@ -52,6 +52,9 @@ from .flops import (GEMM_SIZE, count_gflop_per_img, cpu_name, cpu_peak_bytes, ge
                     gflop_by_module, process_peak_bytes, sync)
 from .naive import NaiveCapsNet
 
+# Lightning's precision names (settings.PRECISIONS) -> the dtype of torch.autocast.
+AUTOCAST = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
 
 def cmd_bench(a) -> int:
     for name in ("batch_size", "eval_batch_size", "threads", "steps", "image_size",
@@ -67,7 +70,7 @@ def cmd_bench(a) -> int:
                    image_size=a.image_size, channels=a.channels,
                    routing_iterations=a.routing_iterations, detach_routing=a.detach_routing,
                    stem=a.stem, stem_channels=a.stem_channels, recon_size=a.recon_size,
-                   naive=a.naive,
+                   naive=a.naive, precision=a.precision,
                    retain_memory=a.retain_memory,
                    log=None if a.json else sys.stderr)
     print(json.dumps(result) if a.json else format_table(result))
@@ -77,11 +80,16 @@ def cmd_bench(a) -> int:
 class StepRunner:
     """One model with its optimizer (fused Adam unless given) and random batches of the
     model's input shape; times its training steps (forward, loss, backward, optimizer) and
-    inference steps. Also what ``scripts/`` time their variants with."""
+    inference steps. Also what ``scripts/`` time their variants with.
+
+    ``autocast``: a dtype (``torch.bfloat16``, ``torch.float16``) to run the forward pass and
+    the loss under ``torch.autocast``, the backward outside it, as Lightning's mixed
+    precision does; None for fp32."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device | str = "cpu",
                  batch: int = 128, eval_batch: int | None = None, channels_last: bool = True,
-                 optimizer: torch.optim.Optimizer | None = None):
+                 optimizer: torch.optim.Optimizer | None = None,
+                 autocast: torch.dtype | None = None):
         c = model.config
         device = torch.device(device)
         eval_batch = eval_batch or batch
@@ -94,18 +102,24 @@ class StepRunner:
         self.y = torch.randint(0, c.num_classes, (batch,), device=device)
         self.x_eval = torch.rand(eval_batch, *shape, device=device).contiguous(memory_format=fmt)
         self.times: dict[str, list[float]] = {"train": [], "eval": []}
+        self.autocast = autocast
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast,
+                              enabled=self.autocast is not None)
 
     def train_step(self) -> None:
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
-        out = self.model(self.x, self.y)
-        loss = capsule_loss(out.lengths, self.y, out.reconstructions, self.x).total
+        with self._autocast():
+            out = self.model(self.x, self.y)
+            loss = capsule_loss(out.lengths, self.y, out.reconstructions, self.x).total
         loss.backward()
         self.opt.step()
 
     def eval_step(self) -> None:
         self.model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             self.model(self.x_eval)
 
     def timed(self, kind: str, n: int) -> None:
@@ -186,14 +200,15 @@ def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | N
           threads: int | None = None, steps: int = 12, warmup: int = 2, image_size: int = 28,
           channels: int = 1, routing_iterations: int = 3, detach_routing: bool = False,
           stem: int = 0, stem_channels: int = 64, recon_size: int = 0, naive: bool = True,
-          retain_memory: bool = True,
+          precision: str = "32", retain_memory: bool = True,
           rounds: int = 3, log=None) -> dict:
     """Run the whole benchmark; returns the results as a flat dict (see ``capsnet bench``).
 
     ``stem``/``stem_channels``: the CapsNet's downsampling stem (0: none, the paper's model;
     :func:`capsnet.models.capsnet.suggest_stem` gives a number for an image size);
     ``recon_size``: the side the CapsNet's decoder reconstructs (0: the image's).
-    ``threads`` applies during the call only; ``retain_memory`` changes glibc's malloc
+    ``precision``: Lightning's name ("32", "bf16-mixed", "16-mixed": GPU only) for both
+    models' steps. ``threads`` applies during the call only; ``retain_memory`` changes glibc's malloc
     settings for the rest of the process (:func:`capsnet.runtime.retain_freed_memory`;
     glibc's adaptive defaults cannot be restored), pass False to leave them alone.
     """
@@ -214,6 +229,10 @@ def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | N
         elif stem != 0 or stem_channels != 64 or recon_size != 0:
             raise ValueError(f"{arch} has no stem or recon size to set")
         config = config_cls(**config)
+        if precision not in AUTOCAST:
+            raise ValueError(f"--precision must be one of {', '.join(AUTOCAST)}, not {precision}")
+        if precision == "16-mixed" and dev.type != "cuda":
+            raise ValueError("--precision 16-mixed needs a GPU; on the CPU use bf16-mixed or 32")
         torch.manual_seed(0)
         ours = model_cls(config)
     except ValueError as e:
@@ -234,12 +253,14 @@ def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | N
         train_gflop, eval_gflop = count_gflop_per_img(reference, dev)
         stem_gflop = gflop_by_module(reference, dev).get("stem") if paper and stem else None
         del reference
-        runners = {"ours": StepRunner(ours, dev, batch_size, eval_batch_size, channels_last=True)}
+        amp = AUTOCAST[precision]
+        runners = {"ours": StepRunner(ours, dev, batch_size, eval_batch_size, channels_last=True,
+                                      autocast=amp)}
         # What ours executes: fewer FLOPs when PrimaryCaps runs in the frequency domain.
         train_done, eval_done = count_gflop_per_img(ours, dev, batch_size, eval_batch_size)
         if naive:
             runners["naive"] = StepRunner(NaiveCapsNet(config), dev, batch_size, eval_batch_size,
-                                       channels_last=False)
+                                       channels_last=False, autocast=amp)
         say(f"{train_gflop:.3f} GFLOP per image per training step, {eval_gflop:.3f} per "
             f"inference; warming up")
         for r in runners.values():
@@ -285,6 +306,7 @@ def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | N
             "parameters": ours.num_parameters(),
             "batch_size": batch_size,
             "eval_batch_size": eval_batch_size,
+            "precision": precision,
             "image_size": image_size,
             "channels": channels,
             "routing_iterations": routing_iterations,
@@ -327,7 +349,8 @@ def format_table(r: dict) -> str:
         + (f", {r['stem']}-stage stem ({r['stem_channels']} channels)" if r.get("stem") else "")
         + (f", decoder output {r['recon_size']}x{r['recon_size']}"
            if r.get("recon_size") and r["recon_size"] != r["image_size"] else "")
-        + f", batch {r['batch_size']} (inference {r['eval_batch_size']}), fp32",
+        + f", batch {r['batch_size']} (inference {r['eval_batch_size']}), "
+        + ("fp32" if r.get("precision", "32") == "32" else r["precision"]),
         f"sustained fp32 GEMM ({r['gemm_size']}^3, best of the run): "
         f"{r['gemm_gflop_s']:.1f} GFLOP/s",
         "",
