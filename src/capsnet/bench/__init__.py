@@ -208,9 +208,10 @@ def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | N
     :func:`capsnet.models.capsnet.suggest_stem` gives a number for an image size);
     ``recon_size``: the side the CapsNet's decoder reconstructs (0: the image's).
     ``precision``: Lightning's name ("32", "bf16-mixed", "16-mixed": GPU only) for both
-    models' steps. ``threads`` applies during the call only; ``retain_memory`` changes glibc's malloc
-    settings for the rest of the process (:func:`capsnet.runtime.retain_freed_memory`;
-    glibc's adaptive defaults cannot be restored), pass False to leave them alone.
+    models' steps (the limit stays fp32's). ``threads`` applies during the call only;
+    ``retain_memory`` changes glibc's malloc settings for the rest of the process
+    (:func:`capsnet.runtime.retain_freed_memory`; glibc's adaptive defaults cannot be
+    restored), pass False to leave them alone.
     """
     started = time.perf_counter()
     dev = torch_device(device)
