@@ -337,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Efficient-CapsNet 2021) on Fashion-MNIST: train, evaluate, predict, export, "
                 "benchmark, explain.")
     from . import __version__
+    from .settings import PRECISIONS
     p.add_argument("--version", action="version", version=f"capsnet {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(sub)
@@ -408,7 +409,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--recon-size", type=int, default=0,
                    help="capsnet: side of the decoder's output (default 0: the image's; as "
                    "capsnet train --recon-size)")
-    from .settings import PRECISIONS
     b.add_argument("--precision", default="32", choices=PRECISIONS,
                    help="32, or forward and loss under autocast to bf16 / fp16 as Lightning's "
                    "bf16-mixed / 16-mixed (GPU only) do (default 32)")

@@ -61,6 +61,13 @@ def trainer_devices(device: str, devices: int, num_nodes: int, strategy: str
     return accelerator, devices
 
 
+def refuse_fp16_on_cpu(precision: str, device_type: str) -> None:
+    """``16-mixed`` (fp16 autocast with loss scaling) is for GPUs; on the CPU, one line
+    naming what works there. Shared by ``capsnet train`` and ``capsnet bench``."""
+    if precision == "16-mixed" and device_type == "cpu":
+        raise CapsnetError("--precision 16-mixed needs a GPU; on the CPU use bf16-mixed or 32")
+
+
 def torch_device(device: str) -> torch.device:
     """``auto``/``cpu``/``cuda``/``cuda:N`` -> the ``torch.device`` to run on."""
     accelerator, devices = resolve_device(device)

@@ -26,7 +26,7 @@ from .data.registry import refuse_mirroring
 from .errors import CapsnetError, first_line
 from .lit import LitCapsNet
 from .metrics import read_metrics
-from .runtime import retain_freed_memory, trainer_devices
+from .runtime import refuse_fp16_on_cpu, retain_freed_memory, trainer_devices
 from .settings import DEFAULTS, check_settings, refuse_foreign_config, save_run_settings
 
 
@@ -160,8 +160,7 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
         torch.set_num_threads(s["threads"])
     elif accelerator == "cpu" and s["devices"] > 1:  # share the cores among the processes
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // s["devices"]))
-    if accelerator == "cpu" and s["precision"] == "16-mixed":
-        raise CapsnetError("--precision 16-mixed needs a GPU; on the CPU use bf16-mixed or 32")
+    refuse_fp16_on_cpu(s["precision"], accelerator)
     if accelerator == "cpu":
         retain_freed_memory()  # faster CPU steps: see `capsnet bench --no-retain-memory`
     L.seed_everything(s["seed"], verbose=False)

@@ -47,7 +47,7 @@ from ..errors import CapsnetError
 from ..losses import capsule_loss
 from ..models import architecture, is_capsule_model
 from ..optim import adam
-from ..runtime import retain_freed_memory, torch_device
+from ..runtime import refuse_fp16_on_cpu, retain_freed_memory, torch_device
 from .flops import (GEMM_SIZE, count_gflop_per_img, cpu_name, cpu_peak_bytes, gemm_rate,
                     gflop_by_module, process_peak_bytes, sync)
 from .naive import NaiveCapsNet
@@ -232,8 +232,7 @@ def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | N
         config = config_cls(**config)
         if precision not in AUTOCAST:
             raise ValueError(f"--precision must be one of {', '.join(AUTOCAST)}, not {precision}")
-        if precision == "16-mixed" and dev.type != "cuda":
-            raise ValueError("--precision 16-mixed needs a GPU; on the CPU use bf16-mixed or 32")
+        refuse_fp16_on_cpu(precision, dev.type)
         torch.manual_seed(0)
         ours = model_cls(config)
     except ValueError as e:
