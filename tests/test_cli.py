@@ -303,7 +303,7 @@ def test_a_reader_that_leaves_early_is_no_traceback():
     (["train", "--resume", "/nonexistent/run"], "nonexistent"),
     (["evaluate"], "MODEL"),
     (["bench", "--device", "tpu"], "device"),
-    (["evaluate", "x.ckpt", "--device", "gpu"], "device"),
+    (["evaluate", "fashion-mnist", "--device", "gpu"], "device"),
 ])
 def test_bad_flags_one_line(capsys, tmp_path, args, needle):
     if not any(a in args for a in ("--resume",)):
@@ -347,9 +347,9 @@ def test_a_users_config_yaml_in_out_is_never_overwritten(tmp_path, fashion_dir, 
 
 
 def test_help_and_predict_load_neither_lightning_nor_tensorboard(tmp_path):
-    """Fast start: `capsnet --help` imports no torch at all; `predict` on one image loads the
-    model without Lightning, TensorBoard or torchmetrics, and so does `report` of a missing run
-    (checked in a fresh interpreter)."""
+    """Fast start: `capsnet --help`, and a model or run that does not exist given to evaluate,
+    export, predict or report, import no torch at all; `predict` on one image loads the model
+    without Lightning, TensorBoard or torchmetrics (checked in a fresh interpreter)."""
     from PIL import Image
 
     from capsnet.models import build_model
@@ -367,6 +367,14 @@ with contextlib.redirect_stdout(io.StringIO()):
     except SystemExit:
         pass
 assert "torch" not in sys.modules, "--help imported torch"
+missing = {str(tmp_path / 'no-such.ckpt')!r}
+with contextlib.redirect_stderr(io.StringIO()) as err:
+    for argv in (["evaluate", missing], ["evaluate", "fashion-mnist", missing],
+                 ["export", missing, "m.onnx"], ["predict", "--model", missing, "x.png"],
+                 ["report", missing]):
+        assert main(argv) == 2, argv
+assert err.getvalue().count("no-such.ckpt: no such") == 5, err.getvalue()
+assert "torch" not in sys.modules, "a missing model was reported only after importing torch"
 assert main(["predict", "--model", {str(tmp_path / 'm.safetensors')!r},
              {str(tmp_path / 'x.png')!r}]) == 0
 with contextlib.redirect_stderr(io.StringIO()):

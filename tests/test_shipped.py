@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 from capsnet.cli import main
-from capsnet.weights import SHIPPED, WEIGHTS_DIR
+from capsnet.shipped import SHIPPED, WEIGHTS_DIR
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

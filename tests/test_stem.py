@@ -59,7 +59,7 @@ def test_weights_written_before_the_stem_still_load(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from capsnet.checkpoints import load_model
-    from capsnet.weights import SHIPPED, WEIGHTS_DIR
+    from capsnet.shipped import SHIPPED, WEIGHTS_DIR
     path = WEIGHTS_DIR / SHIPPED["fashion-mnist"]
     with safe_open(str(path), "pt") as f:
         info = json.loads(f.metadata()["capsnet"])

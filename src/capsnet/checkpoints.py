@@ -116,7 +116,8 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu"
     Returns the model in eval mode and its metadata (``arch``, ``classes``, ``dataset``,
     ``epoch`` where known). Nothing is unpickled beyond plain tensors and data.
     """
-    from .weights import SHIPPED_RUN, load_weights, resolve
+    from .shipped import SHIPPED_RUN, resolve
+    from .weights import load_weights
     path = resolve(spec)
     if path.suffix == ".safetensors":
         model, meta = load_weights(path, device)

@@ -201,6 +201,9 @@ def _cmd_datasets(a) -> int:
 
 
 def _cmd_evaluate(a) -> int:
+    from .shipped import resolve
+    for spec in a.model:  # before torch loads: a wrong path fails at once
+        resolve(spec)
     import torch
     from .checkpoints import load_model
     from .data.registry import refuse_mirroring
@@ -266,18 +269,19 @@ def _cmd_evaluate(a) -> int:
 
 
 def _looks_like_model(arg: str) -> bool:
-    from .weights import SHIPPED
+    from .shipped import SHIPPED
     return arg in SHIPPED or arg.endswith((".ckpt", ".safetensors"))
 
 
 def _cmd_predict(a) -> int:
-    from .checkpoints import load_model
-    from .evaluate import load_image, predict
-    from .weights import DEFAULT_MODEL
+    from .shipped import DEFAULT_MODEL, resolve
     images = list(a.images)
     spec = a.model
     if spec is None and len(images) > 1 and _looks_like_model(images[0]):
         spec = images.pop(0)  # the older form: capsnet predict MODEL IMAGE...
+    resolve(spec or DEFAULT_MODEL)  # before torch loads: a wrong path fails at once
+    from .checkpoints import load_model
+    from .evaluate import load_image, predict
     model, meta = load_model(spec or DEFAULT_MODEL)
     c = model.config
     status = 0
@@ -305,6 +309,8 @@ def _cmd_predict(a) -> int:
 
 
 def _cmd_export(a) -> int:
+    from .shipped import resolve
+    resolve(a.model)  # before torch loads: a wrong path fails at once
     from .export import export
     out = export(a.model, a.out, dtype=a.dtype, batch=a.batch)
     print(out)
@@ -317,9 +323,11 @@ def _cmd_bench(a) -> int:
 
 
 def _cmd_report(a) -> int:
-    from .report import build_report
+    from .shipped import check_run_or_model
     if a.mistakes < 0 or a.batch_size < 1:
         raise CapsnetError("--mistakes must be >= 0 and --batch-size positive")
+    check_run_or_model(a.run_dir)  # before torch loads: a wrong path fails at once
+    from .report import build_report
     index = build_report(a.run_dir, a.checkpoint, a.data_dir, a.dataset, a.test_size,
                          a.samples, a.mistakes, a.device, a.batch_size, out=a.out)
     print(index)

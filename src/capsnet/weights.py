@@ -4,8 +4,8 @@ A weights file holds the tensors of one model and, in its safetensors metadata, 
 entry ``capsnet``: ``{"arch", "config", "classes", "dataset", "source", "sha256", ...}``
 (:data:`RECORDED` lists the rest, e.g. ``val_size``: the run's validation split), where
 ``sha256`` is the digest of every tensor's name, dtype, shape and bytes, checked on load, so a
-truncated or altered file is refused with one line. Shipped models (:data:`SHIPPED`) live in
-``capsnet/weights/`` and are found by name.
+truncated or altered file is refused with one line. Shipped models live in
+``capsnet/weights/`` and are found by name (:mod:`capsnet.shipped`).
 """
 
 from __future__ import annotations
@@ -18,16 +18,6 @@ import torch
 from torch import nn
 
 from .errors import CapsnetError, first_line
-
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-# name -> file in WEIGHTS_DIR; `capsnet predict IMAGE` without a model uses DEFAULT_MODEL.
-SHIPPED = {"fashion-mnist": "fashion-mnist.safetensors"}
-# What a shipped file exported before files recorded it does not say itself: its run's
-# validation split (the default 5,000 images, fixed seed; docs/results.md), so that
-# `capsnet evaluate fashion-mnist --split val` compares it with a new run on the same images.
-SHIPPED_RUN = {"fashion-mnist": {"val_size": 5000}}
-DEFAULT_MODEL = "fashion-mnist"
-
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
@@ -70,23 +60,6 @@ def describe(meta: dict, source: str) -> dict:
 def _serialize(tensors: dict, info: dict) -> bytes:
     from safetensors.torch import save
     return save(tensors, metadata={"capsnet": json.dumps(info, sort_keys=True)})
-
-
-def resolve(spec: str | Path) -> Path:
-    """A shipped model's name or a path -> the file to load (one-line error if none)."""
-    if str(spec) in SHIPPED:
-        path = WEIGHTS_DIR / SHIPPED[str(spec)]
-        if not path.is_file():
-            raise CapsnetError(f"shipped model {spec!r}: {path} is missing from this install")
-        return path
-    path = Path(spec)
-    if not path.exists():
-        raise CapsnetError(f"{spec}: no such file, and not a shipped model (shipped: "
-                           f"{', '.join(SHIPPED)})")
-    if path.is_dir():
-        raise CapsnetError(f"{spec}: is a folder; give a weights file, a checkpoint or a "
-                           f"shipped model's name ({', '.join(SHIPPED)})")
-    return path
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu"

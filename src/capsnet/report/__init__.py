@@ -267,16 +267,14 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     from ..runtime import torch_device
     from ..settings import load_run_settings
 
-    from ..weights import SHIPPED
+    from ..shipped import check_run_or_model
+    check_run_or_model(run_dir)
     spec, run_dir = str(run_dir), Path(run_dir)
     if run_dir.is_dir():
         settings = load_run_settings(run_dir)
-    elif spec in SHIPPED or run_dir.is_file():  # a model without its run
+    else:  # a model without its run: a file or a shipped model's name
         checkpoint, settings = spec, {}
         out = Path(out) if out else Path(f"report-{run_dir.stem}")
-    else:
-        raise CapsnetError(f"{run_dir}: no such run directory, weights file or shipped model "
-                           f"({', '.join(SHIPPED)})")
     if test_size is not None and test_size < 1:
         raise CapsnetError(f"--test-size must be positive, got {test_size}")
     if samples < 1:
