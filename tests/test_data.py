@@ -88,6 +88,34 @@ def test_corrupt_files_fail_clearly(tmp_path, capsys, damage, message):
     assert message in err and str(folder) in err
 
 
+def test_evaluating_needs_only_the_test_files(tmp_path, capsys):
+    """The two t10k files alone are enough to evaluate (a user checking the shipped model need
+    not fetch the training set); training still needs all four; a damaged test file there is
+    still a one-line error."""
+    from capsnet.data.registry import load_test_split
+    from capsnet.models import build_model
+    from capsnet.weights import save_weights
+    folder = fake_dataset(tmp_path / "d")
+    whole = load_dataset("fashion-mnist", folder, allow_download=False)[1]
+    for f in folder.glob("train-*"):
+        f.unlink()
+    test = load_test_split("fashion-mnist", folder, allow_download=False)
+    assert torch.equal(test.images, whole.images) and torch.equal(test.labels, whole.labels)
+    assert test.classes == whole.classes
+    with pytest.raises(CapsnetError, match="not found"):
+        load_dataset("fashion-mnist", folder, allow_download=False)
+    model = tmp_path / "m.safetensors"
+    save_weights(build_model("capsnet", {"conv_channels": 8, "primary_types": 2}), model,
+                 {"classes": list(whole.classes), "dataset": "fashion-mnist"})
+    capsys.readouterr()
+    assert main(["evaluate", str(model), "--data-dir", str(folder), "--json"]) == 0
+    assert '"n": 10' in capsys.readouterr().out
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", torch.zeros(10, 28, 28), cut=100)
+    code = main(["evaluate", str(model), "--data-dir", str(folder)])
+    err = capsys.readouterr().err
+    assert one_line_error(code, err) and "truncated" in err
+
+
 def test_missing_data_names_both_ways(tmp_path, capsys, monkeypatch):
     import urllib.request
     calls = []

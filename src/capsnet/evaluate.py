@@ -102,7 +102,7 @@ def evaluation_data(model_path: str | Path, model: nn.Module, meta: dict, split:
     fixed (:class:`~capsnet.data.datamodule.ImageDataModule`).
     ``data_dir``: ``--data-dir``, else the run's own (:func:`~capsnet.settings.run_data_dir`).
     """
-    from .data.registry import load_dataset, recorded_options
+    from .data.registry import load_test_split, recorded_options
     from .settings import run_data_dir, settings_beside
     run = settings_beside(model_path)
     if not run and meta.get("val_size"):  # a weights file alone that recorded its run's split
@@ -112,7 +112,7 @@ def evaluation_data(model_path: str | Path, model: nn.Module, meta: dict, split:
     options = recorded_options(dataset, meta.get("data_options"), run,
                                image_size=model.config.image_size)
     if split == "test":
-        return load_dataset(dataset, data_dir, **options)[1]
+        return load_test_split(dataset, data_dir, **options)
     if not run:
         raise CapsnetError(f"{model_path}: the validation split needs a checkpoint or weights "
                            "file with its run's config.yaml beside it, or a weights file that "

@@ -31,6 +31,7 @@ FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+TEST_FILES = ("test_images", "test_labels")  # what evaluating on the test set reads
 
 _REEXPORTED = ("DATASETS", "DatasetSpec", "dataset_info", "load_dataset", "cache_dir",
                "candidate_dirs", "describe_datasets", "cmd_datasets", "locate_folder")
@@ -177,9 +178,10 @@ def load_split(images_path: Path, labels_path: Path, num_classes: int) -> tuple[
     return images.unsqueeze(1), labels.long()
 
 
-def files_in(folder: Path) -> dict[str, Path] | None:
-    """The four IDX files in ``folder`` (``.gz`` preferred), or None if any is missing."""
-    found = {key: find_file(Path(folder), stem) for key, stem in FILES.items()}
+def files_in(folder: Path, keys: Sequence[str] = tuple(FILES)) -> dict[str, Path] | None:
+    """The IDX files ``keys`` (default: all four) in ``folder`` (``.gz`` preferred), or None
+    if any is missing."""
+    found = {key: find_file(Path(folder), FILES[key]) for key in keys}
     return None if None in found.values() else found
 
 
@@ -205,6 +207,22 @@ def read_idx_dataset(folder: Path, classes: Sequence[str]) -> tuple[ImageDataset
     return ImageDataset(*train, classes), ImageDataset(*test, classes)
 
 
+def find_idx_test(folder: Path) -> Path | None:
+    """``folder`` if it holds the two test IDX files (all that evaluation needs), else None."""
+    return Path(folder) if files_in(folder, TEST_FILES) else None
+
+
+def read_idx_test(folder: Path, classes: Sequence[str]) -> ImageDataset:
+    """The test split alone from the two t10k IDX files in ``folder`` (as
+    :func:`read_idx_dataset`'s second half), for evaluating without the training files."""
+    files = files_in(folder, TEST_FILES)
+    if files is None:
+        raise CapsnetError(f"{folder}: the two test IDX files "
+                           f"({', '.join(FILES[k] for k in TEST_FILES)}) are not both there")
+    return ImageDataset(*load_split(files["test_images"], files["test_labels"], len(classes)),
+                        tuple(classes))
+
+
 def download_idx(target: Path, timeout: float, *, mirrors: Sequence[str],
                  md5: dict[str, str]) -> None:
     """Fetch the four ``.gz`` IDX files into ``target`` from the first mirror delivering each
@@ -218,6 +236,11 @@ def download_idx(target: Path, timeout: float, *, mirrors: Sequence[str],
 def idx_reader(classes: Sequence[str]):
     """``read(folder, **options)`` for an IDX dataset with these classes."""
     return partial(read_idx_dataset, classes=tuple(classes))
+
+
+def idx_test_reader(classes: Sequence[str]):
+    """``read_test(folder)`` for an IDX dataset with these classes."""
+    return partial(read_idx_test, classes=tuple(classes))
 
 
 def locate(name: str = "fashion-mnist", data_dir: str | Path | None = None,

@@ -28,7 +28,8 @@ from typing import Callable
 
 from ..errors import CapsnetError
 from . import cifar, folder as image_folder, generated, smallnorb, svhn
-from .datasets import (FILES, ImageDataset, center_crop, download_idx, find_idx, idx_reader)
+from .datasets import (FILES, ImageDataset, center_crop, download_idx, find_idx, find_idx_test,
+                       idx_reader, idx_test_reader)
 from .download import DEFAULT_TIMEOUT, new_folder
 
 Reader = Callable[..., "tuple[ImageDataset, ImageDataset]"]
@@ -46,7 +47,9 @@ class DatasetSpec:
     returns the folder to read (``folder`` or a sub-folder of it) or None, and raises
     :class:`CapsnetError` when the folder holds the dataset in an unusable state.
     ``read(folder, **options)`` returns ``(train, test)``. ``download(target, timeout)``
-    puts the files into ``target`` (None: no public URL).
+    puts the files into ``target`` (None: no public URL). ``find_test``/``read_test``: the
+    same for the test split alone, where its files can be read without the training files
+    (the IDX datasets), so that evaluating needs only them (:func:`load_test_split`).
 
     ``protocol``: for the sets generated from Fashion-MNIST (:mod:`capsnet.data.generated`):
     ``"multi"`` (MultiFashion pairs), ``"expanded"`` (random positions on 40x40) or
@@ -69,6 +72,8 @@ class DatasetSpec:
     folder: str = ""  # sub-folder name under $CAPSNET_DATA and the cache; default: name
     protocol: str | None = None  # generated from Fashion-MNIST (capsnet.data.generated)
     description: str = field(default="", compare=False)
+    find_test: Callable[[Path], Path | None] | None = None
+    read_test: Callable[[Path], ImageDataset] | None = None
 
     def __post_init__(self):
         if not self.folder:
@@ -95,6 +100,7 @@ def _spec_list() -> list[DatasetSpec]:
         DatasetSpec(
             name="fashion-mnist", classes=FASHION_CLASSES, image_shape=(1, 28, 28),
             hflip_ok=True, find=find_idx, read=idx_reader(FASHION_CLASSES),
+            find_test=find_idx_test, read_test=idx_test_reader(FASHION_CLASSES),
             download=partial(download_idx, mirrors=(
                 "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
                 "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/"
@@ -112,6 +118,7 @@ def _spec_list() -> list[DatasetSpec]:
         DatasetSpec(
             name="mnist", classes=DIGITS, image_shape=(1, 28, 28), hflip_ok=False,
             find=find_idx, read=idx_reader(DIGITS),
+            find_test=find_idx_test, read_test=idx_test_reader(DIGITS),
             download=partial(download_idx, mirrors=(
                 "https://ossci-datasets.s3.amazonaws.com/mnist/",
                 "https://storage.googleapis.com/cvdf-datasets/mnist/"), md5={
@@ -187,6 +194,7 @@ def _generated_specs(fashion: DatasetSpec) -> list[DatasetSpec]:
     def derived(name, protocol, shape, description):
         return replace(fashion, name=name, protocol=protocol, image_shape=shape,
                        hflip_ok=False, folder=fashion.folder, description=description,
+                       find_test=None, read_test=None,  # their test sets need more files
                        read=partial(generated.read_generated, name=name, protocol=protocol,
                                     classes=FASHION_CLASSES))
     return [
@@ -300,22 +308,27 @@ def locate_folder(spec: DatasetSpec, data_dir: str | Path | None = None,
 
 # --------------------------------------------------------------------------- loading
 
-def _check(spec: DatasetSpec, train: ImageDataset, test: ImageDataset, where: Path) -> None:
-    """The invariants the rest of capsnet relies on."""
+def _check_split(spec: DatasetSpec, split: str, ds: ImageDataset, where: Path) -> None:
+    """The invariants of one split that the rest of capsnet relies on."""
     import torch
-    for split, ds in (("train", train), ("test", test)):
-        if ds.images.dim() != 4 or ds.images.dtype != torch.uint8:
-            raise CapsnetError(f"{where}: {split} images are {ds.images.dtype} "
-                               f"{list(ds.images.shape)}, expected uint8 [N, C, H, W]")
-        if len(ds) != ds.images.shape[0] or len(ds) == 0:
-            raise CapsnetError(f"{where}: {split} split has {ds.images.shape[0]} images and "
-                               f"{len(ds)} labels")
-        want = (torch.uint8, 2) if spec.multi_label else (torch.int64, 1)
-        if spec.protocol == generated.MULTI and split == "test":
-            want = (torch.int64, 2)  # packed pairs: the two classes of each
-        if (ds.labels.dtype, ds.labels.dim()) != want:
-            raise CapsnetError(f"{where}: {split} labels are {ds.labels.dtype} "
-                               f"{list(ds.labels.shape)}")
+    if ds.images.dim() != 4 or ds.images.dtype != torch.uint8:
+        raise CapsnetError(f"{where}: {split} images are {ds.images.dtype} "
+                           f"{list(ds.images.shape)}, expected uint8 [N, C, H, W]")
+    if len(ds) != ds.images.shape[0] or len(ds) == 0:
+        raise CapsnetError(f"{where}: {split} split has {ds.images.shape[0]} images and "
+                           f"{len(ds)} labels")
+    want = (torch.uint8, 2) if spec.multi_label else (torch.int64, 1)
+    if spec.protocol == generated.MULTI and split == "test":
+        want = (torch.int64, 2)  # packed pairs: the two classes of each
+    if (ds.labels.dtype, ds.labels.dim()) != want:
+        raise CapsnetError(f"{where}: {split} labels are {ds.labels.dtype} "
+                           f"{list(ds.labels.shape)}")
+
+
+def _check(spec: DatasetSpec, train: ImageDataset, test: ImageDataset, where: Path) -> None:
+    """The invariants the rest of capsnet relies on: each split's, and that they match."""
+    _check_split(spec, "train", train, where)
+    _check_split(spec, "test", test, where)
     if train.shape != test.shape and spec.protocol is None:
         raise CapsnetError(f"{where}: test images are {'x'.join(map(str, test.shape))}, "
                            f"training images {'x'.join(map(str, train.shape))}")
@@ -358,6 +371,26 @@ def load_dataset(name: str = "fashion-mnist", data_dir: str | Path | None = None
         test = ImageDataset(center_crop(test.images, spec.crop).contiguous(), test.labels,
                             test.classes)
     return train, test
+
+
+def load_test_split(name: str = "fashion-mnist", data_dir: str | Path | None = None,
+                    allow_download: bool = True, **options) -> ImageDataset:
+    """The test split of a registered dataset, as ``load_dataset(...)[1]`` returns it.
+
+    Where the dataset's test files can be read alone (``spec.read_test``: the IDX datasets)
+    and no folder holds the whole dataset, a folder holding just the test files is enough:
+    evaluating the shipped model needs the 10,000 test images, not the 60,000 training ones.
+    Otherwise (a whole dataset found, or nothing found: the download fetches it all) this is
+    :func:`load_dataset`. ``options`` as there.
+    """
+    spec = dataset_info(name)
+    if spec.read_test is not None and search(spec, data_dir) is None:
+        folder = search(replace(spec, find=spec.find_test), data_dir)
+        if folder is not None:
+            test = spec.read_test(folder)
+            _check_split(spec, "test", test, folder)
+            return test
+    return load_dataset(name, data_dir, allow_download, **options)[1]
 
 
 def recorded_options(name: str, *records: dict | None, image_size: int | None = None
