@@ -153,7 +153,10 @@ def _cmd_train(a) -> int:
     if rows and is_main_process():
         last = rows[-1]
         split = "val" if "val_acc" in last else "test"
-        print(f"epoch {last['epoch']}: test accuracy {last.get('test_acc', float('nan')):.4f}"
+        # metrics.csv counts epochs from 0 (Lightning's count); people, the report's curves
+        # and the docs from 1: "after epoch 2" is the end of a 2-epoch run.
+        print(f"after epoch {last['epoch'] + 1}: test accuracy "
+              f"{last.get('test_acc', float('nan')):.4f}"
               + (f", val accuracy {last['val_acc']:.4f}" if split == "val" else ""))
     return 0
 
