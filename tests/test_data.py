@@ -92,7 +92,7 @@ def test_evaluating_needs_only_the_test_files(tmp_path, capsys):
     """The two t10k files alone are enough to evaluate (a user checking the shipped model need
     not fetch the training set); training still needs all four; a damaged test file there is
     still a one-line error."""
-    from capsnet.data.registry import load_test_split
+    from capsnet.data.registry import describe_datasets, format_datasets, load_test_split
     from capsnet.models import build_model
     from capsnet.weights import save_weights
     folder = fake_dataset(tmp_path / "d")
@@ -100,6 +100,9 @@ def test_evaluating_needs_only_the_test_files(tmp_path, capsys):
     for f in folder.glob("train-*"):
         f.unlink()
     test = load_test_split("fashion-mnist", folder, allow_download=False)
+    listed = {r["name"]: r for r in describe_datasets(folder)}["fashion-mnist"]
+    assert listed["found"] is None and listed["test_only"] == str(folder)
+    assert "the test files only" in format_datasets([listed])
     assert torch.equal(test.images, whole.images) and torch.equal(test.labels, whole.labels)
     assert test.classes == whole.classes
     with pytest.raises(CapsnetError, match="not found"):

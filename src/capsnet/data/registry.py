@@ -417,12 +417,16 @@ def describe_datasets(data_dir: str | Path | None = None) -> list[dict]:
     """One dict per registered dataset, without downloading: ``name``, ``classes`` (count,
     or None: from the files), ``image_shape`` (``(C, H, W)`` or None: ``image_size``),
     ``hflip_ok``, ``multi_label``, ``protocol`` (generated from Fashion-MNIST, or None),
-    ``found`` (the folder, or None), ``problem`` (why a
+    ``found`` (the folder, or None), ``test_only`` (a folder holding only the test files,
+    enough to evaluate, as :func:`load_test_split` reads it; or None), ``problem`` (why a
     folder that looks like it is unusable, or None), ``how_to_get``, ``description``."""
     rows = []
     for spec in DATASETS.values():
+        test_only = None
         try:
             found, problem = search(spec, data_dir), None
+            if found is None and spec.find_test is not None:
+                test_only = search(replace(spec, find=spec.find_test), data_dir)
         except CapsnetError as e:
             found, problem = None, str(e)
         rows.append({"name": spec.name, "classes": spec.num_classes,
@@ -430,6 +434,7 @@ def describe_datasets(data_dir: str | Path | None = None) -> list[dict]:
                      "multi_label": spec.multi_label, "crop": spec.crop,
                      "protocol": spec.protocol,
                      "found": None if found is None else str(found), "problem": problem,
+                     "test_only": None if test_only is None else str(test_only),
                      "downloadable": spec.download is not None,
                      "how_to_get": spec.how_to_get, "description": spec.description})
     return rows
@@ -448,6 +453,9 @@ def format_datasets(rows: list[dict]) -> str:
             where = r["found"]
         elif r["problem"]:
             where = f"UNUSABLE: {r['problem']}"
+        elif r.get("test_only"):
+            where = (f"{r['test_only']}: the test files only (enough to evaluate; to train, "
+                     f"get: {r['how_to_get']})")
         else:
             where = ("missing (downloaded on first use); " if r["downloadable"] else
                      "missing; ") + f"get: {r['how_to_get']}"
