@@ -71,9 +71,21 @@ def test_evaluate_on_the_runs_validation_split_and_with_mirror_images(trained_ru
     images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
     labels = torch.arange(6)
     plain, mirrored = (infer(model, x, labels).lengths for x in (images, images.flip(-1)))
-    both = infer(model, images, labels, hflip=True)
+    both = infer(model, images, labels, tta="hflip")
     assert torch.allclose(both.lengths, (plain + mirrored) / 2, atol=1e-6)
     assert not torch.allclose(plain, mirrored, atol=1e-3)  # the mirror changes something
+    # --tta shift: the four one-pixel shifts, zero-filled, content moving as named
+    from capsnet.inference import tta_views
+    views = tta_views(images.float(), "shift+hflip")
+    assert len(views) == 6 and torch.equal(views[1], images.flip(-1).float())
+    right, left, down, up = views[2:]
+    assert torch.equal(right[..., 1:], images[..., :-1].float()) and (right[..., 0] == 0).all()
+    assert torch.equal(left[..., :-1], images[..., 1:].float()) and (left[..., -1] == 0).all()
+    assert torch.equal(down[..., 1:, :], images[..., :-1, :].float())
+    assert torch.equal(up[..., :-1, :], images[..., 1:, :].float()) and (up[..., -1, :] == 0).all()
+    moved = [infer(model, v.to(torch.uint8), labels).lengths for v in views]
+    shifted = infer(model, images, labels, tta="shift+hflip")
+    assert torch.allclose(shifted.lengths, torch.stack(moved).mean(0), atol=1e-6)
     code, out, _ = run_cli(capsys, "evaluate", trained_run / "best.ckpt", "--data-dir",
                            fashion_dir, "--test-size", 200, "--tta", "hflip")
     assert code == 0 and "200 test images, each with its mirror image" in out

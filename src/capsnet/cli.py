@@ -219,8 +219,8 @@ def _cmd_evaluate(a) -> int:
     loaded = [load_model(path, device) for path in a.model]
     model, meta = loaded[0]
     dataset = a.dataset or meta["dataset"]
-    if a.tta == "hflip":
-        refuse_mirroring(dataset, "--tta hflip")
+    if "hflip" in a.tta:
+        refuse_mirroring(dataset, f"--tta {a.tta}")
     test = evaluation_data(a.model[0], model, meta, a.split, dataset, a.data_dir)
     for path, (other, other_meta) in zip(a.model[1:], loaded[1:]):
         if list(other_meta["classes"]) != list(meta["classes"]):
@@ -237,11 +237,11 @@ def _cmd_evaluate(a) -> int:
     # Each model's own reconstruction weight (its run's), as in report.
     weights = [m.get("recon_weight") or RECON_WEIGHT for _, m in loaded]
     if len(loaded) == 1:
-        result = evaluate(model, test, a.batch_size, device, weights[0], a.tta == "hflip")
+        result = evaluate(model, test, a.batch_size, device, weights[0], a.tta)
         result.update(model=str(a.model[0]))
     else:
         result = evaluate_ensemble([m for m, _ in loaded], test, a.batch_size, device,
-                                   weights, a.tta == "hflip")
+                                   weights, a.tta)
         result.update(model="ensemble", members=[str(p) for p in a.model])
     result.update(split=a.split, tta=a.tta)
     if a.json:
@@ -250,7 +250,9 @@ def _cmd_evaluate(a) -> int:
     if result.get("pairs"):
         _print_pairs(a.model[0], result)
         return 0
-    tta = ", each with its mirror image" if a.tta == "hflip" else ""
+    tta = {"none": "", "hflip": ", each with its mirror image",
+           "shift": ", each with its four one-pixel shifts",
+           "shift+hflip": ", each with its mirror image and four one-pixel shifts"}[a.tta]
     name = a.model[0] if len(a.model) == 1 else f"ensemble of {len(a.model)} models"
     mean = "" if len(a.model) == 1 else "; the members' mean"
     print(f"{name}: accuracy {result['accuracy']:.4f} on {result['n']:,} "
@@ -348,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Efficient-CapsNet 2021) on Fashion-MNIST: train, evaluate, predict, export, "
                 "benchmark, explain.")
     from . import __version__
-    from .settings import PRECISIONS
+    from .settings import PRECISIONS, TTA
     p.add_argument("--version", action="version", version=f"capsnet {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(sub)
@@ -363,9 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=["test", "val"], default="test",
                    help="val: the validation images of the checkpoint's run (its config.yaml), "
                    "to choose by; test: the test set (default)")
-    e.add_argument("--tta", choices=["none", "hflip"], default="none",
-                   help="hflip: score each image with its mirror image too (mean capsule "
-                   "lengths; clothing and objects only)")
+    e.add_argument("--tta", choices=TTA, default="none",
+                   help="score each image by the mean capsule lengths of views of it: hflip "
+                   "its mirror image (clothing and objects only), shift its four one-pixel "
+                   "shifts, shift+hflip both")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="one JSON object on stdout")
 

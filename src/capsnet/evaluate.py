@@ -17,7 +17,7 @@ from .paper import RECON_WEIGHT
 
 def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 512,
              device: str | torch.device = "cpu", recon_weight: float = RECON_WEIGHT,
-             hflip: bool = False) -> dict:
+             tta: str = "none") -> dict:
     """Accuracy, losses, per-class accuracy and confusion matrix of ``model`` on ``data``.
 
     ``confusion[t][p]`` counts images of true class ``t`` predicted as ``p``. Multi-label
@@ -26,22 +26,22 @@ def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 512,
     labels ``[N, 2]`` int64) :func:`~capsnet.pairs.evaluate_pairs` (the pair accuracy: the
     two highest scores are the pair's two classes). ``objective`` says how the model was
     trained (``"margin"`` for capsule models; the CNN baselines' ``margin_loss`` is their
-    classification loss and their ``reconstruction_sse`` 0). ``hflip``: score each image by
-    the mean of its and its mirror image's capsule lengths (:func:`~capsnet.inference.infer`;
-    not for pairs).
+    classification loss and their ``reconstruction_sse`` 0). ``tta``: score each image by the
+    mean capsule lengths of its views (:func:`~capsnet.inference.tta_views`: mirror image,
+    one-pixel shifts; not for pairs).
     """
     from .data.multi import is_pair_set
     from .models import objective as objective_of
     objective = objective_of(model)
     if is_pair_set(data):
-        if hflip:
-            raise CapsnetError("--tta hflip is not offered for pairs")
+        if tta != "none":
+            raise CapsnetError(f"--tta {tta} is not offered for pairs")
         from .pairs import evaluate_pairs
         return {**evaluate_pairs(model, data, batch_size, device, recon_weight),
                 "objective": objective}
     check_fits(model, data.shape, len(data.classes))
     model = model.to(device)
-    run = infer(model, data.images, data.labels, batch_size, recon_weight, hflip)
+    run = infer(model, data.images, data.labels, batch_size, recon_weight, tta)
     scores = summarize_multilabel if data.labels.dim() == 2 else summarize
     return {**scores(run.lengths, data.labels, list(data.classes)),
             "loss": run.loss, "margin_loss": run.margin_loss,
@@ -50,7 +50,7 @@ def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 512,
 
 def evaluate_ensemble(models: list[nn.Module], data: ImageDataset, batch_size: int = 512,
                       device: str | torch.device = "cpu",
-                      recon_weights: list[float] | None = None, hflip: bool = False) -> dict:
+                      recon_weights: list[float] | None = None, tta: str = "none") -> dict:
     """:func:`evaluate` for an ensemble: each image is scored by the mean of the members'
     capsule lengths ``[N, O]`` (the paper's CIFAR-10 result is an ensemble of 7 models).
 
@@ -74,7 +74,7 @@ def evaluate_ensemble(models: list[nn.Module], data: ImageDataset, batch_size: i
     for model, weight in zip(models, recon_weights):
         check_fits(model, data.shape, len(classes))
         runs.append(infer(model.to(device), data.images, data.labels, batch_size, weight,
-                          hflip))
+                          tta))
     lengths = torch.stack([r.lengths for r in runs]).mean(0)  # [N, O]
 
     def mean(key: str) -> float:

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data.batches import to_unit
 from .errors import CapsnetError
 from .losses import model_loss
 from .paper import RECON_WEIGHT
+from .settings import TTA
 
 
 class Inference(NamedTuple):
@@ -34,9 +36,28 @@ def check_fits(model: nn.Module, shape: tuple, n_classes: int, what: str = "the 
         raise CapsnetError(f"the model has {c.num_classes} classes, {what} {n_classes}")
 
 
+def tta_views(x: Tensor, tta: str) -> list[Tensor]:
+    """The views of a batch ``x`` ``[B, C, H, W]`` whose capsule lengths test-time
+    augmentation averages, each ``[B, C, H, W]``: ``x`` itself; with ``hflip`` its mirror
+    image (only where a mirror keeps the class: the caller checks); with ``shift`` its four
+    one-pixel shifts (right, left, down, up), zero-filled like the training shifts
+    (:func:`capsnet.data.augment.random_shift`). ``"shift+hflip"``: all six."""
+    if tta not in TTA:
+        raise CapsnetError(f"--tta must be one of {', '.join(TTA)}, not {tta!r}")
+    views = [x]
+    if "hflip" in tta:
+        views.append(x.flip(-1))
+    if "shift" in tta:
+        h, w = x.shape[-2:]
+        padded = F.pad(x, (1, 1, 1, 1))
+        views += [padded[..., 1 - dy:1 - dy + h, 1 - dx:1 - dx + w]
+                  for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1))]
+    return views
+
+
 @torch.inference_mode()
 def infer(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 512,
-          recon_weight: float = RECON_WEIGHT, hflip: bool = False) -> Inference:
+          recon_weight: float = RECON_WEIGHT, tta: str = "none") -> Inference:
     """Run ``model`` (on its own device) over uint8 ``images`` ``[N, C, H, W]``.
 
     The losses are those of training (:func:`capsnet.losses.capsule_loss`) with the run's
@@ -45,9 +66,8 @@ def infer(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 51
     (:func:`capsnet.losses.model_loss`: the classification loss as ``margin_loss``, no
     reconstruction).
 
-    ``hflip``: test-time augmentation; ``lengths`` are the mean of the image's and its
-    mirror image's (only where a mirror keeps the class; the losses stay those of the
-    images as given).
+    ``tta``: test-time augmentation, one of :data:`TTA`; ``lengths`` are then the mean over
+    the image's :func:`tta_views` (the losses stay those of the images as given).
     """
     model.eval()
     from .models import objective as objective_of
@@ -62,8 +82,9 @@ def infer(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 51
         totals += torch.tensor([loss.total.item(), loss.margin.item(),
                                 loss.reconstruction.item()], dtype=torch.float64) * len(y)
         scores = out.lengths.float()
-        if hflip:
-            scores = (scores + model(x.flip(-1)).lengths.float()) / 2
+        if tta != "none":
+            views = tta_views(x, tta)[1:]  # the first is x, scored above
+            scores = (scores + sum(model(v).lengths.float() for v in views)) / (1 + len(views))
         lengths.append(scores.cpu())
     mean = (totals / max(1, len(labels))).tolist()
     return Inference(torch.cat(lengths) if lengths else torch.zeros(0), *mean)
