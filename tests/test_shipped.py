@@ -44,6 +44,18 @@ def test_predict_without_a_model_uses_the_shipped_one(fashion_dir, tmp_path, cap
     assert hits >= 17  # a 93% model on 20 real test images
     assert rows[0]["class"] in ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+    # --tta: the lengths evaluate --tta gives for the same images (uint8 in, as a PNG holds)
+    import torch
+
+    from capsnet.checkpoints import load_model
+    from capsnet.inference import infer
+    assert main(["predict", "--json", "--tta", "shift+hflip", *paths[:4]]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    model, _ = load_model("fashion-mnist")
+    expected = infer(model, test.images[:4], test.labels[:4], tta="shift+hflip").lengths
+    plain = infer(model, test.images[:4], test.labels[:4]).lengths
+    assert torch.allclose(torch.tensor([r["lengths"] for r in rows]), expected, atol=1e-5)
+    assert not torch.allclose(plain, expected, atol=1e-4)
 
 
 def test_shipped_model_knows_its_runs_validation_split(fashion_dir, capsys):

@@ -288,6 +288,9 @@ def _cmd_predict(a) -> int:
     from .checkpoints import load_model
     from .evaluate import load_image, predict
     model, meta = load_model(spec or DEFAULT_MODEL)
+    if "hflip" in a.tta:
+        from .data.registry import refuse_mirroring
+        refuse_mirroring(meta["dataset"], f"--tta {a.tta}")
     c = model.config
     status = 0
     for path in images:
@@ -297,7 +300,7 @@ def _cmd_predict(a) -> int:
             print(f"capsnet: error: {e}", file=sys.stderr)
             status = 2
             continue
-        (res,) = predict(model, x.unsqueeze(0), meta["classes"])
+        (res,) = predict(model, x.unsqueeze(0), meta["classes"], a.tta)
         res["file"] = str(path)
         if a.json:
             print(json.dumps(res))
@@ -382,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fit", choices=["pad", "stretch"], default="pad",
                    help="a non-square image: pad it to a square with its border colour, "
                         "keeping its proportions (default), or stretch it")
+    r.add_argument("--tta", choices=TTA, default="none",
+                   help="as for evaluate: the mean capsule lengths of the image's mirror "
+                   "image (hflip), its four one-pixel shifts (shift) or both")
     r.add_argument("--json", action="store_true", help="one JSON object per image")
 
     x = sub.add_parser("export", help="a model as ONNX (inference graph) or as a safetensors "

@@ -218,11 +218,16 @@ def _flatten(img: Image.Image, mode: str, invert: str) -> Image.Image:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, images: torch.Tensor, classes: list[str]) -> list[dict]:
+def predict(model: nn.Module, images: torch.Tensor, classes: list[str],
+            tta: str = "none") -> list[dict]:
     """Class name, index and capsule lengths for a batch ``[B, C, H, W]`` of inputs; for a
-    multi-label model also ``present``: every class whose capsule is longer than 0.5."""
+    multi-label model also ``present``: every class whose capsule is longer than 0.5.
+    ``tta``: the lengths are the mean over :func:`~capsnet.inference.tta_views`, as in
+    :func:`evaluate`."""
+    from .inference import tta_views
     from .models.base import PRESENT
-    lengths = model(images).lengths.cpu()
+    views = tta_views(images, tta)
+    lengths = (sum(model(v).lengths.float() for v in views) / len(views)).cpu()
     multi = getattr(model.config, "multi_label", False)
     return [{"class": classes[int(row.argmax())], "index": int(row.argmax()),
              **({"present": [c for c, v in zip(classes, row) if v > PRESENT]} if multi else {}),
