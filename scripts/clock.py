@@ -1,12 +1,13 @@
 """Accuracy against the clock for a finished run: a table and a plot from its metrics.csv.
 
-    python scripts/clock.py RUN_DIR [RUN_DIR2 ...] [--png docs/accuracy_vs_time.png] [--cpu "Intel Xeon ..."]
+    python scripts/clock.py RUN_DIR [RUN_DIR2 ...] [--png docs/accuracy_vs_time.png]
+        [--cpu "Intel Xeon ..."]
 
 Wall time is the sum of the epochs' ``epoch_time_s`` (training plus the per-epoch evaluation
 of the validation and test sets), so it continues across ``--resume``. Several run folders
 are the stages of one recipe in order (a run started with ``--init`` from the one before):
-their epochs are counted on one clock, and the plot marks where each stage begins. Per-epoch test accuracy
-is a record only: the test set chose nothing (best.ckpt follows validation accuracy).
+their epochs are counted on one clock, and the plot marks where each stage begins. Per-epoch
+test accuracy is a record only: the test set chose nothing (best.ckpt follows validation accuracy).
 
 A long run on a shared machine has epochs that were slowed down by other work or paused
 (``--disturbed 1-3,19``, epochs counted from 1 on the one clock). The table then adds a
@@ -53,7 +54,8 @@ def table(rows: list[dict], disturbed: frozenset[int] = frozenset()) -> str:
     clock = minutes(rows)
     alone = minutes(rows, disturbed) if disturbed else None
     head = "| epoch | wall time (min) |" + (" alone (min) |" if alone else "")
-    lines = [head + " val acc | test acc |", "|---:|---:|" + ("---:|" if alone else "") + "---:|---:|"]
+    rule = "|---:|---:|" + ("---:|" if alone else "") + "---:|---:|"
+    lines = [head + " val acc | test acc |", rule]
     for i, r in enumerate(rows):
         mark = "*" if r["epoch"] + 1 in disturbed else ""
         lines.append(f"| {r['epoch'] + 1}{mark} | {clock[i]:.1f} |"

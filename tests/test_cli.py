@@ -199,8 +199,8 @@ def test_predict_bad_image(trained_run, tmp_path, capsys):
 
 # ---------------------------------------------------------------- resume and interruption
 
-SMALL = ["--train-size", "256", "--val-size", "128", "--test-size", "128", "--batch-size", "64", "--seed", "3",
-         "--no-progress", "--no-tensorboard", "--routing-iterations", "1"]
+SMALL = ["--train-size", "256", "--val-size", "128", "--test-size", "128", "--batch-size", "64",
+         "--seed", "3", "--no-progress", "--no-tensorboard", "--routing-iterations", "1"]
 
 
 @pytest.mark.parametrize("val_size", ["128", "0"])

@@ -26,9 +26,9 @@ pytestmark = pytest.mark.filterwarnings(
 
 
 def train_args(out, *extra) -> list:
-    return ["train", "--train-size", "512", "--val-size", "128", "--test-size", "256", "--epochs", "2",
-            "--batch-size", "64", "--out", str(out), "--no-progress", "--log-every", "2",
-            *extra]
+    return ["train", "--train-size", "512", "--val-size", "128", "--test-size", "256",
+            "--epochs", "2", "--batch-size", "64", "--out", str(out), "--no-progress",
+            "--log-every", "2", *extra]
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""The documentation stays in step with the code: links resolve, every flag and recipe is described."""
+"""The documentation stays in step with the code: links resolve, every flag and recipe is
+described."""
 
 import argparse
 import re
@@ -63,7 +64,8 @@ def test_every_flag_is_in_the_cli_reference():
             for flag in action.option_strings:
                 if not flag.startswith("--") or flag == "--help":
                     continue
-                pair = "--" + flag[len("--no-"):] if flag.startswith("--no-") else "--no-" + flag[2:]
+                pair = ("--" + flag[len("--no-"):] if flag.startswith("--no-")
+                        else "--no-" + flag[2:])
                 if not any(re.search(re.escape(f) + r"(?![\w-])", doc) for f in (flag, pair)):
                     missing.append(f"capsnet {name} {flag}")
     assert "Boolean flags have a `--no-` form" in doc

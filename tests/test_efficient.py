@@ -14,7 +14,8 @@ def test_parameter_count_matches_the_authors():
     m = EfficientCapsNet()
     # 161,824 trainable parameters without the decoder, as the paper reports at 28x28x1
     assert m.num_parameters(decoder=False) == 161_824
-    assert m.num_parameters() == 161_824 + (160 * 512 + 512) + (512 * 1024 + 1024) + (1024 * 784 + 784)
+    decoder = (160 * 512 + 512) + (512 * 1024 + 1024) + (1024 * 784 + 784)
+    assert m.num_parameters() == 161_824 + decoder
     assert m.config.grid == 9
 
 

@@ -32,7 +32,8 @@ def test_decoder_mask_keeps_every_present_capsule():
     kept = Decoder.mask(v, torch.tensor([[1, 0, 1]])).view(3, 4)
     assert torch.equal(kept[0], v[0, 0]) and torch.equal(kept[2], v[0, 2])
     assert not kept[1].any()
-    assert torch.equal(Decoder.mask(v, torch.tensor([1])), Decoder.mask(v, torch.tensor([[0, 1, 0]])))
+    assert torch.equal(Decoder.mask(v, torch.tensor([1])),
+                       Decoder.mask(v, torch.tensor([[0, 1, 0]])))
 
 
 def test_present_keeps_the_longest_even_when_none_passes_half():

@@ -236,8 +236,9 @@ def with_md5(monkeypatch, name, fmt_md5):
 def test_cifar_download_extracts_only_expected_members(tmp_path, monkeypatch, has_filter):
     if not has_filter:  # a Python without tarfile's extraction filters
         monkeypatch.delattr(tarfile, "data_filter", raising=False)
-    data = cifar_archive(tmp_path, [("../escape.txt", b"x"), ("cifar-10-batches-bin/readme.html", b"r"),
-                          ("/tmp/absolute.txt", b"x")])
+    data = cifar_archive(tmp_path, [("../escape.txt", b"x"),
+                                    ("cifar-10-batches-bin/readme.html", b"r"),
+                                    ("/tmp/absolute.txt", b"x")])
     net = FakeNet({cifar.CIFAR10.url: data})
     monkeypatch.setattr(urllib.request, "urlopen", net)
     with_md5(monkeypatch, "cifar10", md5(data))

@@ -12,8 +12,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def readme_figure() -> int:
     """The correct test images the README quotes for the shipped model."""
-    m = re.search(r"The shipped model \(.{0,300}?\*\*[\d.]+%\*\* \(([\d,]+) of 10,000 test images\)",
-                  README.read_text(), re.S)
+    m = re.search(r"The shipped model \(.{0,300}?\*\*[\d.]+%\*\* "
+                  r"\(([\d,]+) of 10,000 test images\)", README.read_text(), re.S)
     assert m, "README: no 'The shipped model (... **NN.NN%** (N of 10,000 test images)'"
     return int(m.group(1).replace(",", ""))
 

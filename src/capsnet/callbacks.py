@@ -1,4 +1,5 @@
-"""Lightning plug-ins of a run: metrics.csv, the divergence stop, safe checkpoint IO, the progress bar."""
+"""Lightning plug-ins of a run: metrics.csv, the divergence stop, safe checkpoint IO, the
+progress bar."""
 
 from __future__ import annotations
 

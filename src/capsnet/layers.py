@@ -118,8 +118,8 @@ class RoutingCapsules(nn.Module):
     IMPLS = ("fused", "reference")
 
     def __init__(self, in_caps: int, in_dim: int, out_caps: int, out_dim: int,
-                 iterations: int = ROUTING_ITERATIONS, detach_routing: bool = False, init_std: float = 0.01,
-                 impl: str = "fused"):
+                 iterations: int = ROUTING_ITERATIONS, detach_routing: bool = False,
+                 init_std: float = 0.01, impl: str = "fused"):
         super().__init__()
         if iterations < 1:
             raise ValueError("routing needs at least one iteration")

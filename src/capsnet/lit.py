@@ -21,7 +21,8 @@ from .optim import adam, ema_update, lr_factor, warmup_factor
 
 
 class LitCapsNet(L.LightningModule):
-    """Trains a registered architecture (``arch``, :mod:`capsnet.models`) with Adam, a learning-rate schedule and optional weight averaging.
+    """Trains a registered architecture (``arch``, :mod:`capsnet.models`) with Adam, a
+    learning-rate schedule and optional weight averaging.
 
     ``lr_schedule="exp"``: ``lr * lr_decay ** (step / lr_decay_steps)`` (the authors' schedule:
     1e-3, decayed by 0.96 every 2000 steps). ``"cosine"``: :func:`lr_factor` over the whole run.

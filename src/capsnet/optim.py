@@ -27,7 +27,8 @@ def warmup_factor(step: int, warmup: int) -> float:
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Cosine schedule: linear warm-up over ``warmup`` steps, then half a cosine to 0 at ``total``."""
+    """Cosine schedule: linear warm-up over ``warmup`` steps, then half a cosine to 0 at
+    ``total``."""
     if warmup and step < warmup:
         return warmup_factor(step, warmup)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))

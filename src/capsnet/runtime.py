@@ -14,7 +14,8 @@ def retain_freed_memory() -> bool:
     when freed, so each large tensor of every step faults its pages in again (about a GB per
     training step of the naive model; page faults can cost more than the arithmetic of many
     layers; the measured gains are in docs/performance.md). Allocating from the heap and
-    never trimming it makes a step reuse the memory of the previous one. Process-wide; returns False where not glibc.
+    never trimming it makes a step reuse the memory of the previous one. Process-wide;
+    returns False where not glibc.
     """
     import ctypes
     import ctypes.util

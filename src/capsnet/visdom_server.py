@@ -22,7 +22,8 @@ def _missing_assets(visdom) -> list:
     static = os.path.join(os.path.dirname(visdom.__file__), "static")
     with open(os.path.join(static, "index.html")) as f:
         wanted = re.findall(r"""static_url\(\s*["']([^"']+)["']""", f.read())
-    missing = [p for p in wanted if not p.startswith("..") and not os.path.isfile(os.path.join(static, p))]
+    missing = [p for p in wanted
+               if not p.startswith("..") and not os.path.isfile(os.path.join(static, p))]
     try:
         with open(os.path.join(static, "version.built")) as f:
             built = f.read().strip()

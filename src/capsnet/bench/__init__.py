@@ -196,12 +196,12 @@ def _threads(threads: int | None):
         torch.set_num_threads(before)
 
 
-def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | None = None, device: str = "auto",
-          threads: int | None = None, steps: int = 12, warmup: int = 2, image_size: int = 28,
-          channels: int = 1, routing_iterations: int = 3, detach_routing: bool = False,
-          stem: int = 0, stem_channels: int = 64, recon_size: int = 0, naive: bool = True,
-          precision: str = "32", retain_memory: bool = True,
-          rounds: int = 3, log=None) -> dict:
+def bench(arch: str = "capsnet", batch_size: int = 128, eval_batch_size: int | None = None,
+          device: str = "auto", threads: int | None = None, steps: int = 12, warmup: int = 2,
+          image_size: int = 28, channels: int = 1, routing_iterations: int = 3,
+          detach_routing: bool = False, stem: int = 0, stem_channels: int = 64,
+          recon_size: int = 0, naive: bool = True, precision: str = "32",
+          retain_memory: bool = True, rounds: int = 3, log=None) -> dict:
     """Run the whole benchmark; returns the results as a flat dict (see ``capsnet bench``).
 
     ``stem``/``stem_channels``: the CapsNet's downsampling stem (0: none, the paper's model;

@@ -166,7 +166,8 @@ class SpectralConv(torch.autograd.Function):
         nh, nw, _, oh, ow = SpectralConv.sizes(h.shape, k, s)
         rows = SpectralConv.matrices(h, k, s)[0].shape[0]
         per_image = rows * (2 * nh * nw * s * s * c + s * s * c * o + oh * ow * o)
-        return b * (oh * ow * k * k * c * o - per_image) - WEIGHT_SPECTRUM_COST * rows * o * s * s * c
+        weights = WEIGHT_SPECTRUM_COST * rows * o * s * s * c
+        return b * (oh * ow * k * k * c * o - per_image) - weights
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor, s: int,

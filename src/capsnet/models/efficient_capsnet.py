@@ -37,7 +37,8 @@ def squash_exp(s: Tensor, dim: int = -1, eps: float = 1e-20) -> Tensor:
 
 
 def self_attention_routing(u_hat: Tensor, bias: Tensor) -> Tensor:
-    """The routing of FCCaps. ``u_hat`` ``[B, O, I, D]``, ``bias`` ``[O, I]`` -> ``s`` ``[B, O, D]``.
+    """The routing of FCCaps: ``u_hat`` ``[B, O, I, D]``, ``bias`` ``[O, I]`` ->
+    ``s`` ``[B, O, D]``.
 
     ``A[b, o, i, k] = u_hat[b, o, i] . u_hat[b, o, k] / sqrt(D)``; ``C = softmax_o(sum_k A)``;
     ``s = sum_i u_hat (C + bias)``. The sum over ``k`` is taken first (one matrix-vector

@@ -143,9 +143,9 @@ def sweep_frames(image: Tensor, grid: Tensor, offsets: Tensor, dims: list[int],
     return frames
 
 
-def save_sweep_gif(model: torch.nn.Module, x: Tensor, path: str | Path, dims: list[int] | None = None,
-                   top: int = 4, caption: str = "", frame_ms: int = 80,
-                   scale: int = 5) -> list[int]:
+def save_sweep_gif(model: torch.nn.Module, x: Tensor, path: str | Path,
+                   dims: list[int] | None = None, top: int = 4, caption: str = "",
+                   frame_ms: int = 80, scale: int = 5) -> list[int]:
     """Write an animated GIF (looping forever) of the perturbation sweep of image ``x``.
 
     ``x`` ``[C, H, W]`` in [0, 1]. ``dims``: the pose dimensions to sweep, in order (default:
