@@ -203,13 +203,19 @@ def _cmd_datasets(a) -> int:
     return cmd_datasets(a)
 
 
+def _check_tta(tta: str, dataset: str) -> None:
+    """`--tta` of evaluate and predict: a mirrored view only where a mirror keeps the class."""
+    if "hflip" in tta:
+        from .data.registry import refuse_mirroring
+        refuse_mirroring(dataset, f"--tta {tta}")
+
+
 def _cmd_evaluate(a) -> int:
     from .shipped import resolve
     for spec in a.model:  # before torch loads: a wrong path fails at once
         resolve(spec)
     import torch
     from .checkpoints import load_model
-    from .data.registry import refuse_mirroring
     from .evaluate import evaluate, evaluate_ensemble, evaluation_data
     from .paper import RECON_WEIGHT
     from .runtime import torch_device
@@ -219,8 +225,7 @@ def _cmd_evaluate(a) -> int:
     loaded = [load_model(path, device) for path in a.model]
     model, meta = loaded[0]
     dataset = a.dataset or meta["dataset"]
-    if "hflip" in a.tta:
-        refuse_mirroring(dataset, f"--tta {a.tta}")
+    _check_tta(a.tta, dataset)
     test = evaluation_data(a.model[0], model, meta, a.split, dataset, a.data_dir)
     for path, (other, other_meta) in zip(a.model[1:], loaded[1:]):
         if list(other_meta["classes"]) != list(meta["classes"]):
@@ -288,9 +293,7 @@ def _cmd_predict(a) -> int:
     from .checkpoints import load_model
     from .evaluate import load_image, predict
     model, meta = load_model(spec or DEFAULT_MODEL)
-    if "hflip" in a.tta:
-        from .data.registry import refuse_mirroring
-        refuse_mirroring(meta["dataset"], f"--tta {a.tta}")
+    _check_tta(a.tta, meta["dataset"])
     c = model.config
     status = 0
     for path in images:

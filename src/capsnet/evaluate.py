@@ -222,12 +222,10 @@ def predict(model: nn.Module, images: torch.Tensor, classes: list[str],
             tta: str = "none") -> list[dict]:
     """Class name, index and capsule lengths for a batch ``[B, C, H, W]`` of inputs; for a
     multi-label model also ``present``: every class whose capsule is longer than 0.5.
-    ``tta``: the lengths are the mean over :func:`~capsnet.inference.tta_views`, as in
-    :func:`evaluate`."""
-    from .inference import tta_views
+    ``tta``: the lengths are :func:`~capsnet.inference.tta_lengths`, as in :func:`evaluate`."""
+    from .inference import tta_lengths
     from .models.base import PRESENT
-    views = tta_views(images, tta)
-    lengths = (sum(model(v).lengths.float() for v in views) / len(views)).cpu()
+    lengths = tta_lengths(model, images, tta).cpu()
     multi = getattr(model.config, "multi_label", False)
     return [{"class": classes[int(row.argmax())], "index": int(row.argmax()),
              **({"present": [c for c, v in zip(classes, row) if v > PRESENT]} if multi else {}),

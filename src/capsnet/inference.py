@@ -55,6 +55,16 @@ def tta_views(x: Tensor, tta: str) -> list[Tensor]:
     return views
 
 
+def tta_lengths(model: nn.Module, x: Tensor, tta: str, plain: Tensor | None = None) -> Tensor:
+    """Capsule lengths ``[B, O]`` (float32) of a batch ``x`` ``[B, C, H, W]`` in [0, 1]: the
+    mean over its :func:`tta_views`. ``plain``: ``x``'s own lengths where the caller has
+    already computed them (the first view is then not run again)."""
+    views = tta_views(x, tta)
+    if plain is None:
+        plain = model(views[0]).lengths
+    return (plain.float() + sum(model(v).lengths.float() for v in views[1:])) / len(views)
+
+
 @torch.inference_mode()
 def infer(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 512,
           recon_weight: float = RECON_WEIGHT, tta: str = "none") -> Inference:
@@ -81,11 +91,7 @@ def infer(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 51
         loss = model_loss(objective, out, y, x, recon_weight)
         totals += torch.tensor([loss.total.item(), loss.margin.item(),
                                 loss.reconstruction.item()], dtype=torch.float64) * len(y)
-        scores = out.lengths.float()
-        if tta != "none":
-            views = tta_views(x, tta)[1:]  # the first is x, scored above
-            scores = (scores + sum(model(v).lengths.float() for v in views)) / (1 + len(views))
-        lengths.append(scores.cpu())
+        lengths.append(tta_lengths(model, x, tta, plain=out.lengths).cpu())
     mean = (totals / max(1, len(labels))).tolist()
     return Inference(torch.cat(lengths) if lengths else torch.zeros(0), *mean)
 
