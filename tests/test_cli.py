@@ -83,6 +83,19 @@ def test_evaluate_on_the_runs_validation_split_and_with_mirror_images(trained_ru
     assert torch.equal(left[..., :-1], images[..., 1:].float()) and (left[..., -1] == 0).all()
     assert torch.equal(down[..., 1:, :], images[..., :-1, :].float())
     assert torch.equal(up[..., :-1, :], images[..., 1:, :].float()) and (up[..., -1, :] == 0).all()
+    # --tta gridR(+hflip): every shift by up to R pixels along each axis once, the image
+    # first, then (with +hflip) the mirror image of each of those views
+    for r in (1, 2):
+        grid = tta_views(images.float(), f"grid{r}")
+        assert len(grid) == (2 * r + 1) ** 2 and torch.equal(grid[0], images.float())
+        padded = torch.nn.functional.pad(images.float(), (r,) * 4)
+        expected = [padded[..., r - dy:r - dy + 28, r - dx:r - dx + 28]
+                    for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+        for e in expected:  # each shift exactly once
+            assert sum(torch.equal(e, g) for g in grid) == 1
+        mirrored = tta_views(images.float(), f"grid{r}+hflip")
+        assert len(mirrored) == 2 * len(grid)
+        assert all(torch.equal(m, g.flip(-1)) for m, g in zip(mirrored[len(grid):], grid))
     moved = [infer(model, v.to(torch.uint8), labels).lengths for v in views]
     shifted = infer(model, images, labels, tta="shift+hflip")
     assert torch.allclose(shifted.lengths, torch.stack(moved).mean(0), atol=1e-6)

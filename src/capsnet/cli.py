@@ -203,6 +203,15 @@ def _cmd_datasets(a) -> int:
     return cmd_datasets(a)
 
 
+_TTA_WORDS = {"none": "", "hflip": ", each with its mirror image",
+              "shift": ", each with its four one-pixel shifts",
+              "shift+hflip": ", each with its mirror image and four one-pixel shifts",
+              "grid1": ", each with its 8 shifts by up to one pixel",
+              "grid1+hflip": ", each with its 8 shifts by up to one pixel and their mirrors",
+              "grid2": ", each with its 24 shifts by up to two pixels",
+              "grid2+hflip": ", each with its 24 shifts by up to two pixels and their mirrors"}
+
+
 def _check_tta(tta: str, dataset: str) -> None:
     """`--tta` of evaluate and predict: a mirrored view only where a mirror keeps the class."""
     if "hflip" in tta:
@@ -255,9 +264,7 @@ def _cmd_evaluate(a) -> int:
     if result.get("pairs"):
         _print_pairs(a.model[0], result)
         return 0
-    tta = {"none": "", "hflip": ", each with its mirror image",
-           "shift": ", each with its four one-pixel shifts",
-           "shift+hflip": ", each with its mirror image and four one-pixel shifts"}[a.tta]
+    tta = _TTA_WORDS[a.tta]
     name = a.model[0] if len(a.model) == 1 else f"ensemble of {len(a.model)} models"
     mean = "" if len(a.model) == 1 else "; the members' mean"
     print(f"{name}: accuracy {result['accuracy']:.4f} on {result['n']:,} "
@@ -374,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tta", choices=TTA, default="none",
                    help="score each image by the mean capsule lengths of views of it: hflip "
                    "its mirror image (clothing and objects only), shift its four one-pixel "
-                   "shifts, shift+hflip both")
+                   "shifts, shift+hflip both; gridR all shifts by up to R pixels along each "
+                   "axis, gridR+hflip with the mirror of each")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
@@ -390,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "keeping its proportions (default), or stretch it")
     r.add_argument("--tta", choices=TTA, default="none",
                    help="as for evaluate: the mean capsule lengths of the image's mirror "
-                   "image (hflip), its four one-pixel shifts (shift) or both")
+                   "image (hflip), its four one-pixel shifts (shift), both, or its shifts "
+                   "by up to R pixels (gridR, gridR+hflip)")
     r.add_argument("--json", action="store_true", help="one JSON object per image")
 
     x = sub.add_parser("export", help="a model as ONNX (inference graph) or as a safetensors "

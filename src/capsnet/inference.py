@@ -38,20 +38,37 @@ def check_fits(model: nn.Module, shape: tuple, n_classes: int, what: str = "the 
 
 def tta_views(x: Tensor, tta: str) -> list[Tensor]:
     """The views of a batch ``x`` ``[B, C, H, W]`` whose capsule lengths test-time
-    augmentation averages, each ``[B, C, H, W]``: ``x`` itself; with ``hflip`` its mirror
-    image (only where a mirror keeps the class: the caller checks); with ``shift`` its four
-    one-pixel shifts (right, left, down, up), zero-filled like the training shifts
-    (:func:`capsnet.data.augment.random_shift`). ``"shift+hflip"``: all six."""
+    augmentation averages, each ``[B, C, H, W]``, ``x`` itself first. Shifts are zero-filled
+    like the training shifts (:func:`capsnet.data.augment.random_shift`); mirror images
+    (``hflip``) only where a mirror keeps the class (the caller checks).
+
+    - ``hflip``: ``x`` and its mirror image;
+    - ``shift``: ``x`` and its four one-pixel shifts (right, left, down, up);
+      ``shift+hflip``: those five and ``x``'s mirror image (six views);
+    - ``gridR``: the ``(2R+1)^2`` shifts by ``-R..R`` pixels along each axis (``grid1``: 9,
+      ``grid2``: 25, the training shifts' own range); ``gridR+hflip``: those and the mirror
+      image of each (18, 50).
+    """
     if tta not in TTA:
         raise CapsnetError(f"--tta must be one of {', '.join(TTA)}, not {tta!r}")
+    kind, mirror = tta.split("+")[0], tta.endswith("hflip")
+    if kind == "shift":
+        offsets = [(1, 0), (-1, 0), (0, 1), (0, -1)]
+    elif kind.startswith("grid"):
+        r = int(kind[4:])
+        offsets = [(dx, dy) for dy in range(-r, r + 1) for dx in range(-r, r + 1) if dx or dy]
+    else:
+        offsets = []
     views = [x]
-    if "hflip" in tta:
+    if mirror and not kind.startswith("grid"):
         views.append(x.flip(-1))
-    if "shift" in tta:
+    if offsets:
+        r = max(max(abs(dx), abs(dy)) for dx, dy in offsets)
         h, w = x.shape[-2:]
-        padded = F.pad(x, (1, 1, 1, 1))
-        views += [padded[..., 1 - dy:1 - dy + h, 1 - dx:1 - dx + w]
-                  for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1))]
+        padded = F.pad(x, (r, r, r, r))
+        views += [padded[..., r - dy:r - dy + h, r - dx:r - dx + w] for dx, dy in offsets]
+    if mirror and kind.startswith("grid"):
+        views += [v.flip(-1) for v in views]
     return views
 
 

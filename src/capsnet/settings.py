@@ -19,7 +19,8 @@ from .paper import RECON_WEIGHT, ROUTING_ITERATIONS
 LR_SCHEDULES = ("exp", "cosine", "constant")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")  # Lightning's names
 # Test-time augmentation of `capsnet evaluate --tta` (capsnet.inference.tta_views).
-TTA = ("none", "hflip", "shift", "shift+hflip")
+TTA = ("none", "hflip", "shift", "shift+hflip",
+       "grid1", "grid1+hflip", "grid2", "grid2+hflip")
 STRATEGIES = ("auto", "ddp")  # Lightning's: one process, or one process per device
 
 DEFAULTS: dict = {
