@@ -52,22 +52,18 @@ def tta_views(x: Tensor, tta: str) -> list[Tensor]:
     if tta not in TTA:
         raise CapsnetError(f"--tta must be one of {', '.join(TTA)}, not {tta!r}")
     kind, mirror = tta.split("+")[0], tta.endswith("hflip")
-    if kind == "shift":
-        offsets = [(1, 0), (-1, 0), (0, 1), (0, -1)]
-    elif kind.startswith("grid"):
-        r = int(kind[4:])
+    grid = kind.startswith("grid")
+    r = int(kind[4:]) if grid else int(kind == "shift")  # the largest shift, in pixels
+    if grid:
         offsets = [(dx, dy) for dy in range(-r, r + 1) for dx in range(-r, r + 1) if dx or dy]
     else:
-        offsets = []
-    views = [x]
-    if mirror and not kind.startswith("grid"):
-        views.append(x.flip(-1))
+        offsets = [(1, 0), (-1, 0), (0, 1), (0, -1)] if r else []
+    views = [x, x.flip(-1)] if mirror and not grid else [x]
     if offsets:
-        r = max(max(abs(dx), abs(dy)) for dx, dy in offsets)
         h, w = x.shape[-2:]
         padded = F.pad(x, (r, r, r, r))
         views += [padded[..., r - dy:r - dy + h, r - dx:r - dx + w] for dx, dy in offsets]
-    if mirror and kind.startswith("grid"):
+    if mirror and grid:
         views += [v.flip(-1) for v in views]
     return views
 
