@@ -76,7 +76,7 @@ def test_evaluate_on_the_runs_validation_split_and_with_mirror_images(trained_ru
     assert not torch.allclose(plain, mirrored, atol=1e-3)  # the mirror changes something
     # --tta shift: the four one-pixel shifts, zero-filled, content moving as named
     from capsnet.inference import tta_views
-    views = tta_views(images.float(), "shift+hflip")
+    views = list(tta_views(images.float(), "shift+hflip"))
     assert len(views) == 6 and torch.equal(views[1], images.flip(-1).float())
     right, left, down, up = views[2:]
     assert torch.equal(right[..., 1:], images[..., :-1].float()) and (right[..., 0] == 0).all()
@@ -86,14 +86,14 @@ def test_evaluate_on_the_runs_validation_split_and_with_mirror_images(trained_ru
     # --tta gridR(+hflip): every shift by up to R pixels along each axis once, the image
     # first, then (with +hflip) the mirror image of each of those views
     for r in (1, 2):
-        grid = tta_views(images.float(), f"grid{r}")
+        grid = list(tta_views(images.float(), f"grid{r}"))
         assert len(grid) == (2 * r + 1) ** 2 and torch.equal(grid[0], images.float())
         padded = torch.nn.functional.pad(images.float(), (r,) * 4)
         expected = [padded[..., r - dy:r - dy + 28, r - dx:r - dx + 28]
                     for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
         for e in expected:  # each shift exactly once
             assert sum(torch.equal(e, g) for g in grid) == 1
-        mirrored = tta_views(images.float(), f"grid{r}+hflip")
+        mirrored = list(tta_views(images.float(), f"grid{r}+hflip"))
         assert len(mirrored) == 2 * len(grid)
         assert all(torch.equal(m, g.flip(-1)) for m, g in zip(mirrored[len(grid):], grid))
     moved = [infer(model, v.to(torch.uint8), labels).lengths for v in views]

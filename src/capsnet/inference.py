@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -36,15 +37,16 @@ def check_fits(model: nn.Module, shape: tuple, n_classes: int, what: str = "the 
         raise CapsnetError(f"the model has {c.num_classes} classes, {what} {n_classes}")
 
 
-def tta_views(x: Tensor, tta: str) -> list[Tensor]:
+def tta_views(x: Tensor, tta: str) -> Iterator[Tensor]:
     """The views of a batch ``x`` ``[B, C, H, W]`` whose capsule lengths test-time
-    augmentation averages, each ``[B, C, H, W]``, ``x`` itself first. Shifts are zero-filled
-    like the training shifts (:func:`capsnet.data.augment.random_shift`); mirror images
-    (``hflip``) only where a mirror keeps the class (the caller checks).
+    augmentation averages, each ``[B, C, H, W]``, ``x`` itself first; made one at a time, so
+    that 50 views of a batch of large images never sit in memory together. Shifts are
+    zero-filled like the training shifts (:func:`capsnet.data.augment.random_shift`); mirror
+    images (``hflip``) only where a mirror keeps the class (the caller checks).
 
     - ``hflip``: ``x`` and its mirror image;
     - ``shift``: ``x`` and its four one-pixel shifts (right, left, down, up);
-      ``shift+hflip``: those five and ``x``'s mirror image (six views);
+      ``shift+hflip``: ``x``, its mirror image and the four shifts (six views);
     - ``gridR``: the ``(2R+1)^2`` shifts by ``-R..R`` pixels along each axis (``grid1``: 9,
       ``grid2``: 25, the training shifts' own range); ``gridR+hflip``: those and the mirror
       image of each (18, 50).
@@ -58,14 +60,21 @@ def tta_views(x: Tensor, tta: str) -> list[Tensor]:
         offsets = [(dx, dy) for dy in range(-r, r + 1) for dx in range(-r, r + 1) if dx or dy]
     else:
         offsets = [(1, 0), (-1, 0), (0, 1), (0, -1)] if r else []
-    views = [x, x.flip(-1)] if mirror and not grid else [x]
-    if offsets:
-        h, w = x.shape[-2:]
-        padded = F.pad(x, (r, r, r, r))
-        views += [padded[..., r - dy:r - dy + h, r - dx:r - dx + w] for dx, dy in offsets]
-    if mirror and grid:
-        views += [v.flip(-1) for v in views]
-    return views
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (r, r, r, r)) if r else x
+
+    def shifted(dx: int, dy: int) -> Tensor:  # content moved right by dx, down by dy
+        return padded[..., r - dy:r - dy + h, r - dx:r - dx + w]
+
+    def views() -> Iterator[Tensor]:
+        yield x
+        if mirror and not grid:
+            yield x.flip(-1)
+        yield from (shifted(dx, dy) for dx, dy in offsets)
+        if mirror and grid:
+            yield x.flip(-1)
+            yield from (shifted(dx, dy).flip(-1) for dx, dy in offsets)
+    return views()
 
 
 def tta_lengths(model: nn.Module, x: Tensor, tta: str, plain: Tensor | None = None) -> Tensor:
@@ -73,9 +82,10 @@ def tta_lengths(model: nn.Module, x: Tensor, tta: str, plain: Tensor | None = No
     mean over its :func:`tta_views`. ``plain``: ``x``'s own lengths where the caller has
     already computed them (the first view is then not run again)."""
     views = tta_views(x, tta)
-    if plain is None:
-        plain = model(views[0]).lengths
-    return (plain.float() + sum(model(v).lengths.float() for v in views[1:])) / len(views)
+    first = next(views)
+    plain = model(first).lengths if plain is None else plain
+    rest = [model(v).lengths.float() for v in views]  # [B, O] each
+    return (plain.float() + sum(rest)) / (1 + len(rest))
 
 
 @torch.inference_mode()
