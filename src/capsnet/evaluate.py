@@ -28,7 +28,7 @@ def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 512,
     trained (``"margin"`` for capsule models; the CNN baselines' ``margin_loss`` is their
     classification loss and their ``reconstruction_sse`` 0). ``tta``: score each image by the
     mean capsule lengths of its views (:func:`~capsnet.inference.tta_views`: mirror image,
-    one-pixel shifts; not for pairs).
+    one-pixel shifts, grids of shifts; not for pairs).
     """
     from .data.multi import is_pair_set
     from .models import objective as objective_of
