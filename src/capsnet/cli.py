@@ -203,15 +203,6 @@ def _cmd_datasets(a) -> int:
     return cmd_datasets(a)
 
 
-_TTA_WORDS = {"none": "", "hflip": ", each with its mirror image",
-              "shift": ", each with its four one-pixel shifts",
-              "shift+hflip": ", each with its mirror image and four one-pixel shifts",
-              "grid1": ", each with its 8 shifts by up to one pixel",
-              "grid1+hflip": ", each with its 8 shifts by up to one pixel and their mirrors",
-              "grid2": ", each with its 24 shifts by up to two pixels",
-              "grid2+hflip": ", each with its 24 shifts by up to two pixels and their mirrors"}
-
-
 def _check_tta(tta: str, dataset: str) -> None:
     """`--tta` of evaluate and predict: a mirrored view only where a mirror keeps the class."""
     if "hflip" in tta:
@@ -264,7 +255,8 @@ def _cmd_evaluate(a) -> int:
     if result.get("pairs"):
         _print_pairs(a.model[0], result)
         return 0
-    tta = _TTA_WORDS[a.tta]
+    from .settings import TTA_WORDS
+    tta = TTA_WORDS[a.tta]
     name = a.model[0] if len(a.model) == 1 else f"ensemble of {len(a.model)} models"
     mean = "" if len(a.model) == 1 else "; the members' mean"
     print(f"{name}: accuracy {result['accuracy']:.4f} on {result['n']:,} "

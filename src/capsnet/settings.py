@@ -18,9 +18,16 @@ from .paper import RECON_WEIGHT, ROUTING_ITERATIONS
 
 LR_SCHEDULES = ("exp", "cosine", "constant")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")  # Lightning's names
-# Test-time augmentation of `capsnet evaluate --tta` (capsnet.inference.tta_views).
-TTA = ("none", "hflip", "shift", "shift+hflip",
-       "grid1", "grid1+hflip", "grid2", "grid2+hflip")
+# Test-time augmentation of `capsnet evaluate/predict --tta` (capsnet.inference.tta_views):
+# each choice and the words the CLI prints for it after "scored by the mean over the image".
+TTA_WORDS = {"none": "", "hflip": ", each with its mirror image",
+             "shift": ", each with its four one-pixel shifts",
+             "shift+hflip": ", each with its mirror image and four one-pixel shifts",
+             "grid1": ", each with its 8 shifts by up to one pixel",
+             "grid1+hflip": ", each with its 8 shifts by up to one pixel and their mirrors",
+             "grid2": ", each with its 24 shifts by up to two pixels",
+             "grid2+hflip": ", each with its 24 shifts by up to two pixels and their mirrors"}
+TTA = tuple(TTA_WORDS)
 STRATEGIES = ("auto", "ddp")  # Lightning's: one process, or one process per device
 
 DEFAULTS: dict = {
