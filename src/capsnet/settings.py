@@ -19,7 +19,7 @@ from .paper import RECON_WEIGHT, ROUTING_ITERATIONS
 LR_SCHEDULES = ("exp", "cosine", "constant")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")  # Lightning's names
 # Test-time augmentation of `capsnet evaluate/predict --tta` (capsnet.inference.tta_views):
-# each choice and the words the CLI prints for it after "scored by the mean over the image".
+# each choice and the words `capsnet evaluate` prints for it after "accuracy A on N test images".
 TTA_WORDS = {"none": "", "hflip": ", each with its mirror image",
              "shift": ", each with its four one-pixel shifts",
              "shift+hflip": ", each with its mirror image and four one-pixel shifts",
