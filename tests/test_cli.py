@@ -511,3 +511,33 @@ def test_shipped_config_files_are_valid_and_choose_on_validation(path):
     assert s["val_size"] == 5000 and s["dataset"] == "fashion-mnist"
     assert s["hflip"] == (path.stem != "paper")
     assert s["arch"] == ("efficient-capsnet" if "efficient" in path.stem else "capsnet")
+
+
+def test_settings_refusals_and_strict_json(tmp_path):
+    """A warm-up the exp schedule would ignore is refused; a config that is not UTF-8 is a
+    one-line error; JSON output has null where a figure does not exist (never NaN)."""
+    from capsnet.cli import _json
+    from capsnet.errors import CapsnetError
+    from capsnet.settings import DEFAULTS, check_settings, read_config
+    with pytest.raises(CapsnetError, match="warmup_steps"):
+        check_settings({**DEFAULTS, "warmup_steps": 100})  # the default schedule is exp
+    assert check_settings({**DEFAULTS, "warmup_steps": 100, "lr_schedule": "cosine"})
+    (bad := tmp_path / "latin1.yaml").write_bytes("# caf\xe9\nepochs: 3\n".encode("latin-1"))
+    with pytest.raises(CapsnetError, match="not UTF-8"):
+        read_config(bad)
+    out = _json({"mAP": float("nan"), "per_label": {"a": {"ap": float("nan"), "f1": 0.5}},
+                 "lengths": [0.25, float("nan")]})
+    assert json.loads(out) == {"mAP": None, "per_label": {"a": {"ap": None, "f1": 0.5}},
+                               "lengths": [0.25, None]}
+
+
+def test_evaluation_data_must_have_the_models_class_names(tmp_path):
+    from capsnet.data.datasets import ImageDataset
+    from capsnet.errors import CapsnetError
+    from capsnet.evaluate import _same_classes
+    data = ImageDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]),
+                        ("cat", "wolf"))
+    with pytest.raises(CapsnetError, match="class 1 is 'dog', the data's is 'wolf'"):
+        _same_classes(data, {"classes": ["cat", "dog"]}, "m.ckpt")
+    assert _same_classes(data, {"classes": ["cat", "wolf"]}, "m.ckpt") is data
+    assert _same_classes(data, {"classes": ["0", "1"]}, "old.ckpt") is data  # no names kept

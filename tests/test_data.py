@@ -60,6 +60,7 @@ def test_raw_files_and_mnist_names(tmp_path):
     ("label_range", "out of range"),
     ("count_mismatch", "holds 20 images but"),
     ("not_gzip", "cannot read"),
+    ("gzip_body", "cannot read"),  # a valid gzip header, damaged compressed data
 ])
 def test_corrupt_files_fail_clearly(tmp_path, capsys, damage, message):
     folder = fake_dataset(tmp_path / "d")
@@ -75,6 +76,10 @@ def test_corrupt_files_fail_clearly(tmp_path, capsys, damage, message):
         write_idx(labels, torch.zeros(19))
     elif damage == "not_gzip":
         images.write_bytes(b"this is not gzip data at all")
+    elif damage == "gzip_body":
+        data = bytearray(images.read_bytes())
+        data[20:60] = bytes(255 - b for b in data[20:60])  # zlib.error inside gzip
+        images.write_bytes(bytes(data))
     with pytest.raises(CapsnetError, match=message):
         load_dataset("fashion-mnist", folder)
     # the command line: one line naming the file, exit code 2, no traceback

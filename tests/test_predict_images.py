@@ -254,3 +254,55 @@ def test_predict_command_mixed_files(tmp_path, capsys):
     assert len(errors) == len(bad)
     for line, path in zip(errors, bad):
         assert line.startswith(f"capsnet: error: {path}: "), line
+
+
+# ---------------------------------------------------------------- the model decides the rest
+
+def _tiny(tmp_path, name, dataset, **config):
+    from capsnet.models import build_model
+    from capsnet.weights import save_weights
+    model = build_model("capsnet", {"conv_channels": 8, "primary_types": 2, **config})
+    n = model.config.num_classes
+    path = tmp_path / f"{name}.safetensors"
+    save_weights(model, path, {"classes": [f"c{i}" for i in range(n)], "dataset": dataset})
+    return path
+
+
+def _lengths(capsys, model, image, *flags):
+    assert main(["predict", "--model", str(model), "--json", *flags, str(image)]) == 0
+    import json
+    return json.loads(capsys.readouterr().out)["lengths"]
+
+
+def test_invert_auto_only_for_light_on_dark_models(tmp_path, capsys):
+    """A photo on a light background is inverted for a Fashion-MNIST model (light garments on
+    black), never for a CIFAR one, which was trained on photos as they are."""
+    square("RGB", (40, 40, 40), (250, 250, 250)).save(photo := tmp_path / "photo.png")
+    fashion = _tiny(tmp_path, "fashion", "fashion-mnist")
+    cifar = _tiny(tmp_path, "cifar", "cifar10", in_channels=3, image_size=32)
+    assert _lengths(capsys, fashion, photo) == _lengths(capsys, fashion, photo, "--invert", "yes")
+    plain = _lengths(capsys, cifar, photo, "--invert", "no")
+    assert plain != _lengths(capsys, cifar, photo, "--invert", "yes")  # the test can tell
+    assert _lengths(capsys, cifar, photo) == plain
+
+
+def test_stereo_model_gets_the_picture_for_both_cameras(tmp_path, capsys):
+    square("RGB", (200, 30, 30), (0, 0, 0)).save(path := tmp_path / "toy.png")
+    x = check(load_image(path, 2, SIZE), channels=2)
+    assert torch.equal(x[0], x[1]) and torch.equal(x[:1], load_image(path, 1, SIZE))
+    norb = _tiny(tmp_path, "norb", "smallnorb", in_channels=2, image_size=32, num_classes=5)
+    assert len(_lengths(capsys, norb, path)) == 5
+    with pytest.raises(CapsnetError, match="4 input channels"):
+        load_image(path, 4, SIZE)
+
+
+def test_multi_label_predict_names_the_present_classes(tmp_path, capsys):
+    tags = _tiny(tmp_path, "tags", "multilabel", num_classes=4, multi_label=True)
+    square("L", 255, 0).save(path := tmp_path / "x.png")
+    assert main(["predict", "--model", str(tags), str(path)]) == 0
+    line = capsys.readouterr().out
+    assert "; present: " in line
+    present = line.split("; present: ")[1].split(";")[0]
+    lengths = [float(v) for v in line.split("capsule lengths: ")[1].split()]
+    names = [f"c{i}" for i, v in enumerate(lengths) if v > 0.5]
+    assert present == (", ".join(names) or "none")

@@ -127,6 +127,8 @@ def test_export_safetensors_and_onnx_from_a_checkpoint(trained_run, tmp_path, ca
 
 def test_export_bad_output(weights_file, tmp_path, capsys):
     _, path = weights_file
-    for out in ("m.pt", str(tmp_path / "no" / "such" / "m.onnx")):
+    (tmp_path / "taken.safetensors").mkdir()  # OUT an existing folder: cannot be written
+    for out in ("m.pt", str(tmp_path / "no" / "such" / "m.onnx"),
+                str(tmp_path / "taken.safetensors")):
         code = main(["export", str(path), out])
         assert one_line_error(code, capsys.readouterr().err)

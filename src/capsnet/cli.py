@@ -53,7 +53,7 @@ def _train_parser(sub) -> None:
         ("batch_size", f"default {D['batch_size']}", {"type": int}),
         ("eval_batch_size", f"default {D['eval_batch_size']}", {"type": int}),
         ("lr", f"Adam learning rate (default {D['lr']})", {"type": float}),
-        ("lr_schedule", "exp (the authors': x lr_decay every lr_decay_steps), cosine "
+        ("lr_schedule", "exp (the authors': lr x lr_decay^(step / lr_decay_steps)), cosine "
                         "(to 0 at the last step) or constant "
                         f"(default {D['lr_schedule']})",
          {"choices": ["exp", "cosine", "constant"]}),
@@ -250,7 +250,7 @@ def _cmd_evaluate(a) -> int:
         result.update(model="ensemble", members=[str(p) for p in a.model])
     result.update(split=a.split, tta=a.tta)
     if a.json:
-        print(json.dumps(result))
+        print(_json(result))
         return 0
     if result.get("pairs"):
         _print_pairs(a.model[0], result)
@@ -282,6 +282,24 @@ def _looks_like_model(arg: str) -> bool:
     return arg in SHIPPED or arg.endswith((".ckpt", ".safetensors"))
 
 
+def _json(obj) -> str:
+    """``obj`` as strict JSON: a figure that does not exist (NaN: the average precision of a
+    label without a true image) is null, which every JSON parser reads."""
+    def clean(x):
+        if isinstance(x, float) and x != x:
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        return [clean(v) for v in x] if isinstance(x, (list, tuple)) else x
+    return json.dumps(clean(obj), allow_nan=False)
+
+
+def _light_on_dark(dataset: str) -> bool:
+    from .data.registry import DATASETS
+    spec = DATASETS.get(dataset)
+    return spec is None or spec.light_on_dark  # unknown (an old file): as Fashion-MNIST
+
+
 def _cmd_predict(a) -> int:
     from .shipped import DEFAULT_MODEL, resolve
     images = list(a.images)
@@ -294,10 +312,13 @@ def _cmd_predict(a) -> int:
     model, meta = load_model(spec or DEFAULT_MODEL)
     _check_tta(a.tta, meta["dataset"])
     c = model.config
+    invert = a.invert
+    if invert == "auto" and not _light_on_dark(meta["dataset"]):
+        invert = "no"  # only the IDX sets show light objects on black; photos stay as they are
     status = 0
     for path in images:
         try:
-            x = load_image(path, c.in_channels, c.image_size, a.invert, a.fit)
+            x = load_image(path, c.in_channels, c.image_size, invert, a.fit)
         except CapsnetError as e:
             print(f"capsnet: error: {e}", file=sys.stderr)
             status = 2
@@ -305,12 +326,14 @@ def _cmd_predict(a) -> int:
         (res,) = predict(model, x.unsqueeze(0), meta["classes"], a.tta)
         res["file"] = str(path)
         if a.json:
-            print(json.dumps(res))
+            print(_json(res))
         else:
             lengths = " ".join(f"{v:.3f}" for v in res["lengths"])
             from .models import is_capsule_model
+            present = (f"; present: {', '.join(res['present']) or 'none'}"
+                       if "present" in res else "")  # a multi-label model
             if is_capsule_model(model):
-                print(f"{path}: {res['class']} (|v| = {max(res['lengths']):.3f}); "
+                print(f"{path}: {res['class']} (|v| = {max(res['lengths']):.3f}){present}; "
                       f"capsule lengths: {lengths}")
             else:  # a CNN baseline: class probabilities
                 print(f"{path}: {res['class']} (p = {max(res['lengths']):.3f}); "
@@ -383,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-m", "--model", help="a shipped model's name, a .safetensors weights file "
                    "or a checkpoint (default: the shipped fashion-mnist model)")
     r.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
-                   help="invert to light-on-dark like Fashion-MNIST (auto: if the border "
-                        "is light)")
+                   help="invert to light-on-dark like Fashion-MNIST (auto: if the model was "
+                        "trained on Fashion-MNIST or MNIST and the border is light)")
     r.add_argument("--fit", choices=["pad", "stretch"], default="pad",
                    help="a non-square image: pad it to a square with its border colour, "
                         "keeping its proportions (default), or stretch it")

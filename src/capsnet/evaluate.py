@@ -112,7 +112,7 @@ def evaluation_data(model_path: str | Path, model: nn.Module, meta: dict, split:
     options = recorded_options(dataset, meta.get("data_options"), run,
                                image_size=model.config.image_size)
     if split == "test":
-        return load_test_split(dataset, data_dir, **options)
+        return _same_classes(load_test_split(dataset, data_dir, **options), meta, model_path)
     if not run:
         raise CapsnetError(f"{model_path}: the validation split needs a checkpoint or weights "
                            "file with its run's config.yaml beside it, or a weights file that "
@@ -125,7 +125,21 @@ def evaluation_data(model_path: str | Path, model: nn.Module, meta: dict, split:
     from .data.datamodule import ImageDataModule
     dm = ImageDataModule(dataset, data_dir, val_size=run["val_size"], options=options)
     dm.setup("fit")
-    return dm.val
+    return _same_classes(dm.val, meta, model_path)
+
+
+def _same_classes(data: ImageDataset, meta: dict, model_path: str | Path) -> ImageDataset:
+    """``data``, after checking that its class names are the model's, in the same order:
+    a folder of images with one class renamed or another set of classes would otherwise be
+    scored against the wrong names. (Different counts are refused where the data meet the
+    model, :func:`~capsnet.inference.check_fits`.)"""
+    mine, theirs = [str(c) for c in meta.get("classes") or []], [str(c) for c in data.classes or []]
+    unnamed = mine == [str(i) for i in range(len(mine))]  # a model that recorded no names
+    if mine and theirs and len(mine) == len(theirs) and mine != theirs and not unnamed:
+        k = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+        raise CapsnetError(f"{model_path}: its class {k} is {mine[k]!r}, the data's is "
+                           f"{theirs[k]!r}; the model was trained on other classes")
+    return data
 
 
 def load_image(path: str | Path, channels: int, size: int, invert: str = "auto",
@@ -138,7 +152,8 @@ def load_image(path: str | Path, channels: int, size: int, invert: str = "auto",
     decoding. Pillow's warning between 1x and 2x that limit is silenced: it is the user's file.
 
     The first frame of an animation is used, turned upright as its EXIF orientation says, and
-    converted to grey (1 channel) or RGB (3); 16-bit values are scaled to 8 bits (/257).
+    converted to grey (1 channel) or RGB (3), or grey for both cameras of a stereo model
+    (smallNORB's 2 channels); 16-bit values are scaled to 8 bits (/257).
     Fashion-MNIST shows light objects on black: ``invert="auto"`` inverts images whose border
     is mostly light (a photo on a white background), ``"yes"``/``"no"`` force it. Transparent
     areas become the background that ends up black: black for ``"no"``, white for ``"yes"``,
@@ -151,7 +166,9 @@ def load_image(path: str | Path, channels: int, size: int, invert: str = "auto",
     """
     if fit not in FITS:
         raise ValueError(f"fit must be one of {FITS}, not {fit!r}")
-    mode = "L" if channels == 1 else "RGB"
+    if channels not in (1, 2, 3):
+        raise CapsnetError(f"a model with {channels} input channels takes no image files")
+    mode = "RGB" if channels == 3 else "L"  # 2: smallNORB's stereo pair, one picture for both
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -177,7 +194,8 @@ def load_image(path: str | Path, channels: int, size: int, invert: str = "auto",
     except Exception as e:  # noqa: BLE001 - Pillow raises many kinds on a malformed file
         why = getattr(e, "strerror", None) or str(e).strip() or type(e).__name__
         raise CapsnetError(f"{path}: cannot read the image ({why.splitlines()[0]})") from None
-    x = x.view(size, size, channels).permute(2, 0, 1).float() / 255
+    x = x.view(size, size, len(mode)).permute(2, 0, 1).float() / 255
+    x = x.expand(channels, -1, -1).contiguous()  # grey to both of a stereo pair's cameras
     if invert == "auto":
         border = torch.cat([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], dim=1)
         invert = "yes" if border.mean() > 0.5 else "no"

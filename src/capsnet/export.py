@@ -84,6 +84,10 @@ def export(spec: str, out: str | Path, dtype: str = "float32", batch: int = 1) -
     if out.parent and not out.parent.is_dir():
         raise CapsnetError(f"{out.parent}: no such folder")
     model, meta = load_model(spec)
-    if out.suffix == ".onnx":
-        return export_onnx(model, out, batch)
-    return save_weights(model, out, describe(meta, Path(str(spec)).name), getattr(torch, dtype))
+    try:
+        if out.suffix == ".onnx":
+            return export_onnx(model, out, batch)
+        return save_weights(model, out, describe(meta, Path(str(spec)).name),
+                            getattr(torch, dtype))
+    except OSError as e:  # a read-only folder, OUT an existing folder, a full disk
+        raise CapsnetError(f"{out}: cannot write ({e.strerror or e})") from None

@@ -62,8 +62,10 @@ _NON_NEGATIVE = ("warmup_steps", "ema", "recon_weight", "shift", "rotate", "scal
 def read_config(path: str | Path) -> dict:
     """Settings from a YAML file (keys with ``-`` or ``_``), checked against :data:`DEFAULTS`."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
+    except UnicodeDecodeError:
+        raise CapsnetError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
     except OSError as e:
         raise CapsnetError(f"{path}: cannot read config ({e.strerror})") from None
     except yaml.YAMLError as e:
@@ -118,6 +120,9 @@ def check_settings(s: dict) -> dict:
                            f"got {s['strategy']!r}")
     if s["erase"] > 1:
         raise CapsnetError(f"setting 'erase' is a probability, at most 1, got {s['erase']}")
+    if s["warmup_steps"] and s["lr_schedule"] == "exp":  # it would be silently ignored
+        raise CapsnetError("setting 'warmup_steps' applies to the cosine and constant "
+                           "schedules, not to exp; set it to 0 or choose --lr-schedule")
     if s["ema"] >= 1:
         raise CapsnetError(f"setting 'ema' must be below 1 (0: off), got {s['ema']}")
     if s["swa"] and s["ema"] > 0:

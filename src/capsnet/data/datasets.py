@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -116,7 +117,7 @@ def read_bytes(path: Path) -> bytes:
             with gzip.open(path, "rb") as f:
                 return f.read()
         return path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:  # zlib: a damaged body
         raise CapsnetError(f"{path}: cannot read ({e})") from None
 
 

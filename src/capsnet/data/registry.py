@@ -74,6 +74,7 @@ class DatasetSpec:
     description: str = field(default="", compare=False)
     find_test: Callable[[Path], Path | None] | None = None
     read_test: Callable[[Path], ImageDataset] | None = None
+    light_on_dark: bool = False  # light objects on black (the IDX sets): predict may invert
 
     def __post_init__(self):
         if not self.folder:
@@ -99,7 +100,7 @@ def _spec_list() -> list[DatasetSpec]:
     specs = [
         DatasetSpec(
             name="fashion-mnist", classes=FASHION_CLASSES, image_shape=(1, 28, 28),
-            hflip_ok=True, find=find_idx, read=idx_reader(FASHION_CLASSES),
+            hflip_ok=True, light_on_dark=True, find=find_idx, read=idx_reader(FASHION_CLASSES),
             find_test=find_idx_test, read_test=idx_test_reader(FASHION_CLASSES),
             download=partial(download_idx, mirrors=(
                 "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
@@ -117,7 +118,7 @@ def _spec_list() -> list[DatasetSpec]:
             description="Zalando's clothing photos, 28x28 grey, 60,000 + 10,000"),
         DatasetSpec(
             name="mnist", classes=DIGITS, image_shape=(1, 28, 28), hflip_ok=False,
-            find=find_idx, read=idx_reader(DIGITS),
+            light_on_dark=True, find=find_idx, read=idx_reader(DIGITS),
             find_test=find_idx_test, read_test=idx_test_reader(DIGITS),
             download=partial(download_idx, mirrors=(
                 "https://ossci-datasets.s3.amazonaws.com/mnist/",

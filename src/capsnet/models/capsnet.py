@@ -3,7 +3,7 @@ the input shape, with an optional downsampling stem for larger images.
 
 Why a stem: Conv1 (9x9, stride 1) and PrimaryCaps (9x9, stride 2) shrink the image by 16
 pixels and then halve it, so the PrimaryCaps grid, the number ``I`` of primary capsules and
-with it the prediction vectors ``u_hat`` ``[B, I, O, D]`` and DigitCaps' ``W`` ``[I, K, O*D]``
+with it the prediction vectors ``u_hat`` ``[B, O, I, D]`` and DigitCaps' ``W`` ``[I, K, O*D]``
 grow with the square of the image side: 1,152 capsules at 28 px, 18,432 at 64 px, 346,112
 (a 104x104x32 grid) at 224 px, where ``W`` alone is 443M parameters. ``stem`` strided
 convolutions in front of Conv1 each halve the side, so a 224 px image reaches Conv1 as 28x28
