@@ -541,3 +541,18 @@ def test_evaluation_data_must_have_the_models_class_names(tmp_path):
         _same_classes(data, {"classes": ["cat", "dog"]}, "m.ckpt")
     assert _same_classes(data, {"classes": ["cat", "wolf"]}, "m.ckpt") is data
     assert _same_classes(data, {"classes": ["0", "1"]}, "old.ckpt") is data  # no names kept
+
+
+def test_resume_refuses_changed_settings(tmp_path, capsys):
+    """A resumed run keeps what defines it: a larger validation split would hold images it
+    trained on, a new learning rate would be ignored, a cosine run's length is its schedule.
+    Refused before anything loads (the run folder needs only its config.yaml)."""
+    import yaml
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"val_size": 500, "lr": 0.001,
+                                                     "lr_schedule": "cosine", "epochs": 4}))
+    for flags, key in ((["--val-size", "1000"], "--val-size"), (["--lr", "0.01"], "--lr"),
+                       (["--epochs", "8"], "--epochs")):
+        code, _, err = run_cli(capsys, "train", "--resume", run, *flags)
+        assert one_line_error(code, err) and key in err and "keeps its settings" in err
