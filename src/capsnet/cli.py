@@ -137,26 +137,6 @@ def _train_parser(sub) -> None:
         _flag(p, name, help_, **kw)
 
 
-# What defines a run cannot change when it is resumed: its data and split (a larger
-# --val-size would validate on images it has trained on), its model, and its optimization,
-# whose state the checkpoint restores (a new --lr would be silently ignored). Augmentation,
-# devices, logging and (for schedules that do not depend on it) --epochs may change.
-FIXED_ON_RESUME = ("arch", "dataset", "train_size", "val_size", "image_size", "test_fraction",
-                   "seed", "batch_size", "lr", "lr_schedule", "lr_decay", "lr_decay_steps",
-                   "warmup_steps", "ema", "swa", "routing_iterations",
-                   "detach_routing", "stem", "stem_channels", "recon_size", "recon_weight")
-
-
-def _refuse_changes_on_resume(run: dict, flags: dict) -> None:
-    from .settings import DEFAULTS
-    fixed = FIXED_ON_RESUME + (("epochs",) if run.get("lr_schedule") == "cosine" else ())
-    for key in fixed:  # the cosine schedule ends at the run's last epoch
-        if key in flags and flags[key] != run.get(key, DEFAULTS[key]):
-            raise CapsnetError(f"--resume: --{key.replace('_', '-')} {flags[key]} differs from "
-                               f"the run's {run.get(key, DEFAULTS[key])}; a resumed run keeps "
-                               "its settings (start a new run, or --init from its checkpoint)")
-
-
 def _cmd_train(a) -> int:
     from .settings import load_run_settings, read_config
     from .train import is_main_process, train
@@ -168,7 +148,6 @@ def _cmd_train(a) -> int:
         if "out" in flags and flags["out"] != a.resume:
             raise CapsnetError("--resume DIR continues in DIR; do not also give --out")
         settings.update(load_run_settings(a.resume))
-        _refuse_changes_on_resume(settings, flags)
     settings.update(flags)
     rows = train(settings, resume=bool(a.resume))
     if rows and is_main_process():

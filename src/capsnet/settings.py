@@ -166,6 +166,29 @@ def save_run_settings(run_dir: Path, s: dict) -> None:
         yaml.safe_dump(s, f, sort_keys=False)
 
 
+# What defines a run cannot change when it is resumed: its data and split (a larger
+# --val-size would validate on images it has trained on), its model, and its optimization,
+# whose state the checkpoint restores (a new --lr would be silently ignored). Augmentation,
+# devices, logging and (for schedules that do not depend on it) --epochs may change.
+FIXED_ON_RESUME = ("arch", "dataset", "train_size", "val_size", "image_size", "test_fraction",
+                   "seed", "batch_size", "lr", "lr_schedule", "lr_decay", "lr_decay_steps",
+                   "warmup_steps", "ema", "swa", "routing_iterations",
+                   "detach_routing", "stem", "stem_channels", "recon_size", "recon_weight")
+
+
+def refuse_changes_on_resume(run: dict, s: dict) -> None:
+    """One-line error when the settings ``s`` of a resumed run differ from those it was
+    started with (``run``, its ``config.yaml``) in what defines it (:data:`FIXED_ON_RESUME`;
+    also ``epochs`` for the cosine schedule, which ends at the run's last epoch)."""
+    fixed = FIXED_ON_RESUME + (("epochs",) if run.get("lr_schedule") == "cosine" else ())
+    for key in fixed:
+        was = run.get(key, DEFAULTS[key])
+        if s[key] != was:
+            raise CapsnetError(f"--resume: --{key.replace('_', '-')} {s[key]} differs from "
+                               f"the run's {was}; a resumed run keeps its settings (start a "
+                               "new run, or --init from its checkpoint)")
+
+
 def load_run_settings(run_dir: str | Path) -> dict:
     """The settings a run was started with (its ``config.yaml``)."""
     path = Path(run_dir) / "config.yaml"

@@ -27,7 +27,8 @@ from .errors import CapsnetError, first_line
 from .lit import LitCapsNet
 from .metrics import read_metrics
 from .runtime import refuse_fp16_on_cpu, retain_freed_memory, trainer_devices
-from .settings import DEFAULTS, check_settings, refuse_foreign_config, save_run_settings
+from .settings import (DEFAULTS, check_settings, load_run_settings, refuse_changes_on_resume,
+                       refuse_foreign_config, save_run_settings)
 
 
 def model_config(s: dict, classes, shape) -> dict:
@@ -149,6 +150,8 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
     main = is_main_process()
     out = Path(s["out"])
     last = out / "last.ckpt"
+    if resume and (out / "config.yaml").is_file():  # the CLI and the Python API alike
+        refuse_changes_on_resume(load_run_settings(out), s)
     if resume and not last.is_file():
         raise CapsnetError(f"--resume {out}: no last.ckpt there to resume from")
     if not resume and last.exists():
