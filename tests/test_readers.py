@@ -21,6 +21,7 @@ from PIL import Image
 
 from capsnet.data import cifar, download, smallnorb, svhn
 from capsnet.data.datasets import center_crop
+from capsnet.data.folder import held_out
 from capsnet.data.registry import (DATASETS, cmd_datasets, dataset_info, describe_datasets,
                                    load_dataset)
 from capsnet.errors import CapsnetError
@@ -528,24 +529,50 @@ def grey(v, size=(8, 8)):
     return np.full(size, v, np.uint8)
 
 
-def test_folder_split_stratified_and_seeded(tmp_path):
+def _split_values(root, **kw):
+    """{pixel value of each image: 'train' or 'test'} (every file has its own value)."""
+    train, test = load_dataset("folder", root, image_size=8, **kw)
+    for ds in (train, test):  # the label of image k matches its file (value // 80 = class)
+        assert ((ds.images[:, 0, 0, 0].long() // 80) == ds.labels).all()
+    return {**{int(v): "train" for v in train.images[:, 0, 0, 0]},
+            **{int(v): "test" for v in test.images[:, 0, 0, 0]}}
+
+
+def test_folder_split_seeded_and_stable_when_the_folder_grows(tmp_path):
+    root = tmp_path / "d"
     for c, name in enumerate(["cat", "dog", "emu"]):
-        for i in range(5):
-            save(tmp_path / "d" / name / f"{i}.png", grey(50 * c + i))
-    (tmp_path / "d" / "README.txt").write_text("ignored")
-    (tmp_path / "d" / "cat" / ".DS_Store").write_bytes(b"ignored")
-    train, test = load_dataset("folder", tmp_path / "d", image_size=8, test_fraction=0.2)
-    assert train.classes == ("cat", "dog", "emu") and train.images.shape == (12, 1, 8, 8)
-    assert test.labels.tolist() == [0, 1, 2]  # one of each class
-    assert train.labels.dtype == torch.int64
-    # pixel values follow their class (the label of image k matches its file)
-    for ds in (train, test):
-        assert ((ds.images[:, 0, 0, 0].long() // 50) == ds.labels).all()
-    again = load_dataset("folder", tmp_path / "d", image_size=8)[1]
-    other = load_dataset("folder", tmp_path / "d", image_size=8, split_seed=3)[1]
-    assert torch.equal(again.images, test.images)
-    assert not torch.equal(other.images, test.images)
-    assert load_dataset("folder", tmp_path / "d")[0].images.shape[-1] == 32  # default size
+        for i in range(30):
+            save(root / name / f"{name}{i:02d}.png", grey(80 * c + i))
+    (root / "README.txt").write_text("ignored")
+    (root / "cat" / ".DS_Store").write_bytes(b"ignored")
+    train, test = load_dataset("folder", root, image_size=8, test_fraction=0.2)
+    assert train.classes == ("cat", "dog", "emu") and train.labels.dtype == torch.int64
+    assert len(train) + len(test) == 90 and 6 <= len(test) <= 32  # binomial(90, 0.2)
+    assert set(test.labels.tolist()) == {0, 1, 2}
+    before = _split_values(root, test_fraction=0.2)
+    assert before == _split_values(root)  # seeded: the same again (0.2 is the default)
+    assert before != _split_values(root, split_seed=3)
+    # a class grows by 10 images: no image that was there changes sides
+    for i in range(30, 40):
+        save(root / "dog" / f"dog{i:02d}.png", grey(80 + i))
+    after = _split_values(root)
+    assert len(after) == 100 and {v: after[v] for v in before} == before
+    assert load_dataset("folder", root)[0].images.shape[-1] == 32  # default size
+
+
+def test_folder_split_share_and_one_line_errors(tmp_path):
+    names = [f"img_{i:05d}.jpg" for i in range(4000)]
+    assert abs(held_out(names, 0.2).float().mean().item() - 0.2) < 0.02
+    assert torch.equal(held_out(names[:100], 0.3, 1), held_out(names, 0.3, 1)[:100])
+    root = tmp_path / "d"
+    for c in ("a", "b"):
+        for i in range(4):
+            save(root / c / f"{i}.png", grey(1))
+    # a class whose every image is drawn for the test set: one line naming the class
+    seed = next(s for s in range(1000) if held_out([f"{i}.png" for i in range(4)], 0.5, s).all())
+    with pytest.raises(CapsnetError, match="all 4 images fell in the test split") as e:
+        load_dataset("folder", root, test_fraction=0.5, split_seed=seed)
+    assert str(root / "a") in one_line(e)
 
 
 def test_folder_modes_crop_and_channels(tmp_path):
@@ -585,7 +612,7 @@ def test_folder_all_grey_is_one_channel_and_resized(tmp_path):
     save(tmp_path / "a" / "z.png", grey(7, (20, 20)))
     save(tmp_path / "b" / "w.png", grey(9, (20, 20)))
     train, test = load_dataset("folder", tmp_path, image_size=16, test_fraction=0.5)
-    assert train.shape == (1, 16, 16) and len(train) == 2 and len(test) == 2
+    assert train.shape == (1, 16, 16) and len(train) + len(test) == 4
     assert set(torch.cat([train.images, test.images]).unique().tolist()) == {7, 9, 255}
 
 
@@ -671,7 +698,11 @@ def write_planet(root, rows=None, csv_name="train_v2.csv", images="train-jpg", e
 def test_multilabel_planet_layout(tmp_path):
     root = write_planet(tmp_path / "planet", ext=".png", images="train-jpg")
     (root / "sample_submission_v2.csv").write_text("image_name,tags\ntest_0,clear\n")
-    train, test = load_dataset("multilabel", root, image_size=8, test_fraction=0.4)
+    # the split is drawn per image name (held_out); with these five names and the default
+    # seed, 0.1 holds out two of them
+    train, test = load_dataset("multilabel", root, image_size=8, test_fraction=0.1)
+    assert torch.equal(held_out([f"train_{i}.png" for i in range(5)], 0.1),
+                       torch.tensor([False, False, False, True, True]))
     assert train.classes == ("clear", "haze", "primary", "water")
     assert train.labels.dtype == torch.uint8 and train.labels.shape == (3, 4)
     assert len(test) == 2 and test.images.shape == (2, 3, 8, 8)
@@ -685,7 +716,7 @@ def test_multilabel_planet_layout(tmp_path):
 
 def test_multilabel_jpg_and_other_csv_names(tmp_path):
     root = write_planet(tmp_path / "p", csv_name="labels.csv", images="images")
-    train, test = load_dataset("multilabel", root, test_fraction=0.2)
+    train, test = load_dataset("multilabel", root, test_fraction=0.4)  # 1 of these 5 names
     assert len(train) == 4 and len(test) == 1 and train.shape == (3, 32, 32)
 
 

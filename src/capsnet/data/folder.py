@@ -24,6 +24,7 @@ with ``.`` are ignored, as are other files.
 from __future__ import annotations
 
 import csv
+import hashlib
 import warnings
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import CapsnetError
-from .datasets import ImageDataset, stratified_split
+from .datasets import ImageDataset
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                             ".pgm", ".ppm", ".pbm", ".pnm"})
@@ -133,12 +134,32 @@ def _check_options(image_size: int | None, test_fraction: float) -> int:
     return size
 
 
-def _test_count(n: int, test_fraction: float, where: Path) -> int:
-    k = round(n * test_fraction)
-    if not 0 < k < n:
-        raise CapsnetError(f"{where}: a test fraction of {test_fraction} of {n} images leaves "
-                           "an empty split")
-    return k
+def held_out(names: list[str], test_fraction: float, split_seed: int = 0) -> torch.Tensor:
+    """Which images are test images: ``[N]`` bool, one draw per image *name*.
+
+    Each name (a file name inside its class folder, or a CSV's ``image_name``) is hashed
+    with ``split_seed`` (SHA-256) to a number in [0, 1); the image is a test image when that
+    number is below ``test_fraction``. So an image's split depends on its own name only:
+    adding, removing or relabelling other images never moves it between train and test (a
+    seeded shuffle would reshuffle the whole split, and a model trained before the folder
+    grew would then be scored on images it was trained on). The price: the test share is
+    ``test_fraction`` only on average (binomial, per class as well as overall).
+    """
+    def draw(name: str) -> float:
+        digest = hashlib.sha256(f"{split_seed}/{name}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2 ** 64
+    return torch.tensor([draw(n) < test_fraction for n in names], dtype=torch.bool)
+
+
+def _split_indices(test: torch.Tensor, where: Path, test_fraction: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(test indices, train indices)`` of a :func:`held_out` mask; one-line error if
+    either side is empty."""
+    if test.all() or not test.any():
+        raise CapsnetError(f"{where}: a test fraction of {test_fraction} of {test.numel()} "
+                           f"images leaves an empty split (the split is drawn per image "
+                           f"name; with so few images use train/ and test/ folders)")
+    return test.nonzero().flatten(), (~test).nonzero().flatten()
 
 
 # --------------------------------------------------------------------------- class folders
@@ -204,7 +225,8 @@ def read_folder(folder: Path, image_size: int | None = None, test_fraction: floa
 
     Either ``folder/train/<class>/*`` and ``folder/test/<class>/*`` (the same class names in
     both; other sub-folders such as ``val/`` are then ignored), or ``folder/<class>/*``,
-    split class-stratified into ``test_fraction`` test images (seeded by ``split_seed``).
+    split into about ``test_fraction`` test images per class by a hash of each file name
+    and ``split_seed`` (:func:`held_out`: stable when the folder grows).
     """
     folder = Path(folder)
     size = _check_options(image_size, test_fraction)
@@ -234,8 +256,13 @@ def read_folder(folder: Path, image_size: int | None = None, test_fraction: floa
     classes = sorted(files)
     paths, labels = _flatten(files, classes)
     images = load_images(paths, size)
-    test_idx, train_idx = stratified_split(labels, _test_count(len(paths), test_fraction,
-                                                               folder), split_seed)
+    test = held_out([p.name for p in paths], test_fraction, split_seed)
+    for i, c in enumerate(classes):
+        if test[labels == i].all():
+            raise CapsnetError(f"{folder / c}: all {len(files[c])} images fell in the test "
+                               f"split (--test-fraction {test_fraction}, drawn per image name); "
+                               "add images or use train/ and test/ folders")
+    test_idx, train_idx = _split_indices(test, folder, test_fraction)
     return (ImageDataset(images[train_idx], labels[train_idx], tuple(classes)),
             ImageDataset(images[test_idx], labels[test_idx], tuple(classes)))
 
@@ -350,9 +377,9 @@ def read_multilabel(folder: Path, image_size: int | None = None, test_fraction: 
                     split_seed: int = 0, **_) -> tuple[ImageDataset, ImageDataset]:
     """``(train, test)`` from a label CSV and its image folder (:func:`find_multilabel`):
     images ``[N, C, S, S]`` uint8 (``S = image_size``, default 32), labels ``[N, K]`` uint8
-    k-hot over the ``K`` sorted tags of the whole CSV. Split at random (seeded by
-    ``split_seed``) into ``test_fraction`` test images (Planet's own test set has no
-    labels)."""
+    k-hot over the ``K`` sorted tags of the whole CSV. Split into about ``test_fraction``
+    test images by a hash of each ``image_name`` and ``split_seed`` (:func:`held_out`;
+    Planet's own test set has no labels)."""
     folder = Path(folder)
     size = _check_options(image_size, test_fraction)
     located = _locate_csv(folder)
@@ -366,8 +393,7 @@ def read_multilabel(folder: Path, image_size: int | None = None, test_fraction: 
     for row, ts in enumerate(tags):
         labels[row, [index[t] for t in ts]] = 1
     images = load_images(paths, size)
-    k = _test_count(len(paths), test_fraction, csv_path)
-    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(split_seed))
-    test_idx, train_idx = order[:k].sort().values, order[k:].sort().values
+    test = held_out([p.name for p in paths], test_fraction, split_seed)
+    test_idx, train_idx = _split_indices(test, csv_path, test_fraction)
     return (ImageDataset(images[train_idx], labels[train_idx], classes),
             ImageDataset(images[test_idx], labels[test_idx], classes))
