@@ -483,11 +483,15 @@ def test_init_starts_from_trained_weights_and_swa_averages_every_step(
         assert one_line_error(code, err) and needle in str(err), err
 
 
+@pytest.mark.parametrize("average", [[], ["--ema", "0.9"], ["--swa"]],
+                         ids=["plain", "ema", "swa"])
 def test_save_every_steps_keeps_weights_files_that_evaluate_on_the_runs_split(
-        fashion_dir, tmp_path, capsys):
+        fashion_dir, tmp_path, capsys, average):
+    """The step-N file holds the evaluated weights after N steps: with an average, the
+    average after N updates (the last one equals last.ckpt's)."""
     out = tmp_path / "steps"
     assert main(["train", *SMALL, "--data-dir", str(fashion_dir), "--epochs", "1",
-                 "--save-every-steps", "2", "--out", str(out)]) == 0  # 256 / 64 = 4 steps
+                 "--save-every-steps", "2", *average, "--out", str(out)]) == 0  # 4 steps
     assert sorted(p.name for p in out.glob("step-*")) == ["step-000002.safetensors",
                                                           "step-000004.safetensors"]
     final, _ = load_model(out / "step-000004.safetensors")

@@ -144,7 +144,11 @@ class LitCapsNet(L.LightningModule):
         self.log("lr", self.optimizers().param_groups[0]["lr"], **kw)
         return loss.total
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # The average follows every optimizer step here, not in on_train_batch_end: Lightning
+        # runs the callbacks' on_train_batch_end first, so a callback saving the evaluated
+        # weights there (callbacks.SaveWeightsEvery) would see the average one update behind.
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.update_parameters(self.model)
 
