@@ -547,6 +547,23 @@ def test_evaluation_data_must_have_the_models_class_names(tmp_path):
     assert _same_classes(data, {"classes": ["0", "1"]}, "old.ckpt") is data  # no names kept
 
 
+def test_run_settings_file_is_replaced_whole(tmp_path, monkeypatch):
+    """config.yaml is rewritten on every start and resume: an interruption while the new
+    one is being written leaves the old one whole (it is what --resume reads)."""
+    from capsnet import settings
+    s = {**settings.DEFAULTS, "lr": 0.0003, "epochs": 7, "out": str(tmp_path)}
+    settings.save_run_settings(tmp_path, s)
+    assert settings.load_run_settings(tmp_path) == s
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(settings.yaml, "safe_dump", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        settings.save_run_settings(tmp_path, {**s, "epochs": 9})
+    assert settings.load_run_settings(tmp_path) == s
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temporary file left
+
+
 def test_resume_refuses_changed_settings(tmp_path, capsys):
     """A resumed run keeps what defines it: a larger validation split would hold images it
     trained on, a new learning rate would be ignored, a cosine run's length is its schedule.

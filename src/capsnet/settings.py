@@ -160,10 +160,12 @@ def refuse_foreign_config(run_dir: Path, resume: bool) -> None:
 
 
 def save_run_settings(run_dir: Path, s: dict) -> None:
-    """Writes ``run_dir/config.yaml``, marked by its first line as written by capsnet."""
-    with open(run_dir / "config.yaml", "w") as f:
-        f.write(RUN_CONFIG_HEADER)
-        yaml.safe_dump(s, f, sort_keys=False)
+    """Writes ``run_dir/config.yaml``, marked by its first line as written by capsnet,
+    through a temporary file renamed over it: a run killed meanwhile keeps the old file
+    whole (it is rewritten on every start and resume)."""
+    from .checkpoints import atomic_write  # imports torch; this module does not need it
+    text = RUN_CONFIG_HEADER + yaml.safe_dump(s, sort_keys=False)
+    atomic_write(run_dir / "config.yaml", lambda f: f.write(text.encode()))
 
 
 # What defines a run cannot change when it is resumed: its data and split (a larger
