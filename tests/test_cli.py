@@ -574,6 +574,24 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
     (run / "config.yaml").write_text(yaml.safe_dump({"val_size": 500, "lr": 0.001,
                                                      "lr_schedule": "cosine", "epochs": 4}))
     for flags, key in ((["--val-size", "1000"], "--val-size"), (["--lr", "0.01"], "--lr"),
-                       (["--epochs", "8"], "--epochs")):
+                       (["--epochs", "8"], "--epochs"),
+                       (["--devices", "2", "--strategy", "ddp"], "--devices"),
+                       (["--num-nodes", "2", "--strategy", "ddp"], "--num-nodes")):
         code, _, err = run_cli(capsys, "train", "--resume", run, *flags)
         assert one_line_error(code, err) and key in err and "keeps its settings" in err
+
+
+def test_python_api_resume_starts_from_the_runs_settings(tmp_path):
+    """``train({"out": run}, resume=True)`` takes what it leaves out from the run's
+    config.yaml, as ``capsnet train --resume`` does, instead of the defaults (which would
+    be refused here as a changed --lr, and would silently drop e.g. --hflip)."""
+    import yaml
+    from capsnet.errors import CapsnetError
+    from capsnet.train import train
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"lr": 0.01, "hflip": True}))
+    with pytest.raises(CapsnetError, match="no last.ckpt there to resume from"):
+        train({"out": str(run)}, resume=True)
+    with pytest.raises(CapsnetError, match="keeps its settings"):
+        train({"out": str(run), "lr": 0.02}, resume=True)

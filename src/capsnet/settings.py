@@ -171,7 +171,8 @@ def save_run_settings(run_dir: Path, s: dict) -> None:
 # What defines a run cannot change when it is resumed: its data and split (a larger
 # --val-size would validate on images it has trained on), its model, and its optimization,
 # whose state the checkpoint restores (a new --lr would be silently ignored). Augmentation,
-# devices, logging and (for schedules that do not depend on it) --epochs may change.
+# the device, logging and (for schedules that do not depend on them) --epochs and the
+# number of processes may change.
 FIXED_ON_RESUME = ("arch", "dataset", "train_size", "val_size", "image_size", "test_fraction",
                    "seed", "batch_size", "lr", "lr_schedule", "lr_decay", "lr_decay_steps",
                    "warmup_steps", "ema", "swa", "routing_iterations",
@@ -181,8 +182,10 @@ FIXED_ON_RESUME = ("arch", "dataset", "train_size", "val_size", "image_size", "t
 def refuse_changes_on_resume(run: dict, s: dict) -> None:
     """One-line error when the settings ``s`` of a resumed run differ from those it was
     started with (``run``, its ``config.yaml``) in what defines it (:data:`FIXED_ON_RESUME`;
-    also ``epochs`` for the cosine schedule, which ends at the run's last epoch)."""
-    fixed = FIXED_ON_RESUME + (("epochs",) if run.get("lr_schedule") == "cosine" else ())
+    for the cosine schedule also ``epochs``, ``devices`` and ``num_nodes``: it ends at the
+    run's last step, and the number of steps per epoch depends on the number of processes)."""
+    cosine = ("epochs", "devices", "num_nodes")
+    fixed = FIXED_ON_RESUME + (cosine if run.get("lr_schedule") == "cosine" else ())
     for key in fixed:
         was = run.get(key, DEFAULTS[key])
         if s[key] != was:

@@ -145,13 +145,17 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
     processes by running the same command again; each runs this function, and only the main
     one writes files and prints.
     """
-    s = check_settings({**DEFAULTS, **settings})
+    out = Path({**DEFAULTS, **settings}["out"])
+    # A resumed run starts from its own config.yaml, under the settings given here (the CLI
+    # has merged it already; the Python API's train({"out": run}, resume=True) has not, and
+    # would otherwise put back the defaults of what it leaves out, e.g. --hflip).
+    run = load_run_settings(out) if resume and (out / "config.yaml").is_file() else None
+    s = check_settings({**DEFAULTS, **(run or {}), **settings})
     check_training(s)  # the generated datasets' and the CNN baselines' one-line refusals
     main = is_main_process()
-    out = Path(s["out"])
     last = out / "last.ckpt"
-    if resume and (out / "config.yaml").is_file():  # the CLI and the Python API alike
-        refuse_changes_on_resume(load_run_settings(out), s)
+    if run is not None:
+        refuse_changes_on_resume(run, s)
     if resume and not last.is_file():
         raise CapsnetError(f"--resume {out}: no last.ckpt there to resume from")
     if not resume and last.exists():
