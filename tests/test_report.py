@@ -222,3 +222,23 @@ def test_report_of_a_model_alone(trained_run, tmp_path, fashion_dir):
                  "--data-dir", str(fashion_dir)]) == 0
     page = (out / "index.html").read_text()
     assert "m.safetensors" in page and "Figure 4" in page
+
+
+def test_report_of_a_stereo_model(tmp_path):
+    """smallNORB's images have two channels (a stereo pair), which no picture format has:
+    the report and the dashboards show the two side by side as grey images."""
+    from test_readers import write_norb
+
+    from capsnet.dashboards import recon_grid
+    from capsnet.data.smallnorb import CLASSES
+    from capsnet.models import build_model
+    from capsnet.weights import save_weights
+    folder, _ = write_norb(tmp_path / "norb", n=10)
+    model = build_model("capsnet", {"conv_channels": 8, "primary_types": 2, "in_channels": 2,
+                                    "image_size": 32, "num_classes": 5})
+    save_weights(model, weights := tmp_path / "norb.safetensors",
+                 {"classes": list(CLASSES), "dataset": "smallnorb"})
+    out = tmp_path / "page"
+    assert main(["report", str(weights), "--data-dir", str(folder), "--out", str(out)]) == 0
+    assert "Figure 4" in (out / "index.html").read_text()
+    assert recon_grid(torch.rand(4, 2, 32, 32), torch.rand(4, 2, 32, 32)).shape[0] == 3

@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import make_grid
 
 from .inference import confusion_matrix
+from .plots import channels_side_by_side
 
 RECON_CAPTION = "test images, each followed by its reconstruction"
 
@@ -30,6 +31,7 @@ def recon_grid(images: torch.Tensor, recons: torch.Tensor, pairs_per_row: int = 
     if recons.shape[-2:] != images.shape[-2:]:
         recons = torch.nn.functional.interpolate(recons.float(), size=images.shape[-2:],
                                                  mode="nearest")
+    images, recons = channels_side_by_side(images), channels_side_by_side(recons)
     both = torch.stack([images, recons.clamp(0, 1)], dim=1).flatten(0, 1)  # x0, r0, x1, r1, ...
     return make_grid(both.float(), nrow=2 * pairs_per_row, padding=2, pad_value=0.5)
 

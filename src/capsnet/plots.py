@@ -20,10 +20,21 @@ from .paper import RECON_WEIGHT
 TRAIN, TEST, VAL = "#1f77b4", "#d62728", "#2ca02c"
 
 
+def channels_side_by_side(a):
+    """``[..., C, H, W]`` (tensor or array) -> ``[..., 1, H, C*W]`` when C is neither 1 (grey)
+    nor 3 (colour), else ``a`` unchanged: the channels of e.g. smallNORB's stereo pairs
+    shown next to each other as grey images, as nothing draws a 2-channel picture."""
+    *lead, c, h, w = a.shape
+    if c in (1, 3):
+        return a
+    return a.swapaxes(-3, -2).reshape(*lead, 1, h, c * w)  # rows: channel 0's, then 1's...
+
+
 def to_display(img) -> np.ndarray:
-    """``[C, H, W]`` (tensor or array) -> ``[H, W]`` (grey) or ``[H, W, 3]`` for imshow."""
+    """``[C, H, W]`` (tensor or array) -> ``[H, W]`` (grey; C other than 1 or 3: the channels
+    side by side) or ``[H, W, 3]`` for imshow."""
     a = img.detach().float().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
-    a = np.clip(a, 0.0, 1.0)
+    a = channels_side_by_side(np.clip(a, 0.0, 1.0))
     return a[0] if a.shape[0] == 1 else np.moveaxis(a, 0, -1)
 
 
@@ -34,6 +45,7 @@ def mosaic(tiles, gap: int = 1, fill: float = 0.35) -> np.ndarray:
     with a trailing colour axis; ``fill`` is the colour of the gaps.
     """
     t = tiles.detach().float().cpu().numpy() if isinstance(tiles, torch.Tensor) else tiles
+    t = channels_side_by_side(np.asarray(t))
     rows, cols, c, h, w = t.shape
     out = np.full((c, rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap), fill,
                   dtype=np.float32)

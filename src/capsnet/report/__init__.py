@@ -101,12 +101,15 @@ def sweep_frames(image: Tensor, grid: Tensor, offsets: Tensor, dims: list[int],
     """
     from PIL import Image, ImageDraw, ImageFont
 
+    from ..plots import channels_side_by_side
+
     s = offsets.shape[0]
     mid = s // 2
     order = list(range(mid, s)) + list(range(s - 2, -1, -1)) + list(range(1, mid))
 
     def tile(t: Tensor) -> Image.Image:
-        a = (t.float().clamp(0, 1).mean(dim=0) * 255).round().to(torch.uint8).numpy()
+        t = channels_side_by_side(t.float().clamp(0, 1))  # e.g. smallNORB's stereo pair
+        a = (t.mean(dim=0) * 255).round().to(torch.uint8).numpy()
         pic = Image.fromarray(a)
         pic = pic.resize((pic.width * scale, pic.height * scale), Image.Resampling.BICUBIC)
         # 32 grey levels: invisible here, and the GIF shrinks about six-fold
