@@ -431,6 +431,67 @@ def test_evaluate_uses_the_runs_reconstruction_weight(fashion_dir, tmp_path, cap
     assert r["loss"] == pytest.approx(r["margin_loss"] + 0.01 * r["reconstruction_sse"])
 
 
+def test_a_recorded_reconstruction_weight_of_0_stays_0(fashion_dir, tmp_path, capsys):
+    """A model trained without the decoder's loss (``--recon-weight 0``) is evaluated and
+    reported with 0, not with the paper's 0.0005."""
+    from capsnet.data.registry import FASHION_CLASSES
+    from capsnet.models import build_model
+    from capsnet.weights import save_weights
+    model = build_model("capsnet", {"conv_channels": 8, "primary_types": 2})
+    save_weights(model, path := tmp_path / "m.safetensors",
+                 {"classes": list(FASHION_CLASSES), "dataset": "fashion-mnist",
+                  "recon_weight": 0.0})
+    assert main(["evaluate", str(path), "--json", "--test-size", "50",
+                 "--data-dir", str(fashion_dir)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["reconstruction_sse"] > 0 and r["loss"] == pytest.approx(r["margin_loss"])
+    assert main(["report", str(path), "--test-size", "50", "--data-dir", str(fashion_dir),
+                 "--out", str(tmp_path / "page")]) == 0
+    page = (tmp_path / "page" / "index.html").read_text()
+    assert f"{r['loss']:.4f}" in page
+
+
+def test_an_unwritable_output_is_a_one_line_error(fashion_dir, tmp_path, capsys):
+    """The report's folder inside a file: one line naming the path, no traceback."""
+    from capsnet.data.registry import FASHION_CLASSES
+    from capsnet.models import build_model
+    from capsnet.weights import save_weights
+    save_weights(build_model("capsnet", {"conv_channels": 8, "primary_types": 2}),
+                 path := tmp_path / "m.safetensors",
+                 {"classes": list(FASHION_CLASSES), "dataset": "fashion-mnist"})
+    (tmp_path / "file").write_text("a user's file")
+    code, _, err = run_cli(capsys, "report", path, "--test-size", "20", "--data-dir",
+                           fashion_dir, "--out", tmp_path / "file" / "page")
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert str(tmp_path / "file") in err
+    assert (tmp_path / "file").read_text() == "a user's file"
+
+
+def test_metrics_csv_is_replaced_whole_on_resume(tmp_path, monkeypatch):
+    """On resume the rows of epochs to be repeated are dropped through a temporary file: a
+    run killed meanwhile keeps the rows of its earlier epochs."""
+    import csv
+    from types import SimpleNamespace
+
+    from capsnet.callbacks import EpochMetricsCSV
+    from capsnet.metrics import COLUMNS
+    path = tmp_path / "metrics.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, COLUMNS)
+        w.writeheader()
+        w.writerows({"epoch": e, "test_acc": 0.5 + e / 10} for e in range(3))
+    trainer = SimpleNamespace(global_rank=0, current_epoch=2)
+    monkeypatch.setattr(csv.DictWriter, "writerows",
+                        lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        EpochMetricsCSV(path).on_train_start(trainer, None)
+    assert [r["epoch"] for r in read_metrics(path)] == [0, 1, 2]
+    monkeypatch.undo()
+    EpochMetricsCSV(path).on_train_start(trainer, None)
+    assert [r["test_acc"] for r in read_metrics(path)] == pytest.approx([0.5, 0.6])
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
+
+
 def test_bf16_mixed_precision_trains_and_16_mixed_needs_a_gpu(fashion_dir, tmp_path, capsys):
     out = tmp_path / "bf16"
     assert main(["train", *SMALL, "--data-dir", str(fashion_dir), "--epochs", "1",

@@ -4,17 +4,17 @@ progress bar."""
 from __future__ import annotations
 
 import csv
+import io
+import math
 import time
 from pathlib import Path
-
-import math
 
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from .checkpoints import atomic_torch_save, safe_load
+from .checkpoints import atomic_torch_save, atomic_write, safe_load
 from .errors import CapsnetError
 from .metrics import COLUMNS, read_metrics
 
@@ -34,10 +34,12 @@ class EpochMetricsCSV(L.Callback):
         if trainer.global_rank != 0:
             return
         keep = [r for r in read_metrics(self.path) if r["epoch"] < trainer.current_epoch]
-        with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, COLUMNS)
-            w.writeheader()
-            w.writerows(keep)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, COLUMNS)
+        w.writeheader()
+        w.writerows(keep)
+        # replaced whole: a run killed now keeps its earlier epochs' rows
+        atomic_write(self.path, lambda f: f.write(text.getvalue().encode()))
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start = time.perf_counter()

@@ -216,8 +216,7 @@ def _cmd_evaluate(a) -> int:
         resolve(spec)
     import torch
     from .checkpoints import load_model
-    from .evaluate import evaluate, evaluate_ensemble, evaluation_data
-    from .paper import RECON_WEIGHT
+    from .evaluate import evaluate, evaluate_ensemble, evaluation_data, recon_weight_of
     from .runtime import torch_device
     if a.batch_size < 1 or (a.test_size is not None and a.test_size < 1):
         raise CapsnetError("--batch-size and --test-size must be positive")
@@ -240,7 +239,7 @@ def _cmd_evaluate(a) -> int:
     if a.test_size:
         test.images, test.labels = test.images[:a.test_size], test.labels[:a.test_size]
     # Each model's own reconstruction weight (its run's), as in report.
-    weights = [m.get("recon_weight") or RECON_WEIGHT for _, m in loaded]
+    weights = [recon_weight_of(m) for _, m in loaded]
     if len(loaded) == 1:
         result = evaluate(model, test, a.batch_size, device, weights[0], a.tta)
         result.update(model=str(a.model[0]))
@@ -521,6 +520,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # the reader left (`capsnet evaluate ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's recipe
+        return 1
+    except OSError as e:  # a file a command writes, or one no reader names (full disk...)
+        if e.filename is None:
+            raise
+        print(f"capsnet: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
         return 1
 
 

@@ -15,6 +15,14 @@ from .inference import check_fits, infer, summarize, summarize_multilabel
 from .paper import RECON_WEIGHT
 
 
+def recon_weight_of(meta: dict) -> float:
+    """The reconstruction weight a model was trained with (its losses are reported with
+    it), from the metadata of its checkpoint or weights file; the paper's when unrecorded.
+    A recorded 0 (trained without the decoder's loss) stays 0."""
+    weight = meta.get("recon_weight")
+    return RECON_WEIGHT if weight is None else float(weight)
+
+
 def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 512,
              device: str | torch.device = "cpu", recon_weight: float = RECON_WEIGHT,
              tta: str = "none") -> dict:

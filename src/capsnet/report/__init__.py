@@ -27,7 +27,6 @@ from torch import Tensor
 
 from ..data.batches import to_unit
 from ..errors import CapsnetError
-from ..paper import RECON_WEIGHT
 
 REPORT_FILES = ("curves.png", "confusion.png", "per_class.png", "reconstructions.png",
                 "mistakes.png", "perturbation.png", "sweep.gif")
@@ -265,7 +264,7 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     from ..metrics import read_metrics
     from ..checkpoints import load_model
     from ..models import is_capsule_model
-    from ..evaluate import evaluation_data
+    from ..evaluate import evaluation_data, recon_weight_of
     from ..inference import check_fits, infer, summarize
     from ..runtime import torch_device
     from ..settings import load_run_settings
@@ -293,7 +292,7 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     dataset = dataset or settings.get("dataset") or meta["dataset"]
     test = evaluation_data(ckpt, model, meta, "test", dataset, data_dir)
     from ..data.multi import is_pair_set
-    recon_weight = meta.get("recon_weight") or RECON_WEIGHT  # the run's own, as in evaluate
+    recon_weight = recon_weight_of(meta)  # the run's own, as in evaluate
     out = Path(out) if out else run_dir / "report"
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if is_pair_set(test):
