@@ -559,8 +559,9 @@ def test_save_every_steps_keeps_weights_files_that_evaluate_on_the_runs_split(
     last, _ = load_model(out / "last.ckpt")
     for (name, a), b in zip(last.state_dict().items(), final.state_dict().values()):
         assert torch.equal(a, b), name
-    earlier, _ = load_model(out / "step-000002.safetensors")
+    earlier, meta = load_model(out / "step-000002.safetensors")
     assert not torch.equal(earlier.digits.weight, final.digits.weight)
+    assert meta["val_size"] == 128  # recorded in the file, not only beside it
     capsys.readouterr()
     assert main(["evaluate", str(out / "step-000002.safetensors"), "--split", "val",
                  "--json"]) == 0

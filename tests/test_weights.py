@@ -22,6 +22,29 @@ def weights_file(tmp_path):
     return model, save_weights(model, tmp_path / "m.safetensors", META)
 
 
+def test_weights_that_are_not_finite_are_never_written(weights_file, tmp_path):
+    """A diverged model (NaN) or an fp16 cast that overflows gives a one-line error and
+    leaves the file on disk as it was (``SaveWeightsEvery``'s step files, ``export``)."""
+    from types import SimpleNamespace
+
+    from capsnet.callbacks import SaveWeightsEvery
+    model, path = weights_file
+    before = path.read_bytes()
+    with torch.no_grad():
+        model.digits.weight[0, 0, 0] = 7e4  # fine in fp32, inf in fp16
+    save_weights(model, tmp_path / "fp32.safetensors", META)
+    with pytest.raises(CapsnetError, match="not finite .digits.weight"):
+        save_weights(model, path, META, dtype=torch.float16)
+    with torch.no_grad():
+        model.digits.weight[0, 0, 0] = float("nan")
+    trainer = SimpleNamespace(global_step=2, global_rank=0, current_epoch=0)
+    module = SimpleNamespace(hparams={}, eval_model=model)
+    with pytest.raises(CapsnetError, match="step-000002.safetensors: not saved"):
+        SaveWeightsEvery(tmp_path, 2).on_train_batch_end(trainer, module, None, None, 0)
+    assert path.read_bytes() == before and not list(tmp_path.glob("step-*"))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_roundtrip_keeps_function_and_metadata(weights_file):
     model, path = weights_file
     loaded, meta = load_weights(path)

@@ -14,7 +14,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from .checkpoints import atomic_torch_save, atomic_write, safe_load
+from .checkpoints import atomic_torch_save, atomic_write, refuse_non_finite, safe_load
 from .errors import CapsnetError
 from .metrics import COLUMNS, read_metrics
 
@@ -63,18 +63,21 @@ class EpochMetricsCSV(L.Callback):
 class SaveWeightsEvery(L.Callback):
     """Writes the evaluated weights (the average, if the run keeps one) every ``every``
     training steps to ``out/step-NNNNNN.safetensors`` (``NNNNNN``: the global step), a
-    weights file like ``capsnet export`` writes. For comparisons at a finer grain than the
-    epoch (``docs/robustness.md``: the affine experiment's equal-accuracy match)."""
+    weights file like ``capsnet export`` writes, recording the run's ``val_size`` (so that
+    ``evaluate --split val`` finds the split from the file alone). For comparisons at a finer
+    grain than the epoch (``docs/robustness.md``: the affine experiment's equal-accuracy
+    match). Weights that are not finite stop the run instead (a one-line error)."""
 
-    def __init__(self, out: str | Path, every: int):
-        self.out, self.every = Path(out), every
+    def __init__(self, out: str | Path, every: int, val_size: int | None = None):
+        self.out, self.every, self.val_size = Path(out), every, val_size
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if trainer.global_rank != 0 or step % self.every:
             return
         from .weights import describe, save_weights
-        info = describe({**pl_module.hparams, "epoch": trainer.current_epoch}, f"step {step}")
+        info = describe({**pl_module.hparams, "epoch": trainer.current_epoch,
+                         "val_size": self.val_size}, f"step {step}")
         save_weights(pl_module.eval_model, self.out / f"step-{step:06d}.safetensors", info)
 
 
@@ -135,10 +138,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO, with atomic writes and code-free (weights-only) reads."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        bad = [k for k, v in checkpoint.get("state_dict", {}).items()
-               if v.is_floating_point() and not bool(v.isfinite().all())]
-        if bad:  # never replace a good checkpoint by a diverged one
-            raise CapsnetError(f"{path}: not saved, the weights are not finite ({bad[0]})")
+        refuse_non_finite(checkpoint.get("state_dict", {}), path)
         atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:

@@ -20,6 +20,15 @@ import torch
 from .errors import CapsnetError, first_line
 
 
+def refuse_non_finite(state: dict, path: str | Path) -> None:
+    """One-line error when a floating-point tensor of ``state`` holds NaN or infinity: a
+    diverged model is never written over good weights (checkpoints and weights files)."""
+    bad = [k for k, v in state.items()
+           if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise CapsnetError(f"{path}: not saved, the weights are not finite ({bad[0]})")
+
+
 def atomic_write(path: str | Path, write) -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)

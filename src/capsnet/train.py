@@ -217,7 +217,7 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
     callbacks = [StopOnNonFinite(), *checkpoints, EpochMetricsCSV(out / "metrics.csv"),
                  SameWeightsOnAllRanks()]
     if s["save_every_steps"]:
-        callbacks.append(SaveWeightsEvery(out, s["save_every_steps"]))
+        callbacks.append(SaveWeightsEvery(out, s["save_every_steps"], s["val_size"]))
     if s["progress"]:
         callbacks.append(ProgressBar(refresh_rate=max(1, s["log_every"] // 4)))
     callbacks += _extra_callbacks(s, dm)

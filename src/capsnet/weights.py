@@ -32,10 +32,11 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
 def save_weights(model: nn.Module, path: str | Path, meta: dict,
                  dtype: torch.dtype = torch.float32) -> Path:
     """Write ``model``'s state (floats cast to ``dtype``) and ``meta`` (arch, classes, ...)."""
-    from .checkpoints import atomic_write
+    from .checkpoints import atomic_write, refuse_non_finite
     from .models import arch_name
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in model.state_dict().items()}
+    refuse_non_finite(tensors, path)  # also catches an fp16 overflow
     info = {"arch": arch_name(model), "config": model.config.to_dict(), **meta,
             "sha256": _digest(tensors)}
     path = Path(path)
