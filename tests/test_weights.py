@@ -45,6 +45,18 @@ def test_weights_that_are_not_finite_are_never_written(weights_file, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_class_names_that_do_not_fit_the_model(tmp_path, capsys):
+    """3 names for a 10-class model: a one-line error at loading, not an IndexError when
+    predict names the 9th class."""
+    path = save_weights(build_model("capsnet", TINY), tmp_path / "m.safetensors",
+                        {**META, "classes": ["a", "b", "c"]})
+    from PIL import Image
+    Image.new("L", (28, 28), 128).save(image := tmp_path / "x.png")
+    code = main(["predict", "--model", str(path), str(image)])
+    err = capsys.readouterr().err
+    assert one_line_error(code, err) and "3 class names for a model of 10 classes" in err
+
+
 def test_roundtrip_keeps_function_and_metadata(weights_file):
     model, path = weights_file
     loaded, meta = load_weights(path)

@@ -132,5 +132,10 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu"
         model, meta = load_weights(path, device)
         for key, value in SHIPPED_RUN.get(str(spec), {}).items():
             meta[key] = meta.get(key) or value
-        return model, meta
-    return load_checkpoint_model(path, device)
+    else:
+        model, meta = load_checkpoint_model(path, device)
+    n = model.config.num_classes
+    if len(meta["classes"]) != n:  # predict and report name classes by the model's index
+        raise CapsnetError(f"{path}: records {len(meta['classes'])} class names for a model "
+                           f"of {n} classes")
+    return model, meta

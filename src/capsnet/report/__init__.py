@@ -308,9 +308,7 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     images, labels = test.images, test.labels
     if test_size:
         images, labels = images[:test_size], labels[:test_size]
-    classes = list(meta["classes"])
-    if len(classes) != c.num_classes:
-        classes = list(test.classes)
+    classes = list(meta["classes"])  # load_model checked: one per class
     n, n_cls = len(labels), c.num_classes
     out.mkdir(parents=True, exist_ok=True)
     log(f"report: {Path(str(ckpt)).name}{_after(meta)} on {n:,} {dataset} test images")
