@@ -57,6 +57,22 @@ def test_class_names_that_do_not_fit_the_model(tmp_path, capsys):
     assert one_line_error(code, err) and "3 class names for a model of 10 classes" in err
 
 
+def test_a_digit_model_is_not_scored_on_clothing(tmp_path, fashion_dir, capsys):
+    """Class names "0".."9" are names (MNIST's): such a model on Fashion-MNIST is refused;
+    a file that recorded no names at all is scored by index."""
+    from capsnet.data.registry import DIGITS
+    model = build_model("capsnet", TINY)
+    digits = save_weights(model, tmp_path / "d.safetensors",
+                          {"classes": list(DIGITS), "dataset": "mnist"})
+    code = main(["evaluate", str(digits), "--dataset", "fashion-mnist", "--data-dir",
+                 str(fashion_dir), "--test-size", "20"])
+    err = capsys.readouterr().err
+    assert one_line_error(code, err) and "its class 0 is '0'" in err
+    unnamed = save_weights(model, tmp_path / "u.safetensors", {"dataset": "fashion-mnist"})
+    assert main(["evaluate", str(unnamed), "--data-dir", str(fashion_dir),
+                 "--test-size", "20"]) == 0
+
+
 def test_roundtrip_keeps_function_and_metadata(weights_file):
     model, path = weights_file
     loaded, meta = load_weights(path)

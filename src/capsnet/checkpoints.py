@@ -109,7 +109,7 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu"
         raise CapsnetError(f"{path}: weights do not fit a {arch} ({first_line(e)[:200]})"
                            ) from None
     n = model.config.num_classes
-    classes = list(hp.get("classes") or [str(i) for i in range(n)])
+    classes = list(hp.get("classes") or range(n))  # ints: no names recorded
     meta = {"classes": classes, "dataset": hp.get("dataset", "fashion-mnist"),
             "epoch": ckpt.get("epoch"), "arch": arch,
             "recon_weight": hp.get("recon_weight"),

@@ -141,8 +141,9 @@ def _same_classes(data: ImageDataset, meta: dict, model_path: str | Path) -> Ima
     a folder of images with one class renamed or another set of classes would otherwise be
     scored against the wrong names. (Different counts are refused where the data meet the
     model, :func:`~capsnet.inference.check_fits`.)"""
-    mine, theirs = [str(c) for c in meta.get("classes") or []], [str(c) for c in data.classes or []]
-    unnamed = mine == [str(i) for i in range(len(mine))]  # a model that recorded no names
+    recorded = list(meta.get("classes") or [])
+    unnamed = all(isinstance(c, int) for c in recorded)  # the loaders' 0..n-1: no names kept
+    mine, theirs = [str(c) for c in recorded], [str(c) for c in data.classes or []]
     if mine and theirs and len(mine) == len(theirs) and mine != theirs and not unnamed:
         k = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
         raise CapsnetError(f"{model_path}: its class {k} is {mine[k]!r}, the data's is "
@@ -252,6 +253,7 @@ def predict(model: nn.Module, images: torch.Tensor, classes: list[str],
     from .inference import tta_lengths
     from .models.base import PRESENT
     lengths = tta_lengths(model, images, tta).cpu()
+    classes = [str(c) for c in classes]  # a file without names: "0", "1", ...
     multi = getattr(model.config, "multi_label", False)
     return [{"class": classes[int(row.argmax())], "index": int(row.argmax()),
              **({"present": [c for c, v in zip(classes, row) if v > PRESENT]} if multi else {}),

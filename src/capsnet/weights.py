@@ -95,5 +95,6 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu"
     meta = {k: info.get(k) for k in RECORDED}
     meta["data_options"] = meta["data_options"] or {}
     meta["arch"] = info["arch"]
+    # ints 0..n-1 when the file names no classes (evaluate then checks no names)
     meta["classes"] = list(meta["classes"] or range(model.config.num_classes))
     return model.to(device).eval(), meta

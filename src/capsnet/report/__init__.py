@@ -308,7 +308,7 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     images, labels = test.images, test.labels
     if test_size:
         images, labels = images[:test_size], labels[:test_size]
-    classes = list(meta["classes"])  # load_model checked: one per class
+    classes = [str(c) for c in meta["classes"]]  # one per class (load_model checked)
     n, n_cls = len(labels), c.num_classes
     out.mkdir(parents=True, exist_ok=True)
     log(f"report: {Path(str(ckpt)).name}{_after(meta)} on {n:,} {dataset} test images")
