@@ -109,6 +109,13 @@ def test_evaluate_on_the_runs_validation_split_and_with_mirror_images(trained_ru
                            "val", "--json")
     assert code == 0 and json.loads(out)["n"] == 500
     assert json.loads(out)["accuracy"] == pytest.approx(result["accuracy"], abs=1e-6)
+    # ... which another run's config.yaml beside the file does not change
+    (tmp_path / "config.yaml").write_text(
+        (trained_run / "config.yaml").read_text().replace("val_size: 500", "val_size: 400"))
+    code, out, _ = run_cli(capsys, "evaluate", weights, "--data-dir", fashion_dir, "--split",
+                           "val", "--json")
+    assert code == 0 and json.loads(out)["n"] == 500
+    (tmp_path / "config.yaml").unlink()
     # refusals: digits are not mirrored; a weights file that records no split has no run
     code, _, err = run_cli(capsys, "evaluate", trained_run / "best.ckpt", "--dataset", "mnist",
                            "--tta", "hflip")

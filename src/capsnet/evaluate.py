@@ -105,16 +105,17 @@ def evaluation_data(model_path: str | Path, model: nn.Module, meta: dict, split:
     ``model``/``meta`` as :func:`~capsnet.checkpoints.load_model` returned them for
     ``model_path``. ``split="test"``: the test set of ``dataset`` (default: the model's own).
     ``split="val"``: the validation images of the run ``model_path`` belongs to, carved again
-    as training carved them; the run's ``config.yaml`` (beside the file) gives the dataset and
-    ``val_size``, else the ``val_size`` a weights file recorded (``meta``); the split's seed is
-    fixed (:class:`~capsnet.data.datamodule.ImageDataModule`).
+    as training carved them: the dataset and ``val_size`` a weights file recorded (``meta``),
+    else those of the run's ``config.yaml`` beside the file (a file copied into another run's
+    folder keeps its own split); the split's seed is fixed
+    (:class:`~capsnet.data.datamodule.ImageDataModule`).
     ``data_dir``: ``--data-dir``, else the run's own (:func:`~capsnet.settings.run_data_dir`).
     """
     from .data.registry import load_test_split, recorded_options
     from .settings import run_data_dir, settings_beside
     run = settings_beside(model_path)
-    if not run and meta.get("val_size"):  # a weights file alone that recorded its run's split
-        run = {"dataset": meta["dataset"], "val_size": meta["val_size"]}
+    if meta.get("val_size") is not None:  # a weights file that recorded its run's split
+        run = {**run, "dataset": meta["dataset"], "val_size": meta["val_size"]}
     dataset = dataset or meta["dataset"]
     data_dir = run_data_dir(data_dir, run)
     options = recorded_options(dataset, meta.get("data_options"), run,
