@@ -154,8 +154,12 @@ def test_non_square_is_padded_or_stretched(tmp_path):
     x = check(load_image(path, 1, SIZE, "no"))[0] > 0.5
     rows, cols = x.any(dim=1).sum().item(), x.any(dim=0).sum().item()
     assert abs(rows - cols) <= 1 and 8 <= rows <= 12
+    # cropped: the centre 56x56, which the square fills to 40/56 of its side
+    x = check(load_image(path, 1, SIZE, "no", "crop"))[0] > 0.5
+    rows, cols = x.any(dim=1).sum().item(), x.any(dim=0).sum().item()
+    assert abs(rows - cols) <= 1 and 19 <= rows <= 21
     with pytest.raises(ValueError, match="fit"):
-        load_image(path, 1, SIZE, "no", "crop")
+        load_image(path, 1, SIZE, "no", "auto")  # model_input's choice, not load_image's
 
 
 def test_exif_orientation_applied(tmp_path):
@@ -306,3 +310,56 @@ def test_multi_label_predict_names_the_present_classes(tmp_path, capsys):
     lengths = [float(v) for v in line.split("capsule lengths: ")[1].split()]
     names = [f"c{i}" for i, v in enumerate(lengths) if v > 0.5]
     assert present == (", ".join(names) or "none")
+
+
+# --------------------------------------------------------------------------- as trained
+
+def test_folder_model_sees_the_picture_as_its_training_reader_made_it(tmp_path):
+    """For a model trained on your folders, predict prepares a picture with the folder
+    reader itself: the centre square (not a padded one), upright by its EXIF orientation,
+    grey or colour as the model takes it."""
+    from types import SimpleNamespace
+
+    from capsnet.data.folder import load_images
+    from capsnet.evaluate import model_input
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = 6  # stored rotated: shown turned 90 degrees clockwise
+    img.save(path := tmp_path / "photo.jpg", exif=exif, quality=95)
+    for channels in (3, 1):
+        config = SimpleNamespace(in_channels=channels, image_size=16)
+        x = model_input(path, config, "folder", invert="no")
+        trained = load_images([path], 16)[0].float() / 255  # [3, 16, 16]: a colour picture
+        if channels == 1:
+            grey = Image.fromarray(load_images([path], 16)[0].permute(1, 2, 0).numpy())
+            trained = torch.from_numpy(np.array(grey.convert("L"))).float()[None] / 255
+        assert torch.equal(x, trained)
+    stored = Image.open(path)  # the pixels as stored, without the EXIF turn
+    stored.save(tmp_path / "stored.png")
+    stored.transpose(Image.Transpose.ROTATE_270).save(tmp_path / "upright.png")
+    assert torch.equal(load_images([path], 16), load_images([tmp_path / "upright.png"], 16))
+    assert not torch.equal(load_images([path], 16), load_images([tmp_path / "stored.png"], 16))
+    padded = model_input(path, SimpleNamespace(in_channels=3, image_size=16), "folder",
+                         invert="no", fit="pad")
+    assert not torch.equal(padded, x.expand(3, -1, -1))
+
+
+def test_smallnorb_model_sees_the_centre_of_the_served_size(tmp_path):
+    """smallNORB's test images are the centre 32x32 of pairs served at 48x48: a 96x96 picture
+    of a test pair's view comes out close to the test image, not shrunk to 32 whole."""
+    from types import SimpleNamespace
+
+    from capsnet.evaluate import model_input
+    yy, xx = np.mgrid[0:96, 0:96]
+    view = (255 * np.exp(-((yy - 48) ** 2 + (xx - 40) ** 2) / (2 * 14.0 ** 2))).round()
+    Image.fromarray(view.astype(np.uint8)).save(path := tmp_path / "toy.png")
+    served = view.reshape(48, 2, 48, 2).mean((1, 3))  # as the reader serves it
+    test_image = torch.from_numpy(served[8:40, 8:40] / 255).float()
+    config = SimpleNamespace(in_channels=2, image_size=32)
+    x = model_input(path, config, "smallnorb", invert="no")
+    assert x.shape == (2, 32, 32) and torch.equal(x[0], x[1])
+    assert (x[0] - test_image).abs().max() < 0.02
+    whole = model_input(path, config, "smallnorb", invert="no", fit="pad")
+    assert (whole[0] - test_image).abs().max() > 0.2  # what predict did before

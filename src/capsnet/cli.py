@@ -307,7 +307,7 @@ def _cmd_predict(a) -> int:
         spec = images.pop(0)  # the older form: capsnet predict MODEL IMAGE...
     resolve(spec or DEFAULT_MODEL)  # before torch loads: a wrong path fails at once
     from .checkpoints import load_model
-    from .evaluate import load_image, predict
+    from .evaluate import model_input, predict
     model, meta = load_model(spec or DEFAULT_MODEL)
     _check_tta(a.tta, meta["dataset"])
     c = model.config
@@ -317,7 +317,7 @@ def _cmd_predict(a) -> int:
     status = 0
     for path in images:
         try:
-            x = load_image(path, c.in_channels, c.image_size, invert, a.fit)
+            x = model_input(path, c, meta["dataset"], invert, a.fit)
         except CapsnetError as e:
             print(f"capsnet: error: {e}", file=sys.stderr)
             status = 2
@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Efficient-CapsNet 2021) on Fashion-MNIST: train, evaluate, predict, export, "
                 "benchmark, explain.")
     from . import __version__
-    from .settings import PRECISIONS, TTA
+    from .settings import FITS, PRECISIONS, TTA
     p.add_argument("--version", action="version", version=f"capsnet {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(sub)
@@ -407,9 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                    help="invert to light-on-dark like Fashion-MNIST (auto: if the model was "
                         "trained on Fashion-MNIST or MNIST and the border is light)")
-    r.add_argument("--fit", choices=["pad", "stretch"], default="pad",
-                   help="a non-square image: pad it to a square with its border colour, "
-                        "keeping its proportions (default), or stretch it")
+    r.add_argument("--fit", choices=FITS, default="auto",
+                   help="a non-square image: as the model's training images were made "
+                        "(auto, the default: crop for your folders, pad for the rest), "
+                        "padded to a square with its border colour (pad), stretched, or "
+                        "cropped to its centre square")
     r.add_argument("--tta", choices=TTA, default="none",
                    help="as for evaluate: the mean capsule lengths of the image's mirror "
                    "image (hflip), its four one-pixel shifts (shift), both, or its shifts "

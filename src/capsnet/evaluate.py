@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, ImageStat, UnidentifiedImageError
 from torch import nn
@@ -13,6 +14,7 @@ from .data.datasets import ImageDataset
 from .errors import CapsnetError
 from .inference import check_fits, infer, summarize, summarize_multilabel
 from .paper import RECON_WEIGHT
+from .settings import FITS
 
 
 def recon_weight_of(meta: dict) -> float:
@@ -95,7 +97,6 @@ def evaluate_ensemble(models: list[nn.Module], data: ImageDataset, batch_size: i
                                 for r in runs]}
 
 
-FITS = ("pad", "stretch")
 
 
 def evaluation_data(model_path: str | Path, model: nn.Module, meta: dict, split: str = "test",
@@ -153,7 +154,7 @@ def _same_classes(data: ImageDataset, meta: dict, model_path: str | Path) -> Ima
 
 
 def load_image(path: str | Path, channels: int, size: int, invert: str = "auto",
-               fit: str = "pad") -> torch.Tensor:
+               fit: str = "pad", served: int | None = None) -> torch.Tensor:
     """An image file as a model input ``[C, size, size]`` in [0, 1].
 
     Any file gives this or a one-line CapsnetError naming the file and the problem: missing,
@@ -170,12 +171,15 @@ def load_image(path: str | Path, channels: int, size: int, invert: str = "auto",
     and for ``"auto"`` black behind a light object, white behind a dark one (then inverted).
     A non-square image is, with ``fit="pad"`` (the default), centred on a square of its
     border's mean colour, so the object keeps its proportions as Fashion-MNIST's centred
-    garments do; ``fit="stretch"`` stretches it to the square instead. A large
+    garments do; ``fit="stretch"`` stretches it to the square instead, ``fit="crop"``
+    takes its centre square. ``served``: resize to ``served x served`` and take the centre
+    ``size x size`` (smallNORB: the model sees the centre 32x32 of pairs served at 48x48). A large
     one is first reduced cheaply (a JPEG decoded at 1/2 to 1/8 scale, then by whole factors
     before the Lanczos filter), so a 5000x3000 photo is fast.
     """
-    if fit not in FITS:
-        raise ValueError(f"fit must be one of {FITS}, not {fit!r}")
+    if fit not in FITS[1:]:
+        raise ValueError(f"fit must be one of {FITS[1:]}, not {fit!r}")
+    side = served or size
     if channels not in (1, 2, 3):
         raise CapsnetError(f"a model with {channels} input channels takes no image files")
     mode = "RGB" if channels == 3 else "L"  # 2: smallNORB's stereo pair, one picture for both
@@ -184,11 +188,14 @@ def load_image(path: str | Path, channels: int, size: int, invert: str = "auto",
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(path)
         with img:  # decoding happens in here, where a truncated file raises
-            img.draft(mode, (size, size))
+            img.draft(mode, (side, side))
             img = _flatten(ImageOps.exif_transpose(img), mode, invert)
             if fit == "pad":
                 img = _pad_to_square(img)
-            img = img.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+            elif fit == "crop":
+                img = _centre_square(img)
+            img = img.resize((side, side), Image.Resampling.LANCZOS, reducing_gap=3.0)
+            img = _centre_square(img, size)
             x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
     except FileNotFoundError:
         raise CapsnetError(f"{path}: no such file") from None
@@ -209,6 +216,54 @@ def load_image(path: str | Path, channels: int, size: int, invert: str = "auto",
     if invert == "auto":
         border = torch.cat([x[:, 0], x[:, -1], x[:, :, 0], x[:, :, -1]], dim=1)
         invert = "yes" if border.mean() > 0.5 else "no"
+    return 1 - x if invert == "yes" else x
+
+
+def _centre_square(img: Image.Image, side: int | None = None) -> Image.Image:
+    """The centre ``side x side`` of ``img`` (default: the largest square)."""
+    w, h = img.size
+    side = side or min(w, h)
+    if (w, h) == (side, side):
+        return img
+    left, top = (w - side) // 2, (h - side) // 2
+    return img.crop((left, top, left + side, top + side))
+
+
+def model_input(path: str | Path, config, dataset: str, invert: str = "auto",
+                fit: str = "auto") -> torch.Tensor:
+    """An image file as the input ``[C, H, W]`` in [0, 1] of a model (``config``: its
+    :class:`~capsnet.models.base.ModelConfig`) trained on ``dataset``.
+
+    ``fit="auto"`` prepares the picture as that dataset's images were: for the folder
+    datasets exactly as their reader did in training (:func:`capsnet.data.folder.load_image`:
+    the centre square, bilinear; then grey or colour as the model takes); for smallNORB the
+    centre of the picture resized to the served side (:func:`load_image`'s ``served``); else
+    :func:`load_image` with ``fit="pad"``. Other values of ``fit`` go to :func:`load_image`.
+    """
+    from .data.registry import DATASETS
+    channels, size = config.in_channels, config.image_size
+    spec = DATASETS.get(dataset)
+    if fit != "auto" or spec is None:
+        return load_image(path, channels, size, invert, "pad" if fit == "auto" else fit)
+    if spec.name in ("folder", "multilabel"):
+        return _as_folder_image(path, channels, size, invert)
+    return load_image(path, channels, size, invert, "pad", spec.served)
+
+
+def _as_folder_image(path: str | Path, channels: int, size: int, invert: str) -> torch.Tensor:
+    """What :func:`capsnet.data.folder.load_images` makes of one file, for a model of
+    ``channels`` (1 or 3), in [0, 1]; ``invert="yes"`` inverts it."""
+    from .data import folder
+    if channels not in (1, 3):
+        raise CapsnetError(f"a model with {channels} input channels takes no image files")
+    if Path(path).is_dir():
+        raise CapsnetError(f"{path}: is a folder, not an image file")
+    a, grey = folder.load_image(Path(path), size)
+    if channels == 1 and not grey:  # a colour picture for a model trained on grey images
+        a = np.asarray(Image.fromarray(a).convert("L"))
+    x = torch.from_numpy(np.array(a)).float() / 255
+    x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
+    x = x.expand(channels, -1, -1).contiguous()  # grey to R = G = B, as load_images does
     return 1 - x if invert == "yes" else x
 
 

@@ -18,6 +18,9 @@ from .paper import RECON_WEIGHT, ROUTING_ITERATIONS
 
 LR_SCHEDULES = ("exp", "cosine", "constant")
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")  # Lightning's names
+# How `capsnet predict` makes a picture square (capsnet.evaluate.load_image; "auto":
+# capsnet.evaluate.model_input, as the model's training images were made).
+FITS = ("auto", "pad", "stretch", "crop")
 # Test-time augmentation of `capsnet evaluate/predict --tta` (capsnet.inference.tta_views):
 # each choice and the words `capsnet evaluate` prints for it after "accuracy A on N test images".
 TTA_WORDS = {"none": "", "hflip": ", each with its mirror image",

@@ -9,6 +9,7 @@ Every image, whatever its size and mode, becomes ``image_size x image_size`` uin
   0..255. Palette images become RGB(A) (so count as colour); CMYK, YCbCr, ... become RGB.
   An alpha channel (``RGBA``, ``LA``, palette transparency) is composited on black (each
   colour times alpha / 255) and dropped.
+* orientation: turned upright as the file's EXIF orientation says (as photo viewers do).
 * shape: non-square images are centre-cropped to a square (side = the shorter side), which
   keeps the aspect ratio, then resized with Pillow's bilinear filter (antialiased when
   shrinking: its support widens with the factor).
@@ -87,8 +88,9 @@ def _square(a: np.ndarray, size: int) -> np.ndarray:
 def load_image(path: Path, size: int) -> tuple[np.ndarray, bool]:
     """One image file as uint8 ``[size, size]`` (greyscale: True) or ``[size, size, 3]``
     (colour: False); see the module docstring. One-line :class:`CapsnetError` naming the
-    file if it is unreadable or too large."""
-    from PIL import Image
+    file if it is unreadable or too large. ``capsnet predict`` reads a picture for a model
+    trained on these datasets with this same function."""
+    from PIL import Image, ImageOps
     limit = Image.MAX_IMAGE_PIXELS or _FALLBACK_MAX_PIXELS
     too_large = f"{path}: image too large (the limit is {limit:,} pixels, " \
                 "PIL.Image.MAX_IMAGE_PIXELS)"
@@ -101,7 +103,7 @@ def load_image(path: Path, size: int) -> tuple[np.ndarray, bool]:
                     raise CapsnetError(f"{path}: image too large ({w}x{h} = {w * h:,} "
                                        f"pixels; the limit is {limit:,}, "
                                        "PIL.Image.MAX_IMAGE_PIXELS)")
-                a, grey = _to_array(im)
+                a, grey = _to_array(ImageOps.exif_transpose(im))  # upright, as viewers show it
     except CapsnetError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -43,7 +43,8 @@ class DatasetSpec:
     ``multilabel``). ``image_shape``: ``(C, H, W)`` of what the model sees, or None when set
     by ``image_size``. ``crop``: the side of the square the model sees when the data are
     served larger (smallNORB: 48x48 served, random 32x32 crops in training, the centre crop
-    for evaluation; :func:`load_dataset` centre-crops the test split itself). ``find(folder)``
+    for evaluation; :func:`load_dataset` centre-crops the test split itself); ``served``: that
+    larger side (``capsnet predict`` resizes a picture to it, then takes the centre crop). ``find(folder)``
     returns the folder to read (``folder`` or a sub-folder of it) or None, and raises
     :class:`CapsnetError` when the folder holds the dataset in an unusable state.
     ``read(folder, **options)`` returns ``(train, test)``. ``download(target, timeout)``
@@ -66,6 +67,7 @@ class DatasetSpec:
     read: Reader
     multi_label: bool = False
     crop: int | None = None
+    served: int | None = None
     download: Callable[[Path, float], None] | None = None
     debian_dir: str | None = None
     debian_package: str | None = None
@@ -165,7 +167,7 @@ def _spec_list() -> list[DatasetSpec]:
             # no flips: a mirrored stereo pair is not a stereo pair of the mirrored scene
             # unless its two channels are swapped too; kept off until that is done
             name="smallnorb", classes=smallnorb.CLASSES, image_shape=(2, 32, 32),
-            hflip_ok=False, crop=32, find=smallnorb.find_smallnorb,
+            hflip_ok=False, crop=32, served=smallnorb.SERVED, find=smallnorb.find_smallnorb,
             read=smallnorb.read_smallnorb, download=smallnorb.download_smallnorb,
             how_to_get=f"the six smallnorb-*-{{dat,cat,info}}.mat.gz files from "
                        f"{smallnorb.URL}",

@@ -38,6 +38,7 @@ _KNOWN = {0x1E3D4C51: "float32", 0x1E3D4C52: "packed", 0x1E3D4C53: "float64",
 _DTYPES = {MAGIC_UINT8: np.dtype("u1"), MAGIC_INT32: np.dtype("<i4")}
 
 CLASSES = ("animal", "human", "airplane", "truck", "car")
+SERVED = 48  # the side of the served pairs (96 / 2)
 STEMS = {"train": "smallnorb-5x46789x9x18x6x2x96x96-training-{}.mat",
          "test": "smallnorb-5x01235x9x18x6x2x96x96-testing-{}.mat"}
 URL = "https://cs.nyu.edu/~ylclab/data/norb-v1.0-small/"
