@@ -92,10 +92,17 @@ class StopOnNonFinite(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None and not math.isfinite(float(loss)):
+        mine = loss is not None and not math.isfinite(float(loss))
+        bad = mine
+        if trainer.world_size > 1:
+            # every process stops at this step: one going on alone would wait forever in the
+            # next gradient all-reduce for those that stopped
+            bad = trainer.strategy.reduce_boolean_decision(mine, all=False)
+        if bad:
             lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+            became = float(loss) if mine else "non-finite in another process"
             raise CapsnetError(
-                f"the training loss became {float(loss)} at step {trainer.global_step} "
+                f"the training loss became {became} at step {trainer.global_step} "
                 f"(epoch {trainer.current_epoch}); the run diverged, most likely a learning "
                 f"rate too high (lr {lr:g}); checkpoints on disk keep the last good epoch")
 
