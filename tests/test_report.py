@@ -242,3 +242,23 @@ def test_report_of_a_stereo_model(tmp_path):
     assert main(["report", str(weights), "--data-dir", str(folder), "--out", str(out)]) == 0
     assert "Figure 4" in (out / "index.html").read_text()
     assert recon_grid(torch.rand(4, 2, 32, 32), torch.rand(4, 2, 32, 32)).shape[0] == 3
+
+
+def test_a_report_leaves_no_earlier_report_picture(tmp_path, fashion_dir):
+    """A folder that held a report of pairs: its pictures go (the new page must not sit
+    beside them as if they were its own), a file of the user's stays."""
+    from capsnet.data.registry import FASHION_CLASSES
+    from capsnet.models import build_model
+    from capsnet.report.pairs import PAIR_FILES
+    from capsnet.weights import save_weights
+    save_weights(build_model("capsnet", {"conv_channels": 8, "primary_types": 2}),
+                 weights := tmp_path / "m.safetensors",
+                 {"classes": list(FASHION_CLASSES), "dataset": "fashion-mnist"})
+    out = tmp_path / "page"
+    out.mkdir()
+    for name in (*PAIR_FILES, "notes.txt"):
+        (out / name).write_text("earlier")
+    assert main(["report", str(weights), "--test-size", "20", "--data-dir", str(fashion_dir),
+                 "--out", str(out)]) == 0
+    assert not any((out / name).exists() for name in PAIR_FILES)
+    assert (out / "notes.txt").read_text() == "earlier"

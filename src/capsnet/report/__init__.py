@@ -43,6 +43,16 @@ def perturbation_offsets(limit: float = 0.25, step: float = 0.05) -> Tensor:
     return torch.arange(-n, n + 1, dtype=torch.float32) * step
 
 
+def clear_report_files(out: Path) -> None:
+    """Make ``out`` and remove the files a report writes there (a report of pairs and one
+    of single images write different ones), so a page never shows an earlier report's
+    picture; nothing else in ``out`` is touched."""
+    from .pairs import PAIR_FILES
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (*REPORT_FILES, *PAIR_FILES, "index.html"):
+        (out / name).unlink(missing_ok=True)
+
+
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -310,7 +320,7 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
         images, labels = images[:test_size], labels[:test_size]
     classes = [str(c) for c in meta["classes"]]  # one per class (load_model checked)
     n, n_cls = len(labels), c.num_classes
-    out.mkdir(parents=True, exist_ok=True)
+    clear_report_files(out)
     log(f"report: {Path(str(ckpt)).name}{_after(meta)} on {n:,} {dataset} test images")
 
     # ---- predictions, accuracy, confusion

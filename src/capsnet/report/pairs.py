@@ -64,7 +64,7 @@ def build_pair_report(model: nn.Module, meta: dict, *, ckpt, run_dir: Path, data
     from .. import __version__
     from ..data.multi import pair_correct
     from ..pairs import score_pairs, summarize_pairs
-    from . import _after, _pct, _selection, render
+    from . import _after, _pct, _selection, clear_report_files, render
     images, labels = test.images, test.labels
     if test_size:
         images, labels = images[:test_size], labels[:test_size]
@@ -74,7 +74,7 @@ def build_pair_report(model: nn.Module, meta: dict, *, ckpt, run_dir: Path, data
     scores, losses = score_pairs(model, test, batch_size, device, recon_weight)
     result = {**summarize_pairs(scores, labels, classes), **losses}
     correct = pair_correct(scores, labels)
-    out.mkdir(parents=True, exist_ok=True)
+    clear_report_files(out)
     right, wrong = correct.nonzero().flatten()[:shown], (~correct).nonzero().flatten()[:shown]
     _figure(model, images, labels, right, classes,
             "correct pairs: red = first garment, green = second", out / PAIR_FILES[0])
@@ -95,13 +95,15 @@ def build_pair_report(model: nn.Module, meta: dict, *, ckpt, run_dir: Path, data
     class_rows = "".join(f"<tr><td>{e(name)}</td><td class=num>{result['per_class_n'][name]}"
                          f"</td><td class=num>{_pct(result['per_class'][name])}</td></tr>"
                          for name in classes)
+    correct = (f"<img src=\"{PAIR_FILES[0]}\" alt=\"correct pairs and each garment's "
+               "reconstruction\">" if len(right) else "<p>No correct pairs among these test "
+               "pairs.</p>")
     failures = (f"<img src=\"{PAIR_FILES[1]}\" alt=\"failed pairs and their reconstructions\">"
                 if len(wrong) else "<p>No failures on these test pairs.</p>")
     page = render("template_pairs.html", f"CapsNet report on pairs: {e(run_dir.name)}",
                   title=e(run_dir.name), version=e(__version__),
                   when=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"), summary_rows=rows,
-                  class_rows=class_rows, failures=failures, shown=shown,
-                  pairs_png=PAIR_FILES[0])
+                  class_rows=class_rows, correct=correct, failures=failures, shown=shown)
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")
     return index
