@@ -428,10 +428,15 @@ def test_no_channels_last_is_honoured():
     assert off.is_contiguous()
 
 
-def test_evaluate_uses_the_runs_reconstruction_weight(fashion_dir, tmp_path, capsys):
+def test_evaluate_uses_the_runs_reconstruction_weight(fashion_dir, tmp_path, capsys,
+                                                      monkeypatch):
     out = tmp_path / "rw"
-    assert main(["train", *SMALL, "--data-dir", str(fashion_dir), "--epochs", "1",
+    monkeypatch.chdir(fashion_dir.parent)  # a relative --data-dir is recorded absolute
+    assert main(["train", *SMALL, "--data-dir", fashion_dir.name, "--epochs", "1",
                  "--recon-weight", "0.01", "--no-tensorboard", "--out", str(out)]) == 0
+    from capsnet.settings import load_run_settings
+    assert load_run_settings(out)["data_dir"] == str(fashion_dir.resolve())
+    monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     assert main(["evaluate", str(out / "last.ckpt"), "--json", "--test-size", "200"]) == 0
     r = json.loads(capsys.readouterr().out)

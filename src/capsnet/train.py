@@ -152,6 +152,8 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
     run = load_run_settings(out) if resume and (out / "config.yaml").is_file() else None
     s = check_settings({**DEFAULTS, **(run or {}), **settings})
     check_training(s)  # the generated datasets' and the CNN baselines' one-line refusals
+    if s["data_dir"]:  # recorded absolute: evaluate and report find it from any folder
+        s["data_dir"] = str(Path(s["data_dir"]).expanduser().resolve())
     main = is_main_process()
     last = out / "last.ckpt"
     if run is not None:
