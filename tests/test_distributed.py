@@ -65,6 +65,17 @@ def test_bad_strategy_is_one_line(capsys):
     assert one_line_error(code, capsys.readouterr().err)
 
 
+def test_a_split_smaller_than_the_processes_is_refused(capsys, fashion_dir, tmp_path):
+    """Two processes and one validation image: one process would validate on none."""
+    from capsnet.cli import main
+    code = main(["train", "--devices", "2", "--strategy", "ddp", "--val-size", "1",
+                 "--train-size", "64", "--test-size", "64", "--data-dir", str(fashion_dir),
+                 "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert one_line_error(code, err) and "val split has 1 images, fewer than the 2" in err
+    assert not (tmp_path / "r").exists()
+
+
 def _capsnet(*args, cwd):
     exe = Path(sys.executable).with_name("capsnet")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

@@ -177,6 +177,11 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
                          s["train_size"], s["val_size"], s["test_size"], seed=s["seed"],
                          options=data_options(s) if dm_sized(s) else None)
     dm.setup("fit")
+    world = s["devices"] * s["num_nodes"]
+    for name, split in {"training": dm.train, **dm.eval_splits()}.items():
+        if len(split) < world:  # a process without images would average over none (NaN)
+            raise CapsnetError(f"the {name} split has {len(split)} images, fewer than the "
+                               f"{world} processes; each process needs at least one")
     if s["hflip"]:
         refuse_mirroring(s["dataset"], "--hflip")
     module = build_module(s, dm.classes, dm.shape, dm.info.crop, dm.multi_label)
@@ -192,7 +197,6 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
             stale.unlink()
         save_run_settings(out, s)
     n = module.model.num_parameters()
-    world = s["devices"] * s["num_nodes"]
     parallel = (f"; {world} processes, global batch {world * s['batch_size']}"
                 if world > 1 else "")
     if main:
