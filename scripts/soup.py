@@ -57,8 +57,7 @@ def greedy(states: list[dict], score: Callable[[dict], float]
 def main(argv: list[str] | None = None) -> int:
     from capsnet.checkpoints import load_model
     from capsnet.errors import CapsnetError
-    from capsnet.evaluate import evaluate, evaluation_data
-    from capsnet.paper import RECON_WEIGHT
+    from capsnet.evaluate import evaluate, evaluation_data, recon_weight_of
     from capsnet.weights import describe, save_weights
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         def score(state: dict) -> float:
             model.load_state_dict(state)
             return evaluate(model, val, a.batch_size,
-                            recon_weight=meta.get("recon_weight") or RECON_WEIGHT)["accuracy"]
+                            recon_weight=recon_weight_of(meta))["accuracy"]
 
         soup, final, chosen, log = greedy(states, score)
         print(f"validation split: {len(val):,} images of {meta['dataset']}")

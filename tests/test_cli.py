@@ -474,9 +474,30 @@ def test_an_unwritable_output_is_a_one_line_error(fashion_dir, tmp_path, capsys)
     (tmp_path / "file").write_text("a user's file")
     code, _, err = run_cli(capsys, "report", path, "--test-size", "20", "--data-dir",
                            fashion_dir, "--out", tmp_path / "file" / "page")
-    assert code != 0 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert str(tmp_path / "file") in err
     assert (tmp_path / "file").read_text() == "a user's file"
+
+
+def test_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    """A write that fails names no file; atomic_write names the one it was writing, and
+    main() prints one line either way (exit code 1), leaving no temporary file."""
+    from capsnet import cli
+    from capsnet.checkpoints import atomic_write
+
+    def full(f):
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError) as e:
+        atomic_write(tmp_path / "metrics.csv", full)
+    assert e.value.errno == 28 and e.value.filename == str(tmp_path / "metrics.csv")
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setitem(cli.COMMANDS, "datasets", lambda a: full(None))
+    code, _, err = run_cli(capsys, "datasets")
+    assert code == 1 and err == "capsnet: error: No space left on device\n"
+    monkeypatch.setitem(cli.COMMANDS, "datasets",
+                        lambda a: atomic_write(tmp_path / "x.yaml", full))
+    code, _, err = run_cli(capsys, "datasets")
+    assert code == 1 and err.startswith(f"capsnet: error: {tmp_path / 'x.yaml'}: No space")
 
 
 def test_metrics_csv_is_replaced_whole_on_resume(tmp_path, monkeypatch):
@@ -657,8 +678,8 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
 
 def test_python_api_resume_starts_from_the_runs_settings(tmp_path):
     """``train({"out": run}, resume=True)`` takes what it leaves out from the run's
-    config.yaml, as ``capsnet train --resume`` does, instead of the defaults (which would
-    be refused here as a changed --lr, and would silently drop e.g. --hflip)."""
+    config.yaml, as ``capsnet train --resume`` does, instead of the defaults: here the
+    default --lr would be refused as a change (and a default --hflip went unnoticed)."""
     import yaml
     from capsnet.errors import CapsnetError
     from capsnet.train import train

@@ -48,6 +48,11 @@ def test_shuffle_differs_per_epoch_and_is_the_same_on_every_process():
 def test_evaluation_shards_in_order():
     s = [list(ShardedBatches(5, 2, r, 2, shuffle=False)) for r in range(2)]
     assert s == [[[0, 2], [4]], [[1], [3]]]
+    # batches of 1 over uneven shares (2, 1, 1, 1 images): as many batches everywhere, none
+    # empty, every image once
+    s = [list(ShardedBatches(5, 1, r, 4, shuffle=False)) for r in range(4)]
+    assert {len(b) for b in s} == {1} and all(batch for b in s for batch in b)
+    assert sorted(i for b in s for batch in b for i in batch) == list(range(5))
 
 
 def test_device_flags_are_checked():
@@ -72,7 +77,7 @@ def test_a_split_smaller_than_the_processes_is_refused(capsys, fashion_dir, tmp_
                  "--train-size", "64", "--test-size", "64", "--data-dir", str(fashion_dir),
                  "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
-    assert one_line_error(code, err) and "val split has 1 images, fewer than the 2" in err
+    assert one_line_error(code, err) and "val split has 1 image(s), fewer than the 2" in err
     assert not (tmp_path / "r").exists()
 
 

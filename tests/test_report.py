@@ -242,6 +242,10 @@ def test_report_of_a_stereo_model(tmp_path):
     assert main(["report", str(weights), "--data-dir", str(folder), "--out", str(out)]) == 0
     assert "Figure 4" in (out / "index.html").read_text()
     assert recon_grid(torch.rand(4, 2, 32, 32), torch.rand(4, 2, 32, 32)).shape[0] == 3
+    from capsnet.plots import perturbation_panels
+    ax = perturbation_panels(torch.zeros(1, 3, 4, 2, 8, 8), ["x"], torch.zeros(4)).axes[0]
+    assert ax.images[0].get_array().shape == (3 * 8 + 2 * 2, 4 * 16 + 3 * 2)
+    assert list(ax.get_xticks()) == [k * 18 + 7.5 for k in range(4)]  # tile centres, 16 wide
 
 
 def test_a_report_leaves_no_earlier_report_picture(tmp_path, fashion_dir):

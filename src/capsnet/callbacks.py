@@ -73,12 +73,17 @@ class SaveWeightsEvery(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if trainer.global_rank != 0 or step % self.every:
+        if step % self.every:
+            return
+        path = self.out / f"step-{step:06d}.safetensors"
+        # checked in every process (their weights are the same), so that all stop together
+        refuse_non_finite(pl_module.eval_model.state_dict(), path)
+        if trainer.global_rank != 0:
             return
         from .weights import describe, save_weights
         info = describe({**pl_module.hparams, "epoch": trainer.current_epoch,
                          "val_size": self.val_size}, f"step {step}")
-        save_weights(pl_module.eval_model, self.out / f"step-{step:06d}.safetensors", info)
+        save_weights(pl_module.eval_model, path, info)
 
 
 class StopOnNonFinite(L.Callback):

@@ -293,12 +293,6 @@ def _json(obj) -> str:
     return json.dumps(clean(obj), allow_nan=False)
 
 
-def _light_on_dark(dataset: str) -> bool:
-    from .data.registry import DATASETS
-    spec = DATASETS.get(dataset)
-    return spec is None or spec.light_on_dark  # unknown (an old file): as Fashion-MNIST
-
-
 def _cmd_predict(a) -> int:
     from .shipped import DEFAULT_MODEL, resolve
     images = list(a.images)
@@ -311,13 +305,10 @@ def _cmd_predict(a) -> int:
     model, meta = load_model(spec or DEFAULT_MODEL)
     _check_tta(a.tta, meta["dataset"])
     c = model.config
-    invert = a.invert
-    if invert == "auto" and not _light_on_dark(meta["dataset"]):
-        invert = "no"  # only the IDX sets show light objects on black; photos stay as they are
     status = 0
     for path in images:
         try:
-            x = model_input(path, c, meta["dataset"], invert, a.fit)
+            x = model_input(path, c, meta["dataset"], a.invert, a.fit)
         except CapsnetError as e:
             print(f"capsnet: error: {e}", file=sys.stderr)
             status = 2
@@ -409,9 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "trained on Fashion-MNIST or MNIST and the border is light)")
     r.add_argument("--fit", choices=FITS, default="auto",
                    help="a non-square image: as the model's training images were made "
-                        "(auto, the default: crop for your folders, pad for the rest), "
-                        "padded to a square with its border colour (pad), stretched, or "
-                        "cropped to its centre square")
+                        "(auto, the default: the centre square for your folders; padded, "
+                        "resized to 48 and centre-cropped to 32 for smallNORB; padded for "
+                        "the rest), padded to a square with its border colour (pad), "
+                        "stretched, or cropped to its centre square")
     r.add_argument("--tta", choices=TTA, default="none",
                    help="as for evaluate: the mean capsule lengths of the image's mirror "
                    "image (hflip), its four one-pixel shifts (shift), both, or its shifts "
@@ -523,10 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader left (`capsnet evaluate ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's recipe
         return 1
-    except OSError as e:  # a file a command writes, or one no reader names (full disk...)
-        if e.filename is None:
-            raise
-        print(f"capsnet: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+    except OSError as e:  # a file a command writes (full disk, no permission...)
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"capsnet: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
 
 

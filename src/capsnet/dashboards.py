@@ -27,7 +27,8 @@ RECON_CAPTION = "test images, each followed by its reconstruction"
 
 def recon_grid(images: torch.Tensor, recons: torch.Tensor, pairs_per_row: int = 4) -> torch.Tensor:
     """``[3, H, W]`` grid in [0, 1]: each image with its reconstruction to its right (a
-    smaller reconstruction, from a decoder with ``recon_size``, enlarged to the image's size)."""
+    smaller reconstruction, from a decoder with ``recon_size``, enlarged to the image's size;
+    images of C other than 1 or 3 channels as their channels side by side, C*W wide)."""
     if recons.shape[-2:] != images.shape[-2:]:
         recons = torch.nn.functional.interpolate(recons.float(), size=images.shape[-2:],
                                                  mode="nearest")

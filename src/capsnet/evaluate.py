@@ -16,6 +16,8 @@ from .inference import check_fits, infer, summarize, summarize_multilabel
 from .paper import RECON_WEIGHT
 from .settings import FITS
 
+IMAGE_FITS = tuple(f for f in FITS if f != "auto")  # load_image's; "auto" is model_input's
+
 
 def recon_weight_of(meta: dict) -> float:
     """The reconstruction weight a model was trained with (its losses are reported with
@@ -97,8 +99,6 @@ def evaluate_ensemble(models: list[nn.Module], data: ImageDataset, batch_size: i
                                 for r in runs]}
 
 
-
-
 def evaluation_data(model_path: str | Path, model: nn.Module, meta: dict, split: str = "test",
                     dataset: str | None = None, data_dir: str | None = None) -> ImageDataset:
     """The images to evaluate a model on, read with the data options it was trained with.
@@ -115,7 +115,12 @@ def evaluation_data(model_path: str | Path, model: nn.Module, meta: dict, split:
     from .data.registry import load_test_split, recorded_options
     from .settings import run_data_dir, settings_beside
     run = settings_beside(model_path)
-    if meta.get("val_size") is not None:  # a weights file that recorded its run's split
+    from .shipped import resolve
+    if resolve(model_path).suffix == ".safetensors" and meta.get("val_size") is not None:
+        # a weights file that recorded its run's split; another run's folder lends it no
+        # data folder either, unless that run's dataset is the file's
+        if run.get("dataset") != meta["dataset"]:
+            run = {}
         run = {**run, "dataset": meta["dataset"], "val_size": meta["val_size"]}
     dataset = dataset or meta["dataset"]
     data_dir = run_data_dir(data_dir, run)
@@ -173,12 +178,14 @@ def load_image(path: str | Path, channels: int, size: int, invert: str = "auto",
     border's mean colour, so the object keeps its proportions as Fashion-MNIST's centred
     garments do; ``fit="stretch"`` stretches it to the square instead, ``fit="crop"``
     takes its centre square. ``served``: resize to ``served x served`` and take the centre
-    ``size x size`` (smallNORB: the model sees the centre 32x32 of pairs served at 48x48). A large
-    one is first reduced cheaply (a JPEG decoded at 1/2 to 1/8 scale, then by whole factors
-    before the Lanczos filter), so a 5000x3000 photo is fast.
+    ``size x size`` (smallNORB: the model sees the centre 32x32 of pairs served at 48x48).
+    A large one is first reduced cheaply (a JPEG decoded at 1/2 to 1/8 scale, then by whole
+    factors before the Lanczos filter), so a 5000x3000 photo is fast.
     """
-    if fit not in FITS[1:]:
-        raise ValueError(f"fit must be one of {FITS[1:]}, not {fit!r}")
+    if fit not in IMAGE_FITS:
+        raise ValueError(f"fit must be one of {IMAGE_FITS}, not {fit!r}")
+    if served is not None and served < size:
+        raise ValueError(f"served ({served}) must be at least size ({size})")
     side = served or size
     if channels not in (1, 2, 3):
         raise CapsnetError(f"a model with {channels} input channels takes no image files")
@@ -234,7 +241,10 @@ def model_input(path: str | Path, config, dataset: str, invert: str = "auto",
     """An image file as the input ``[C, H, W]`` in [0, 1] of a model (``config``: its
     :class:`~capsnet.models.base.ModelConfig`) trained on ``dataset``.
 
-    ``fit="auto"`` prepares the picture as that dataset's images were: for the folder
+    ``invert="auto"``: only for a model of light-on-dark data (Fashion-MNIST, MNIST and the
+    sets made from them) is a light-bordered picture inverted (:func:`load_image`); photos
+    stay as they are for every other model. ``fit="auto"`` prepares the picture as that
+    dataset's images were: for the folder
     datasets exactly as their reader did in training (:func:`capsnet.data.folder.load_image`:
     the centre square, bilinear; then grey or colour as the model takes); for smallNORB the
     centre of the picture resized to the served side (:func:`load_image`'s ``served``); else
@@ -243,6 +253,8 @@ def model_input(path: str | Path, config, dataset: str, invert: str = "auto",
     from .data.registry import DATASETS
     channels, size = config.in_channels, config.image_size
     spec = DATASETS.get(dataset)
+    if invert == "auto" and spec is not None and not spec.light_on_dark:  # (an unknown
+        invert = "no"  # dataset, in an old file, counts as Fashion-MNIST)
     if fit != "auto" or spec is None:
         return load_image(path, channels, size, invert, "pad" if fit == "auto" else fit)
     if spec.name in ("folder", "multilabel"):
@@ -258,6 +270,8 @@ def _as_folder_image(path: str | Path, channels: int, size: int, invert: str) ->
         raise CapsnetError(f"a model with {channels} input channels takes no image files")
     if Path(path).is_dir():
         raise CapsnetError(f"{path}: is a folder, not an image file")
+    if not Path(path).exists():
+        raise CapsnetError(f"{path}: no such file")
     a, grey = folder.load_image(Path(path), size)
     if channels == 1 and not grey:  # a colour picture for a model trained on grey images
         a = np.asarray(Image.fromarray(a).convert("L"))

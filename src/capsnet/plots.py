@@ -42,7 +42,8 @@ def mosaic(tiles, gap: int = 1, fill: float = 0.35) -> np.ndarray:
     """Tile a grid of images into one picture.
 
     ``tiles`` ``[R, K, C, H, W]`` -> ``[R*H + (R-1)*gap, K*W + (K-1)*gap]`` (grey) or the same
-    with a trailing colour axis; ``fill`` is the colour of the gaps.
+    with a trailing colour axis; ``fill`` is the colour of the gaps. With C neither 1 nor 3,
+    a tile's channels stand side by side (:func:`channels_side_by_side`): W becomes C*W.
     """
     t = tiles.detach().float().cpu().numpy() if isinstance(tiles, torch.Tensor) else tiles
     t = channels_side_by_side(np.asarray(t))
@@ -208,10 +209,10 @@ def perturbation_panels(grids, titles: Sequence[str], offsets, scale: int = 2,
     """
     n = len(grids)
     d, s = grids[0].shape[:2]
-    h, w = grids[0].shape[-2:]
     gap = 2
     tiles = [mosaic(g, gap=gap, fill=0.35) for g in grids]
     mh, mw = tiles[0].shape[:2]
+    h, w = (mh - (d - 1) * gap) // d, (mw - (s - 1) * gap) // s  # a tile as drawn
     aw, ah = mw * scale / dpi, mh * scale / dpi  # axes size in inches
     left, sep, right, bottom, top = 0.8, 0.9, 0.2, 1.05, 0.5
     width = left + n * aw + (n - 1) * sep + right

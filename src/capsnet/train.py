@@ -180,8 +180,8 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
     world = s["devices"] * s["num_nodes"]
     for name, split in {"training": dm.train, **dm.eval_splits()}.items():
         if len(split) < world:  # a process without images would average over none (NaN)
-            raise CapsnetError(f"the {name} split has {len(split)} images, fewer than the "
-                               f"{world} processes; each process needs at least one")
+            raise CapsnetError(f"the {name} split has {len(split)} image(s), fewer than "
+                               f"the {world} processes; each process needs at least one")
     if s["hflip"]:
         refuse_mirroring(s["dataset"], "--hflip")
     module = build_module(s, dm.classes, dm.shape, dm.info.crop, dm.multi_label)
@@ -193,7 +193,7 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
     refuse_foreign_config(out, resume)  # in every process, so that all of them stop
     if main:  # only now: a run refused above (data, flags, --init) leaves no folder behind
         out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob("*.ckpt.*.tmp"):  # left by a run killed while saving
+        for stale in out.glob("*.*.tmp"):  # atomic_write's, left by a run killed while saving
             stale.unlink()
         save_run_settings(out, s)
     n = module.model.num_parameters()

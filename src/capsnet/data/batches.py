@@ -43,7 +43,9 @@ class ShardedBatches:
         self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
         largest = -(-n // world)  # the biggest share, ceil(n / world)
-        self.num_batches = -(-largest // batch_size)
+        # ... but never more batches than the smallest share has images: an empty batch
+        # would average over none (then a batch may exceed batch_size by an image or so)
+        self.num_batches = max(1, min(-(-largest // batch_size), n // world))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -44,9 +44,9 @@ class DatasetSpec:
     by ``image_size``. ``crop``: the side of the square the model sees when the data are
     served larger (smallNORB: 48x48 served, random 32x32 crops in training, the centre crop
     for evaluation; :func:`load_dataset` centre-crops the test split itself); ``served``: that
-    larger side (``capsnet predict`` resizes a picture to it, then takes the centre crop). ``find(folder)``
-    returns the folder to read (``folder`` or a sub-folder of it) or None, and raises
-    :class:`CapsnetError` when the folder holds the dataset in an unusable state.
+    larger side (``capsnet predict`` resizes a picture to it, then takes the centre crop).
+    ``find(folder)`` returns the folder to read (``folder`` or a sub-folder of it) or None,
+    and raises :class:`CapsnetError` when the folder holds the dataset in an unusable state.
     ``read(folder, **options)`` returns ``(train, test)``. ``download(target, timeout)``
     puts the files into ``target`` (None: no public URL). ``find_test``/``read_test``: the
     same for the test split alone, where its files can be read without the training files

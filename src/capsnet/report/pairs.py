@@ -95,15 +95,15 @@ def build_pair_report(model: nn.Module, meta: dict, *, ckpt, run_dir: Path, data
     class_rows = "".join(f"<tr><td>{e(name)}</td><td class=num>{result['per_class_n'][name]}"
                          f"</td><td class=num>{_pct(result['per_class'][name])}</td></tr>"
                          for name in classes)
-    correct = (f"<img src=\"{PAIR_FILES[0]}\" alt=\"correct pairs and each garment's "
-               "reconstruction\">" if len(right) else "<p>No correct pairs among these test "
-               "pairs.</p>")
+    correct_html = (f"<img src=\"{PAIR_FILES[0]}\" alt=\"correct pairs and each garment's "
+                    "reconstruction\">" if len(right) else "<p>No correct pairs among these "
+                    "test pairs.</p>")
     failures = (f"<img src=\"{PAIR_FILES[1]}\" alt=\"failed pairs and their reconstructions\">"
                 if len(wrong) else "<p>No failures on these test pairs.</p>")
     page = render("template_pairs.html", f"CapsNet report on pairs: {e(run_dir.name)}",
                   title=e(run_dir.name), version=e(__version__),
                   when=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"), summary_rows=rows,
-                  class_rows=class_rows, correct=correct, failures=failures, shown=shown)
+                  class_rows=class_rows, correct=correct_html, failures=failures, shown=shown)
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")
     return index
