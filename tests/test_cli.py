@@ -157,12 +157,18 @@ def test_evaluate_an_ensemble_on_the_runs_validation_split(trained_run, fashion_
     code, out, _ = run_cli(capsys, "evaluate", run / "best.ckpt", run / "other.safetensors",
                            "--data-dir", fashion_dir, "--test-size", 100)
     assert code == 0 and out.startswith("ensemble of 2 models: accuracy") and "alone" in out
-    # a member whose run carved another validation split is refused
+    # a member whose run carved another validation split is refused (a checkpoint: its
+    # run's config.yaml says; a weights file: its own record)
     other_run = tmp_path / "other_run"
     other_run.mkdir()
-    shutil.copy(run / "other.safetensors", other_run)
+    shutil.copy(run / "best.ckpt", other_run / "other.ckpt")
     (other_run / "config.yaml").write_text(
         (run / "config.yaml").read_text().replace("val_size: 500", "val_size: 400"))
+    code, _, err = run_cli(capsys, "evaluate", run / "best.ckpt", other_run / "other.ckpt",
+                           "--data-dir", fashion_dir, "--split", "val")
+    assert one_line_error(code, err) and "other.ckpt" in err and "val images" in err
+    save_weights(model, other_run / "other.safetensors",
+                 describe({**meta, "val_size": 400}, "a run with 400 validation images"))
     code, _, err = run_cli(capsys, "evaluate", run / "best.ckpt",
                            other_run / "other.safetensors", "--data-dir", fashion_dir,
                            "--split", "val")
@@ -639,7 +645,9 @@ def test_evaluation_data_must_have_the_models_class_names(tmp_path):
     with pytest.raises(CapsnetError, match="class 1 is 'dog', the data's is 'wolf'"):
         _same_classes(data, {"classes": ["cat", "dog"]}, "m.ckpt")
     assert _same_classes(data, {"classes": ["cat", "wolf"]}, "m.ckpt") is data
-    assert _same_classes(data, {"classes": ["0", "1"]}, "old.ckpt") is data  # no names kept
+    assert _same_classes(data, {"classes": [0, 1]}, "old.ckpt") is data  # no names kept
+    with pytest.raises(CapsnetError, match="class 0 is '0'"):  # names, e.g. MNIST's digits
+        _same_classes(data, {"classes": ["0", "1"]}, "digits.ckpt")
 
 
 def test_run_settings_file_is_replaced_whole(tmp_path, monkeypatch):
