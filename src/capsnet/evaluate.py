@@ -114,8 +114,8 @@ def evaluation_data(model_path: str | Path, model: nn.Module, meta: dict, split:
     """
     from .data.registry import load_test_split, recorded_options
     from .settings import run_data_dir, settings_beside
-    run = settings_beside(model_path)
     from .shipped import resolve
+    run = settings_beside(model_path)
     if resolve(model_path).suffix == ".safetensors" and meta.get("val_size") is not None:
         # a weights file that recorded its run's split; another run's folder lends it no
         # data folder either, unless that run's dataset is the file's
@@ -244,17 +244,19 @@ def model_input(path: str | Path, config, dataset: str, invert: str = "auto",
     ``invert="auto"``: only for a model of light-on-dark data (Fashion-MNIST, MNIST and the
     sets made from them) is a light-bordered picture inverted (:func:`load_image`); photos
     stay as they are for every other model. ``fit="auto"`` prepares the picture as that
-    dataset's images were: for the folder
-    datasets exactly as their reader did in training (:func:`capsnet.data.folder.load_image`:
-    the centre square, bilinear; then grey or colour as the model takes); for smallNORB the
-    centre of the picture resized to the served side (:func:`load_image`'s ``served``); else
-    :func:`load_image` with ``fit="pad"``. Other values of ``fit`` go to :func:`load_image`.
+    dataset's images were: for the folder datasets exactly as their reader did in training
+    (:func:`capsnet.data.folder.load_image`: the centre square, bilinear; then grey or colour
+    as the model takes); for smallNORB the centre of the picture resized to the served side
+    (:func:`load_image`'s ``served``); else :func:`load_image` with ``fit="pad"``. Other
+    values of ``fit`` go to :func:`load_image`.
     """
     from .data.registry import DATASETS
     channels, size = config.in_channels, config.image_size
     spec = DATASETS.get(dataset)
-    if invert == "auto" and spec is not None and not spec.light_on_dark:  # (an unknown
-        invert = "no"  # dataset, in an old file, counts as Fashion-MNIST)
+    # only light-on-dark data invert a light-bordered picture (an unknown dataset, named by
+    # an old file, counts as Fashion-MNIST)
+    if invert == "auto" and spec is not None and not spec.light_on_dark:
+        invert = "no"
     if fit != "auto" or spec is None:
         return load_image(path, channels, size, invert, "pad" if fit == "auto" else fit)
     if spec.name in ("folder", "multilabel"):
