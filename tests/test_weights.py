@@ -83,7 +83,8 @@ def test_roundtrip_keeps_function_and_metadata(weights_file):
     assert oct(path.stat().st_mode & 0o777) != oct(0o600)  # readable like any file
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "foreign", "empty", "text"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "foreign", "empty", "text",
+                                    "renamed"])
 def test_damaged_weights_are_one_line_errors(weights_file, tmp_path, capsys, damage):
     _, path = weights_file
     data = bytearray(path.read_bytes())
@@ -94,6 +95,15 @@ def test_damaged_weights_are_one_line_errors(weights_file, tmp_path, capsys, dam
     elif damage == "foreign":
         from safetensors.torch import save
         data = save({"w": torch.zeros(3)})
+    elif damage == "renamed":  # class names swapped in the metadata, tensors untouched
+        import json
+
+        from safetensors import safe_open
+        from safetensors.torch import load, save
+        with safe_open(str(path), "pt") as f:
+            info = json.loads(f.metadata()["capsnet"])
+        info["classes"] = info["classes"][::-1]
+        data = save(load(bytes(data)), metadata={"capsnet": json.dumps(info)})
     elif damage == "empty":
         data = b""
     else:

@@ -3,8 +3,10 @@
 A weights file holds the tensors of one model and, in its safetensors metadata, one JSON
 entry ``capsnet``: ``{"arch", "config", "classes", "dataset", "source", "sha256", ...}``
 (:data:`RECORDED` lists the rest, e.g. ``val_size``: the run's validation split), where
-``sha256`` is the digest of every tensor's name, dtype, shape and bytes, checked on load, so a
-truncated or altered file is refused with one line. Shipped models live in
+``sha256`` is the digest of every tensor's name, dtype, shape and bytes and ``meta_sha256``
+that of the rest of the entry (class names, config, ...), both checked on load, so a
+truncated or altered file is refused with one line (files written before 2026-12-05, the
+shipped one among them, carry ``sha256`` alone). Shipped models live in
 ``capsnet/weights/`` and are found by name (:mod:`capsnet.shipped`).
 """
 
@@ -29,6 +31,12 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _meta_digest(info: dict) -> str:
+    """The digest of a weights file's ``capsnet`` entry without its two digests."""
+    rest = {k: v for k, v in info.items() if k not in ("sha256", "meta_sha256")}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
 def save_weights(model: nn.Module, path: str | Path, meta: dict,
                  dtype: torch.dtype = torch.float32) -> Path:
     """Write ``model``'s state (floats cast to ``dtype``) and ``meta`` (arch, classes, ...)."""
@@ -39,6 +47,7 @@ def save_weights(model: nn.Module, path: str | Path, meta: dict,
     refuse_non_finite(tensors, path)  # also catches an fp16 overflow
     info = {"arch": arch_name(model), "config": model.config.to_dict(), **meta,
             "sha256": _digest(tensors)}
+    info["meta_sha256"] = _meta_digest(info)
     path = Path(path)
     atomic_write(path, lambda f: f.write(_serialize(tensors, info)))
     return path
@@ -85,6 +94,9 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu"
     if not isinstance(info, dict) or _digest(tensors) != info.get("sha256"):
         raise CapsnetError(f"{path}: the tensors do not match the file's checksum (truncated "
                            "or altered); get the file again")
+    if "meta_sha256" in info and _meta_digest(info) != info["meta_sha256"]:
+        raise CapsnetError(f"{path}: its metadata (class names, config, ...) do not match "
+                           "the file's checksum (altered); get the file again")
     try:
         model = build_model(info["arch"], info["config"])
         model.load_state_dict({k: v.float() if v.is_floating_point() else v
