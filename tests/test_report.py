@@ -250,7 +250,8 @@ def test_report_of_a_stereo_model(tmp_path):
 
 def test_a_report_leaves_no_earlier_report_picture(tmp_path, fashion_dir):
     """A folder that held a report of pairs: its pictures go (the new page must not sit
-    beside them as if they were its own), a file of the user's stays."""
+    beside them as if they were its own), a file of the user's stays, and a page of the
+    user's is never replaced."""
     from capsnet.data.registry import FASHION_CLASSES
     from capsnet.models import build_model
     from capsnet.report.pairs import PAIR_FILES
@@ -266,3 +267,13 @@ def test_a_report_leaves_no_earlier_report_picture(tmp_path, fashion_dir):
                  "--out", str(out)]) == 0
     assert not any((out / name).exists() for name in PAIR_FILES)
     assert (out / "notes.txt").read_text() == "earlier"
+    assert main(["report", str(weights), "--test-size", "20", "--data-dir", str(fashion_dir),
+                 "--out", str(out)]) == 0  # its own page is replaced
+    # a user's own page is not: one line, and the folder as it was
+    mine = tmp_path / "site"
+    mine.mkdir()
+    (mine / "index.html").write_text("<html>my page</html>")
+    code = main(["report", str(weights), "--test-size", "20", "--data-dir", str(fashion_dir),
+                 "--out", str(mine)])
+    assert code == 2 and (mine / "index.html").read_text() == "<html>my page</html>"
+    assert [p.name for p in mine.iterdir()] == ["index.html"]
