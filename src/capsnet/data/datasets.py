@@ -99,7 +99,7 @@ def stratified_split(labels: Tensor, n: int, seed: int = 0) -> tuple[Tensor, Ten
     want = counts.double() * n / labels.numel()
     take = want.floor().long()
     extra = n - int(take.sum())
-    take[(want - take).argsort(descending=True)[:extra]] += 1
+    take[(want - take).argsort(descending=True, stable=True)[:extra]] += 1  # ties: by class
     held = [torch.zeros(0, dtype=torch.long)]
     for c, k in zip(classes.tolist(), take.tolist()):
         idx = (labels == c).nonzero().flatten()

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -86,8 +88,9 @@ def cached_arrays(name: str, key: str, params: dict,
                 arrays = {k: torch.from_numpy(z[k].copy()) for k in z.files}
             if _arrays_digest(arrays) == meta.get("sha256"):
                 return arrays, meta.get("info", {})
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass  # missing or damaged: rebuilt below
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError,
+            zipfile.BadZipFile, zlib.error):
+        pass  # missing or damaged (a cut or altered .npz too): rebuilt below
     arrays, info = build()
     meta = {"name": name, "key": key, "params": params, "sha256": _arrays_digest(arrays),
             "info": info, "arrays": {k: [str(v.dtype), list(v.shape)] for k, v in arrays.items()}}
