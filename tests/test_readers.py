@@ -595,14 +595,17 @@ def test_folder_modes_crop_and_channels(tmp_path):
     (root / "val").mkdir()  # ignored with train/ and test/
     train, test = load_dataset("folder", root, image_size=10)
     assert train.images.shape == (4, 3, 10, 10) and test.images.shape == (3, 3, 10, 10)
-    assert train.labels.tolist() == [0, 0, 1, 1] and test.labels.tolist() == [0, 1, 1]
-    px = {n: train.images[i, :, 5, 5].tolist() for i, n in
-          enumerate(["alpha", "wide", "deep", "grey"])}  # sorted file names per class
-    assert px["wide"] == [10, 20, 30]
-    assert px["alpha"] == [100, 50, 25]  # composited on black
-    assert px["deep"] == [100] * 3 and px["grey"] == [90] * 3  # grey -> R = G = B
-    assert test.images[0, :, 0, 0].tolist() == [5, 6, 7]
-    assert test.images[1, :, 0, 0].tolist() == [255] * 3
+    # each split in a hashed order that mixes the classes: compare per label, any order
+    def pixels(ds, label, y, x):
+        return sorted(img[:, y, x].tolist() for img, lab in zip(ds.images, ds.labels)
+                      if lab == label)
+    assert sorted(train.labels.tolist()) == [0, 0, 1, 1]
+    assert sorted(test.labels.tolist()) == [0, 1, 1]
+    # wide: the centre crop keeps the middle colour; alpha: composited on black
+    assert pixels(train, 0, 5, 5) == [[10, 20, 30], [100, 50, 25]]
+    assert pixels(train, 1, 5, 5) == [[90] * 3, [100] * 3]  # grey and 16-bit: R = G = B
+    assert pixels(test, 0, 0, 0) == [[5, 6, 7]]
+    assert [255] * 3 in pixels(test, 1, 0, 0)
     assert abs(int(test.images[2, 0, 5, 5]) - 128) <= 2  # 12x12 JPEG resized to 10x10
 
 
@@ -614,6 +617,31 @@ def test_folder_all_grey_is_one_channel_and_resized(tmp_path):
     train, test = load_dataset("folder", tmp_path, image_size=16, test_fraction=0.5)
     assert train.shape == (1, 16, 16) and len(train) + len(test) == 4
     assert set(torch.cat([train.images, test.images]).unique().tolist()) == {7, 9, 255}
+
+
+def test_folder_splits_mix_the_classes_and_load_without_copies(tmp_path):
+    """A folder lists its classes one after another; each split comes in a hashed order, so
+    its first images (``--train-size``/``--test-size`` keep those) hold every class. The
+    images are read into one tensor of which both splits are views."""
+    import tracemalloc
+
+    from capsnet.data.datamodule import ImageDataModule
+    root = tmp_path / "images"
+    for c in ("a", "b", "c"):
+        for i in range(40):
+            save(root / c / f"{c}{i}.png", np.full((8, 8, 3), (i, 3 * i, 0), np.uint8))
+    train, test = load_dataset("folder", root, image_size=32, test_fraction=0.25)
+    assert set(train.labels[:9].tolist()) == {0, 1, 2} == set(test.labels[:6].tolist())
+    assert train.images.untyped_storage().data_ptr() == test.images.untyped_storage().data_ptr()
+    dm = ImageDataModule("folder", root, train_size=12, test_size=6, val_size=0,
+                         options={"image_size": 32, "test_fraction": 0.25})
+    dm.setup("fit")
+    assert set(dm.train.labels.tolist()) == {0, 1, 2} and len(dm.test) == 6
+    tracemalloc.start()
+    train, test = load_dataset("folder", root, image_size=32, test_fraction=0.25)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1.5 * 120 * 3 * 32 * 32  # the images once, and a little more
 
 
 @pytest.mark.parametrize("damage,message", [
@@ -628,7 +656,8 @@ def test_folder_all_grey_is_one_channel_and_resized(tmp_path):
 def test_folder_damage(tmp_path, damage, message):
     root = tmp_path / "d"
     for c in ("a", "b"):
-        save(root / c / "0.png", grey(1))
+        for name in ("0.png", "3.png"):  # drawn to the test and the training split (0.5)
+            save(root / c / name, grey(1))
     where = root
     if damage == "unreadable":
         where = root / "b" / "1.png"
@@ -662,12 +691,13 @@ def test_folder_damage(tmp_path, damage, message):
 
 def test_folder_image_too_large(tmp_path, monkeypatch):
     for c in ("a", "b"):
-        save(tmp_path / c / "0.png", grey(1, (10, 10)))
+        for name in ("0.png", "3.png"):  # drawn to the test and the training split (0.5)
+            save(tmp_path / c / name, grey(1, (10, 10)))
     for limit in (60, 40):  # our check (and Pillow's warning), Pillow's bomb error
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
         with pytest.raises(CapsnetError, match="image too large") as e:
             load_dataset("folder", tmp_path, test_fraction=0.5)
-        assert str(tmp_path / "a" / "0.png") in one_line(e)
+        assert re.search(re.escape(str(tmp_path)) + r"/[ab]/[03]\.png: ", one_line(e))
 
 
 def test_folder_never_downloads_nor_creates(tmp_path):
@@ -698,11 +728,11 @@ def write_planet(root, rows=None, csv_name="train_v2.csv", images="train-jpg", e
 def test_multilabel_planet_layout(tmp_path):
     root = write_planet(tmp_path / "planet", ext=".png", images="train-jpg")
     (root / "sample_submission_v2.csv").write_text("image_name,tags\ntest_0,clear\n")
-    # the split is drawn per image name (held_out); with these five names and the default
-    # seed, 0.1 holds out two of them
+    # the split is drawn per image_name of the CSV (held_out); with these five names and
+    # the default seed, 0.1 holds out two of them
     train, test = load_dataset("multilabel", root, image_size=8, test_fraction=0.1)
-    assert torch.equal(held_out([f"train_{i}.png" for i in range(5)], 0.1),
-                       torch.tensor([False, False, False, True, True]))
+    assert torch.equal(held_out([f"train_{i}" for i in range(5)], 0.1),
+                       torch.tensor([True, False, True, False, False]))
     assert train.classes == ("clear", "haze", "primary", "water")
     assert train.labels.dtype == torch.uint8 and train.labels.shape == (3, 4)
     assert len(test) == 2 and test.images.shape == (2, 3, 8, 8)
@@ -716,8 +746,8 @@ def test_multilabel_planet_layout(tmp_path):
 
 def test_multilabel_jpg_and_other_csv_names(tmp_path):
     root = write_planet(tmp_path / "p", csv_name="labels.csv", images="images")
-    train, test = load_dataset("multilabel", root, test_fraction=0.4)  # 1 of these 5 names
-    assert len(train) == 4 and len(test) == 1 and train.shape == (3, 32, 32)
+    train, test = load_dataset("multilabel", root, test_fraction=0.4)  # 2 of these 5 names
+    assert len(train) == 3 and len(test) == 2 and train.shape == (3, 32, 32)
 
 
 @pytest.mark.parametrize("damage,message", [

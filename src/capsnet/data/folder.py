@@ -117,14 +117,20 @@ def load_image(path: Path, size: int) -> tuple[np.ndarray, bool]:
 
 
 def load_images(paths: list[Path], size: int) -> torch.Tensor:
-    """Images ``[N, C, size, size]`` uint8, ``C`` 1 if all are greyscale else 3."""
-    loaded = [load_image(p, size) for p in paths]
-    if all(grey for _, grey in loaded):
-        stack = np.stack([a for a, _ in loaded])[:, None]
-    else:
-        stack = np.stack([np.repeat(a[..., None], 3, axis=2) if grey else a
-                          for a, grey in loaded]).transpose(0, 3, 1, 2)
-    return torch.from_numpy(np.ascontiguousarray(stack))
+    """Images ``[N, C, size, size]`` uint8, ``C`` 1 if all are greyscale else 3.
+
+    Filled in place, one image at a time: grey into ``[N, 1, S, S]`` until the first colour
+    image, then into ``[N, 3, S, S]`` (the grey ones so far copied over, R = G = B), so the
+    peak memory is about the dataset's own size, not several copies of it."""
+    out = np.empty((len(paths), 1, size, size), dtype=np.uint8)
+    for i, p in enumerate(paths):
+        a, grey = load_image(p, size)
+        if not grey and out.shape[1] == 1:
+            colour = np.empty((len(paths), 3, size, size), dtype=np.uint8)
+            colour[:i] = out[:i]  # broadcast over the 3 channels
+            out = colour
+        out[i] = a if grey else a.transpose(2, 0, 1)  # grey [S, S] broadcast over C
+    return torch.from_numpy(out)
 
 
 def _check_options(image_size: int | None, test_fraction: float) -> int:
@@ -147,10 +153,22 @@ def held_out(names: list[str], test_fraction: float, split_seed: int = 0) -> tor
     grew would then be scored on images it was trained on). The price: the test share is
     ``test_fraction`` only on average (binomial, per class as well as overall).
     """
+    return _draws(names, split_seed) < test_fraction
+
+
+def _draws(names: list[str], split_seed: int) -> torch.Tensor:
+    """``[N]`` float64 in [0, 1): each name's SHA-256 (with the seed) as a number."""
     def draw(name: str) -> float:
         digest = hashlib.sha256(f"{split_seed}/{name}".encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2 ** 64
-    return torch.tensor([draw(n) < test_fraction for n in names], dtype=torch.bool)
+    return torch.tensor([draw(n) for n in names], dtype=torch.float64)
+
+
+def _hashed_order(names: list[str], split_seed: int) -> torch.Tensor:
+    """A permutation of ``names`` by their :func:`_draws`: the classes mixed (a folder lists
+    them one after another, so the first N images of a split, ``--train-size N``, would
+    otherwise be a class or two), and an image's place depends on its own name only."""
+    return _draws(names, split_seed).argsort(stable=True)
 
 
 def _split_indices(test: torch.Tensor, where: Path, test_fraction: float
@@ -162,6 +180,20 @@ def _split_indices(test: torch.Tensor, where: Path, test_fraction: float
                            f"images leaves an empty split (the split is drawn per image "
                            f"name; with so few images use train/ and test/ folders)")
     return test.nonzero().flatten(), (~test).nonzero().flatten()
+
+
+def _load_split(paths: list[Path], labels: torch.Tensor, names: list[str],
+                train_idx: torch.Tensor, test_idx: torch.Tensor, size: int, classes: tuple,
+                split_seed: int) -> tuple[ImageDataset, ImageDataset]:
+    """Both splits, each in :func:`_hashed_order`, read into one tensor (training images
+    first) of which the splits are views: no copy of the images beside them."""
+    parts = [idx[_hashed_order([names[i] for i in idx.tolist()], split_seed)]
+             for idx in (train_idx, test_idx)]
+    order = torch.cat(parts)
+    images = load_images([paths[i] for i in order.tolist()], size)
+    n = len(parts[0])
+    return (ImageDataset(images[:n], labels[parts[0]], classes),
+            ImageDataset(images[n:], labels[parts[1]], classes))
 
 
 # --------------------------------------------------------------------------- class folders
@@ -250,23 +282,24 @@ def read_folder(folder: Path, image_size: int | None = None, test_fraction: floa
         classes = sorted(train_files)
         train_paths, train_labels = _flatten(train_files, classes)
         test_paths, test_labels = _flatten(test_files, classes)
-        images = load_images(train_paths + test_paths, size)
         n = len(train_paths)
-        return (ImageDataset(images[:n], train_labels, tuple(classes)),
-                ImageDataset(images[n:], test_labels, tuple(classes)))
+        return _load_split(train_paths + test_paths, torch.cat([train_labels, test_labels]),
+                           [p.name for p in train_paths + test_paths], torch.arange(n),
+                           torch.arange(n, n + len(test_paths)), size, tuple(classes),
+                           split_seed)
     files = class_files(folder)
     classes = sorted(files)
     paths, labels = _flatten(files, classes)
-    images = load_images(paths, size)
-    test = held_out([p.name for p in paths], test_fraction, split_seed)
+    names = [p.name for p in paths]
+    test = held_out(names, test_fraction, split_seed)
     for i, c in enumerate(classes):
         if test[labels == i].all():
             raise CapsnetError(f"{folder / c}: all {len(files[c])} images fell in the test "
                                f"split (--test-fraction {test_fraction}, drawn per image name); "
                                "add images or use train/ and test/ folders")
     test_idx, train_idx = _split_indices(test, folder, test_fraction)
-    return (ImageDataset(images[train_idx], labels[train_idx], tuple(classes)),
-            ImageDataset(images[test_idx], labels[test_idx], tuple(classes)))
+    return _load_split(paths, labels, names, train_idx, test_idx, size, tuple(classes),
+                       split_seed)
 
 
 # --------------------------------------------------------------------------- multi-label CSV
@@ -332,11 +365,12 @@ def _image_path(images: Path, name: str) -> Path | None:
     return None
 
 
-def read_label_csv(path: Path, images: Path) -> tuple[list[Path], list[list[str]]]:
-    """The image files and tag lists of a ``image_name,tags`` CSV (tags space-separated),
-    validated: header, two fields a line, a name and at least one tag, no duplicates, the
-    image present in ``images``. Errors name the file and line."""
-    rows: list[tuple[Path, list[str]]] = []
+def read_label_csv(path: Path, images: Path
+                   ) -> tuple[list[Path], list[list[str]], list[str]]:
+    """The image files, tag lists and names (``image_name`` values) of a ``image_name,tags``
+    CSV (tags space-separated), validated: header, two fields a line, a name and at least one tag, no
+    duplicates, the image present in ``images``. Errors name the file and line."""
+    rows: list[tuple[Path, list[str], str]] = []
     first_line: dict[str, int] = {}
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
@@ -367,12 +401,12 @@ def read_label_csv(path: Path, images: Path) -> tuple[list[Path], list[list[str]
                 file = _image_path(images, name)
                 if file is None:
                     raise CapsnetError(f"{path}:{line}: image {name} not found in {images}")
-                rows.append((file, tags))
+                rows.append((file, tags, name))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise CapsnetError(f"{path}: cannot read ({e})") from None
     if not rows:
         raise CapsnetError(f"{path}: no images listed")
-    return [r[0] for r in rows], [r[1] for r in rows]
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
 
 def read_multilabel(folder: Path, image_size: int | None = None, test_fraction: float = 0.2,
@@ -388,14 +422,13 @@ def read_multilabel(folder: Path, image_size: int | None = None, test_fraction: 
     if located is None:
         raise CapsnetError(f"{folder}: no label CSV (image_name,tags) with an image folder")
     csv_path, images_dir = located
-    paths, tags = read_label_csv(csv_path, images_dir)
+    paths, tags, names = read_label_csv(csv_path, images_dir)
     classes = tuple(sorted({t for ts in tags for t in ts}))
     index = {c: i for i, c in enumerate(classes)}
     labels = torch.zeros(len(paths), len(classes), dtype=torch.uint8)
     for row, ts in enumerate(tags):
         labels[row, [index[t] for t in ts]] = 1
-    images = load_images(paths, size)
-    test = held_out([p.name for p in paths], test_fraction, split_seed)
+    # the CSV's names, not the files': the split survives a move from .tif to .jpg files
+    test = held_out(names, test_fraction, split_seed)
     test_idx, train_idx = _split_indices(test, csv_path, test_fraction)
-    return (ImageDataset(images[train_idx], labels[train_idx], classes),
-            ImageDataset(images[test_idx], labels[test_idx], classes))
+    return _load_split(paths, labels, names, train_idx, test_idx, size, classes, split_seed)
