@@ -23,7 +23,7 @@ from capsnet.data import cifar, download, smallnorb, svhn
 from capsnet.data.datasets import center_crop
 from capsnet.data.folder import held_out
 from capsnet.data.registry import (DATASETS, cmd_datasets, dataset_info, describe_datasets,
-                                   load_dataset)
+                                   load_dataset, refuse_other_idx)
 from capsnet.errors import CapsnetError
 
 
@@ -106,6 +106,24 @@ def test_fashion_mnist_still_found_by_default(fashion_dir, monkeypatch):
     train, test = load_dataset("fashion-mnist", allow_download=False)
     assert train.images.shape == (60000, 1, 28, 28) and test.labels.shape == (10000,)
     assert train.labels.dtype == torch.int64 and train.classes[9] == "Ankle boot"
+
+
+def test_one_idx_dataset_is_not_taken_for_the_other(fashion_dir, tmp_path, monkeypatch):
+    """Fashion-MNIST and MNIST have the same four file names: the Fashion-MNIST files asked
+    for as MNIST (given, or as $CAPSNET_DATA itself) are refused by their test labels."""
+    with pytest.raises(CapsnetError, match="holds fashion-mnist's files, not mnist's") as e:
+        load_dataset("mnist", fashion_dir, allow_download=False)
+    assert str(fashion_dir) in one_line(e)
+    monkeypatch.setenv("CAPSNET_DATA", str(fashion_dir))
+    with pytest.raises(CapsnetError, match="not mnist's"):
+        load_dataset("mnist", allow_download=False)
+    raw = tmp_path / "raw"  # un-gzipped files are read the same way
+    raw.mkdir()
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(
+        gzip.decompress((fashion_dir / "t10k-labels-idx1-ubyte.gz").read_bytes()))
+    with pytest.raises(CapsnetError, match="not mnist's"):
+        refuse_other_idx("mnist", raw)
+    refuse_other_idx("fashion-mnist", raw)  # its own files pass
 
 
 # --------------------------------------------------------------------------- CIFAR

@@ -19,7 +19,9 @@ the folders it created.
 
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
 import sys
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -28,8 +30,8 @@ from typing import Callable
 
 from ..errors import CapsnetError
 from . import cifar, folder as image_folder, generated, smallnorb, svhn
-from .datasets import (FILES, ImageDataset, center_crop, download_idx, find_idx, find_idx_test,
-                       idx_reader, idx_test_reader)
+from .datasets import (FILES, ImageDataset, center_crop, download_idx, find_file, find_idx,
+                       find_idx_test, idx_reader, idx_test_reader)
 from .download import DEFAULT_TIMEOUT, new_folder
 
 Reader = Callable[..., "tuple[ImageDataset, ImageDataset]"]
@@ -98,6 +100,24 @@ FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
 DIGITS = tuple(str(d) for d in range(10))
 
 
+# The published .gz files' MD5s (downloads are checked against them).
+IDX_MD5 = {
+    "fashion-mnist": {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                      "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+                      "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+                      "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"},
+    "mnist": {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+              "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+              "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+              "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"},
+}
+# Fashion-MNIST and MNIST share the four file names, so a folder of one would pass for the
+# other: search() refuses a folder whose first ten test labels are the other set's
+# (refuse_other_idx; read from the file, so any compression or none will do).
+IDX_TEST_LABELS_START = {"fashion-mnist": (9, 2, 1, 1, 6, 1, 4, 6, 5, 7),
+                         "mnist": (7, 2, 1, 0, 4, 1, 4, 9, 5, 9)}
+
+
 def _spec_list() -> list[DatasetSpec]:
     specs = [
         DatasetSpec(
@@ -107,11 +127,7 @@ def _spec_list() -> list[DatasetSpec]:
             download=partial(download_idx, mirrors=(
                 "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
                 "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/"
-                "fashion/"), md5={
-                "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-                "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-                "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-                "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}),
+                "fashion/"), md5=IDX_MD5["fashion-mnist"]),
             debian_dir="/usr/share/datasets/fashion-mnist",
             debian_package="dataset-fashion-mnist",
             how_to_get="`apt-get install dataset-fashion-mnist` (Debian), or the four IDX "
@@ -124,11 +140,7 @@ def _spec_list() -> list[DatasetSpec]:
             find_test=find_idx_test, read_test=idx_test_reader(DIGITS),
             download=partial(download_idx, mirrors=(
                 "https://ossci-datasets.s3.amazonaws.com/mnist/",
-                "https://storage.googleapis.com/cvdf-datasets/mnist/"), md5={
-                "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-                "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-                "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-                "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}),
+                "https://storage.googleapis.com/cvdf-datasets/mnist/"), md5=IDX_MD5["mnist"]),
             debian_dir="/usr/share/datasets/mnist",
             how_to_get=f"the four IDX files ({_IDX_FILES}) from "
                        "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -256,6 +268,27 @@ def candidate_dirs(spec: DatasetSpec | str, data_dir: str | Path | None) -> list
     return dirs + [cache_dir(spec.folder)]
 
 
+def refuse_other_idx(name: str, folder: Path) -> None:
+    """One-line error when ``folder``'s test labels begin as another IDX dataset's do (an
+    MNIST folder given as Fashion-MNIST: the same file names). An unreadable file is left
+    to the reader to judge."""
+    if name not in IDX_TEST_LABELS_START:
+        return
+    path = find_file(Path(folder), FILES["test_labels"])
+    if path is None:
+        return
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            start = tuple(f.read(18)[8:])  # after the 8-byte IDX header
+    except (OSError, EOFError, zlib.error):
+        return
+    for other, labels in IDX_TEST_LABELS_START.items():
+        if other != name and start == labels:
+            raise CapsnetError(f"{folder}: holds {other}'s files, not {name}'s (the same "
+                               "file names); point --data-dir or $CAPSNET_DATA at a "
+                               f"{name} folder")
+
+
 def search(spec: DatasetSpec, data_dir: str | Path | None) -> Path | None:
     """The first candidate folder ``spec.find`` accepts, or None; never downloads nor
     creates anything. Raises the first unusable folder's error if none is usable."""
@@ -263,6 +296,8 @@ def search(spec: DatasetSpec, data_dir: str | Path | None) -> Path | None:
     for d in candidate_dirs(spec, data_dir):
         try:
             found = spec.find(d)
+            if found:
+                refuse_other_idx(spec.name, Path(found))
         except CapsnetError as e:
             problem = problem or e
             continue
