@@ -51,6 +51,13 @@ def test_scores_against_hand_computed_values():
     # AP of scores ranking positives 1st and 3rd: (1/1 + 2/3) / 2
     ap = average_precision(torch.tensor([0.9, 0.8, 0.7, 0.1]), torch.tensor([1, 0, 1, 0]))
     assert ap == pytest.approx((1 + 2 / 3) / 2)
+    # tied scores are one threshold, whatever the order: the positive among three tied
+    # images at the top counts precision 1/3 (scikit-learn's average_precision_score)
+    for target in ([1, 0, 0, 0], [0, 0, 1, 0]):
+        ap = average_precision(torch.tensor([1.0, 1.0, 1.0, 0.3]), torch.tensor(target))
+        assert ap == pytest.approx(1 / 3)
+    ap = average_precision(torch.tensor([0.9, 0.5, 0.5, 0.1]), torch.tensor([0, 1, 0, 1]))
+    assert ap == pytest.approx(0.5 * 1 / 3 + 0.5 * 2 / 4)
     lengths = torch.tensor([[0.9, 0.6, 0.1], [0.2, 0.7, 0.4], [0.1, 0.2, 0.3]])
     s = summarize_multilabel(lengths, true, ["a", "b", "c"])
     assert s["f2"] == pytest.approx(float(f2.mean()))

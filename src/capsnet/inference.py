@@ -152,14 +152,23 @@ def f_beta_per_image(pred: Tensor, target: Tensor, beta: float = 2.0) -> Tensor:
 
 
 def average_precision(scores: Tensor, target: Tensor) -> float:
-    """Area under one label's precision-recall curve, as the mean of the precision at each
-    true image's rank: ``scores`` ``[N]``, ``target`` ``[N]`` 0/1. NaN without positives."""
-    order = scores.argsort(descending=True)
-    hits = target.bool()[order].double()
-    if hits.sum() == 0:
+    """Area under one label's precision-recall curve: ``scores`` ``[N]``, ``target`` ``[N]``
+    0/1; NaN without positives. The sum over the distinct scores, taken as thresholds, of
+    the precision there times the recall it adds (as scikit-learn's
+    ``average_precision_score``): tied scores form one threshold, so the result does not
+    depend on the images' order (saturated lengths or sigmoids tie often). Without ties it
+    is the mean of the precision at each true image's rank."""
+    order = scores.argsort(descending=True, stable=True)
+    ranked, hits = scores[order], target.bool()[order].double()
+    positives = hits.sum()
+    if positives == 0:
         return float("nan")
-    precision_at = hits.cumsum(0) / torch.arange(1, len(hits) + 1, dtype=torch.float64)
-    return float((precision_at * hits).sum() / hits.sum())
+    last = torch.ones(len(hits), dtype=torch.bool)  # the last image of each tied group
+    last[:-1] = ranked[1:] != ranked[:-1]
+    tp = hits.cumsum(0)[last]
+    precision = tp / torch.arange(1, len(hits) + 1, dtype=torch.float64)[last]
+    added = torch.diff(tp / positives, prepend=torch.zeros(1, dtype=torch.float64))
+    return float((added * precision).sum())
 
 
 def summarize_multilabel(lengths: Tensor, targets: Tensor, classes: list[str]) -> dict:
