@@ -120,3 +120,23 @@ def test_a_multilabel_run_trains_evaluates_and_predicts(tmp_path, capsys):
     # the report is for single-label data: a one-line refusal, not a wrong page
     code = main(["report", str(out), "--out", str(tmp_path / "rep")])
     assert one_line_error(code, capsys.readouterr().err)
+
+
+def test_inference_runs_in_eval_mode_and_restores_the_mode():
+    """A model still in training mode (batch norm: Efficient-CapsNet) is scored on its
+    running statistics, which stay as they were, and is left in training mode."""
+    from capsnet.inference import infer, tta_lengths
+    from capsnet.models import build_model
+    torch.manual_seed(0)
+    model = build_model("efficient-capsnet")
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        expect = model.eval()(x).lengths
+    model.train()
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    with torch.no_grad():
+        assert torch.allclose(tta_lengths(model, x, "none"), expect, atol=1e-6)
+    images = (x * 255).round().to(torch.uint8)
+    infer(model, images, torch.zeros(4, dtype=torch.long))
+    assert model.training and stats
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())

@@ -193,3 +193,7 @@ def test_export_bad_output(weights_file, tmp_path, capsys):
                 str(tmp_path / "taken.safetensors")):
         code = main(["export", str(path), out])
         assert one_line_error(code, capsys.readouterr().err)
+    # fp16 is for weights files: an ONNX graph asked for in fp16 is refused, not ignored
+    code = main(["export", str(path), str(tmp_path / "m.onnx"), "--dtype", "float16"])
+    err = capsys.readouterr().err
+    assert one_line_error(code, err) and "float16" in err and not (tmp_path / "m.onnx").exists()

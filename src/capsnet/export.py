@@ -54,7 +54,8 @@ def export_onnx(model: nn.Module, out: Path, batch: int = 1) -> Path:
     from .checkpoints import atomic_write
     c = model.config
     # torch.export specializes a dimension of size 1, so trace with at least 2 images.
-    x = torch.rand(max(2, batch), c.in_channels, c.image_size, c.image_size)
+    x = torch.rand(max(2, batch), c.in_channels, c.image_size, c.image_size,
+                   device=next(model.parameters()).device)
     wrapped = _Inference(for_export(model))
     tmp = out.with_name(out.name + ".export.tmp.onnx")
     try:
@@ -81,6 +82,11 @@ def export(spec: str, out: str | Path, dtype: str = "float32", batch: int = 1) -
         raise CapsnetError(f"{out}: the output must end in .onnx or .safetensors")
     if batch < 1:
         raise CapsnetError(f"--batch must be positive, got {batch}")
+    if dtype not in ("float32", "float16"):
+        raise CapsnetError(f"--dtype must be float32 or float16, got {dtype!r}")
+    if out.suffix == ".onnx" and dtype != "float32":
+        raise CapsnetError("--dtype float16 applies to .safetensors files; the ONNX graph "
+                           "is written in float32")
     if out.parent and not out.parent.is_dir():
         raise CapsnetError(f"{out.parent}: no such folder")
     model, meta = load_model(spec)

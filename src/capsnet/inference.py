@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -77,14 +78,27 @@ def tta_views(x: Tensor, tta: str) -> Iterator[Tensor]:
     return views()
 
 
+@contextmanager
+def evaluating(model: nn.Module):
+    """``model`` in eval mode inside (batch norm on its running statistics, which stay as
+    they are), back in the mode it was in afterwards (a model being trained stays so)."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
 def tta_lengths(model: nn.Module, x: Tensor, tta: str, plain: Tensor | None = None) -> Tensor:
     """Capsule lengths ``[B, O]`` (float32) of a batch ``x`` ``[B, C, H, W]`` in [0, 1]: the
-    mean over its :func:`tta_views`. ``plain``: ``x``'s own lengths where the caller has
-    already computed them (the first view is then not run again)."""
+    mean over its :func:`tta_views`, the model in eval mode. ``plain``: ``x``'s own lengths
+    where the caller has already computed them (the first view is then not run again)."""
     views = tta_views(x, tta)
     first = next(views)
-    plain = model(first).lengths if plain is None else plain
-    rest = [model(v).lengths.float() for v in views]  # [B, O] each
+    with evaluating(model):
+        plain = model(first).lengths if plain is None else plain
+        rest = [model(v).lengths.float() for v in views]  # [B, O] each
     return (plain.float() + sum(rest)) / (1 + len(rest))
 
 
@@ -102,19 +116,19 @@ def infer(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 51
     ``tta``: test-time augmentation, one of :data:`TTA`; ``lengths`` are then the mean over
     the image's :func:`tta_views` (the losses stay those of the images as given).
     """
-    model.eval()
     from .models import objective as objective_of
     objective = objective_of(model)
     device = next(model.parameters()).device
     lengths, totals = [], torch.zeros(3, dtype=torch.float64)
-    for i in range(0, len(labels), batch_size):
-        x = to_unit(images[i:i + batch_size].to(device))
-        y = labels[i:i + batch_size].to(device)
-        out = model(x)
-        loss = model_loss(objective, out, y, x, recon_weight)
-        totals += torch.tensor([loss.total.item(), loss.margin.item(),
-                                loss.reconstruction.item()], dtype=torch.float64) * len(y)
-        lengths.append(tta_lengths(model, x, tta, plain=out.lengths).cpu())
+    with evaluating(model):
+        for i in range(0, len(labels), batch_size):
+            x = to_unit(images[i:i + batch_size].to(device))
+            y = labels[i:i + batch_size].to(device)
+            out = model(x)
+            loss = model_loss(objective, out, y, x, recon_weight)
+            totals += torch.tensor([loss.total.item(), loss.margin.item(),
+                                    loss.reconstruction.item()], dtype=torch.float64) * len(y)
+            lengths.append(tta_lengths(model, x, tta, plain=out.lengths).cpu())
     mean = (totals / max(1, len(labels))).tolist()
     return Inference(torch.cat(lengths) if lengths else torch.zeros(0), *mean)
 
