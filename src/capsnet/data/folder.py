@@ -368,8 +368,9 @@ def _image_path(images: Path, name: str) -> Path | None:
 def read_label_csv(path: Path, images: Path
                    ) -> tuple[list[Path], list[list[str]], list[str]]:
     """The image files, tag lists and names (``image_name`` values) of a ``image_name,tags``
-    CSV (tags space-separated), validated: header, two fields a line, a name and at least one tag, no
-    duplicates, the image present in ``images``. Errors name the file and line."""
+    CSV (tags space-separated), validated: header, two fields a line, a name and at least
+    one tag, no duplicates, the image present in ``images``. Errors name the file and
+    line."""
     rows: list[tuple[Path, list[str], str]] = []
     first_line: dict[str, int] = {}
     try:

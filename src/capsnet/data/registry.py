@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import gzip
 import os
-import zlib
 import sys
+import zlib
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path

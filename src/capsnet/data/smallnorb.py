@@ -16,9 +16,10 @@ int32 (instance, elevation, azimuth, lighting; validated for ``N``, otherwise un
 Served as the CapsNet paper did (except its per-image standardization and its random
 brightness and contrast in training, not implemented): the stereo pair as 2 channels,
 downsampled 96 -> 48 by area averaging (the mean of each 2x2 block, rounded half up: exact
-for a factor of 2, no aliasing), i.e. images ``[N, 2, 48, 48]`` uint8, labels ``[N]`` int64. Training takes random
-32x32 crops (done by the trainer); :func:`capsnet.data.registry.load_dataset` centre-crops the
-test split to 32x32 (the spec's ``crop``).
+for a factor of 2, no aliasing), i.e. images ``[N, 2, 48, 48]`` uint8, labels ``[N]``
+int64. Training takes random 32x32 crops (done by the trainer);
+:func:`capsnet.data.registry.load_dataset` centre-crops the test split to 32x32 (the spec's
+``crop``).
 """
 
 from __future__ import annotations
