@@ -28,10 +28,15 @@ def warmup_factor(step: int, warmup: int) -> float:
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Cosine schedule: linear warm-up over ``warmup`` steps, then half a cosine to 0 at
-    ``total``."""
+    ``total``.
+
+    The warm-up's last step (``warmup - 1``) is the peak and the cosine's first, so the
+    peak rate is used for one step, not two.
+    """
     if warmup and step < warmup:
         return warmup_factor(step, warmup)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    top = max(warmup - 1, 0)  # the step at the peak
+    progress = min(1.0, (step - top) / max(1, total - top))
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
