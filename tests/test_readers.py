@@ -867,3 +867,34 @@ def test_training_on_cifar10_binary_files(tmp_path):
                  "--no-tensorboard", "--out", str(out)]) == 0
     model, _ = load_model(out / "last.ckpt")
     assert (model.config.in_channels, model.config.image_size) == (3, 32)
+
+
+def test_folder_that_changed_refuses_the_runs_validation_split(tmp_path, capsys):
+    """The validation split is carved by position: from a folder that gained images since
+    the run it would be other images, some trained on. evaluate --split val (checkpoint and
+    exported file) and --resume refuse; the test split (drawn per file name) still works."""
+    from capsnet.cli import main
+    root = tmp_path / "d"
+    for c, name in enumerate(["cat", "dog", "emu"]):
+        for i in range(14):
+            save(root / name / f"{name}{i:02d}.png", grey(80 * c + i, (16, 16)))
+    run = tmp_path / "run"
+    flags = ["--dataset", "folder", "--data-dir", str(root), "--image-size", "28",
+             "--val-size", "6", "--epochs", "1", "--batch-size", "16", "--no-progress",
+             "--no-tensorboard"]
+    assert main(["train", *flags, "--out", str(run)]) == 0
+    assert main(["export", str(run / "last.ckpt"), str(tmp_path / "w.safetensors")]) == 0
+    for model in (run / "last.ckpt", tmp_path / "w.safetensors"):
+        assert main(["evaluate", str(model), "--split", "val", "--data-dir", str(root)]) == 0
+    capsys.readouterr()
+    for i in range(14, 17):  # the folder grows
+        save(root / "dog" / f"dog{i:02d}.png", grey(80 + i, (16, 16)))
+    for model in (run / "last.ckpt", tmp_path / "w.safetensors"):
+        assert main(["evaluate", str(model), "--split", "val", "--data-dir", str(root)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "changed since the run" in err
+        assert "Traceback" not in err and str(model) in err
+        assert main(["evaluate", str(model), "--data-dir", str(root)]) == 0  # drawn per name
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "changed since the run" in err and "resuming would carve another" in err

@@ -117,7 +117,8 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu"
             "epoch": ckpt.get("epoch"), "arch": arch,
             "recon_weight": hp.get("recon_weight"),
             "data_options": hp.get("data_options") or {},
-            "val_size": settings_beside(path).get("val_size")}
+            "val_size": settings_beside(path).get("val_size"),
+            "train_pool": hp.get("train_pool")}
     return model.to(device).eval(), meta
 
 

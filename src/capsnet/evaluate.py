@@ -109,7 +109,8 @@ def evaluation_data(model_path: str | Path, model: nn.Module, meta: dict, split:
     as training carved them: the dataset and ``val_size`` a weights file recorded (``meta``),
     else those of the run's ``config.yaml`` beside the file (a file copied into another run's
     folder keeps its own split); the split's seed is fixed
-    (:class:`~capsnet.data.datamodule.ImageDataModule`).
+    (:class:`~capsnet.data.datamodule.ImageDataModule`), and a run that recorded the images
+    it was carved from (``train_pool``) refuses others.
     ``data_dir``: ``--data-dir``, else the run's own (:func:`~capsnet.settings.run_data_dir`).
     """
     from .data.registry import load_test_split, recorded_options
@@ -140,6 +141,11 @@ def evaluation_data(model_path: str | Path, model: nn.Module, meta: dict, split:
     from .data.datamodule import ImageDataModule
     dm = ImageDataModule(dataset, data_dir, val_size=run["val_size"], options=options)
     dm.setup("fit")
+    was = meta.get("train_pool")  # None: recorded by runs since 2026-12-05 only
+    if was and was != dm.pool:
+        from .data.datasets import pool_changed
+        raise CapsnetError(f"{model_path}: {pool_changed(was, dm.pool)}; its validation split "
+                           "cannot be carved again (other images, some of them trained on)")
     return _same_classes(dm.val, meta, model_path)
 
 

@@ -37,7 +37,8 @@ class LitCapsNet(L.LightningModule):
     multi-label data ``acc`` is the share of images whose predicted label set is exactly the
     true one, and ``{split}/f2`` the mean F2 per image (the Planet score). ``data_options``
     (image size and test fraction of a dataset read from the user's own images) is recorded
-    for evaluation.
+    for evaluation, and ``train_pool``
+    (:func:`~capsnet.data.datasets.split_fingerprint`) for the validation split.
 
     The CNN baselines (``model.objective`` not ``"margin"``) train on their own loss
     (:func:`capsnet.losses.model_loss`); their ``margin`` metric is that classification
@@ -54,7 +55,8 @@ class LitCapsNet(L.LightningModule):
                  recon_weight: float = RECON_WEIGHT, classes: list[str] | None = None,
                  dataset: str = "fashion-mnist", channels_last: bool = True,
                  lr_schedule: str = "exp", warmup_steps: int = 0, ema: float = 0.0,
-                 arch: str = "capsnet", data_options: dict | None = None, swa: bool = False):
+                 arch: str = "capsnet", data_options: dict | None = None, swa: bool = False,
+                 train_pool: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.augment_config = AugmentConfig(**(augment or {}))

@@ -21,6 +21,7 @@ from .callbacks import (EpochMetricsCSV, ProgressBar, SafeCheckpointIO, SameWeig
                         SaveWeightsEvery, StopOnNonFinite)
 from .data.augment import AUGMENT_FLAGS
 from .data.datamodule import ImageDataModule
+from .data.datasets import pool_changed
 from .data.generated import check_training
 from .data.registry import refuse_mirroring
 from .errors import CapsnetError, first_line
@@ -64,7 +65,7 @@ def dm_sized(s: dict) -> bool:
 
 
 def build_module(s: dict, classes, shape, crop: int | None = None,
-                 multi_label: bool = False) -> LitCapsNet:
+                 multi_label: bool = False, train_pool: str | None = None) -> LitCapsNet:
     augment = {k: s[k] for k in AUGMENT_FLAGS}
     augment["crop"] = crop or 0
     model = model_config(s, classes, shape)
@@ -77,7 +78,7 @@ def build_module(s: dict, classes, shape, crop: int | None = None,
                           warmup_steps=s["warmup_steps"], ema=s["ema"], swa=s["swa"],
                           recon_weight=s["recon_weight"],
                           classes=list(classes), dataset=s["dataset"],
-                          channels_last=s["channels_last"])
+                          channels_last=s["channels_last"], train_pool=train_pool)
     except ValueError as e:
         raise CapsnetError(f"{s['arch']}: {e}") from None
 
@@ -92,6 +93,11 @@ def _check_resumable(path: Path, module: LitCapsNet) -> None:
     state = ckpt.get("state_dict")
     if not isinstance(state, dict) or "optimizer_states" not in ckpt:
         raise CapsnetError(f"{path}: not a capsnet training checkpoint (nothing to resume)")
+    was = (ckpt.get("hyper_parameters") or {}).get("train_pool")
+    now = module.hparams.train_pool
+    if was and now and was != now:  # the validation split would be other images
+        raise CapsnetError(f"{path}: {pool_changed(was, now)}; resuming would carve another "
+                           "validation split, partly from images trained on")
     try:
         module.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError) as e:
@@ -184,7 +190,7 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
                                f"the {world} processes; each process needs at least one")
     if s["hflip"]:
         refuse_mirroring(s["dataset"], "--hflip")
-    module = build_module(s, dm.classes, dm.shape, dm.info.crop, dm.multi_label)
+    module = build_module(s, dm.classes, dm.shape, dm.info.crop, dm.multi_label, dm.pool)
     if resume:
         _check_resumable(last, module)
     elif s["init"] is not None:

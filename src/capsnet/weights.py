@@ -56,9 +56,10 @@ def save_weights(model: nn.Module, path: str | Path, meta: dict,
 # What a weights file records beside the architecture, its config and the checksum: written
 # by describe(), read back by load_weights(). ``val_size``: the size of the run's validation
 # split (its seed is fixed), so that `evaluate --split val` can carve it again from the file
-# alone; None in files written before it was recorded.
+# alone; None in files written before it was recorded. ``train_pool``: what that split was
+# carved from (capsnet.data.datasets.split_fingerprint), None in files before 2026-12-05.
 RECORDED = ("source", "classes", "dataset", "epoch", "recon_weight", "data_options",
-            "val_size")
+            "val_size", "train_pool")
 
 
 def describe(meta: dict, source: str) -> dict:

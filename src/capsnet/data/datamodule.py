@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import CapsnetError
 from .batches import batch_loader
-from .datasets import ImageDataset, center_crop, stratified_split
+from .datasets import ImageDataset, center_crop, split_fingerprint, stratified_split
 from .generated import val_split
 from .registry import dataset_info, load_dataset
 
@@ -62,6 +62,7 @@ class ImageDataModule(L.LightningDataModule):
         self.multi_label = self.info.multi_label
         self.val = None
         self.train_index = self.val_index = None  # into the dataset's training split
+        self.pool = None  # split_fingerprint of the images val is carved from
         if self.val_size:  # carved out of all training images first, so --train-size keeps it
             if self.val_size >= len(train):
                 raise CapsnetError(f"--val-size {self.val_size} leaves no training images "
@@ -75,6 +76,7 @@ class ImageDataModule(L.LightningDataModule):
                 val_idx, train_idx = stratified_split(train.labels, self.val_size,
                                                       self.split_seed)
             self.val_index, self.train_index = val_idx, train_idx
+            self.pool = split_fingerprint(train.labels)
             val_images = train.images[val_idx]
             if self.info.crop:
                 val_images = center_crop(val_images, self.info.crop).contiguous()

@@ -110,6 +110,29 @@ def stratified_split(labels: Tensor, n: int, seed: int = 0) -> tuple[Tensor, Ten
     return held, mask.nonzero().flatten()
 
 
+def split_fingerprint(labels: Tensor) -> str:
+    """``"N:digest"``: the number of images a validation split is carved from and a digest of
+    their labels in order (``[N]`` classes or ``[N, K]`` multi-label rows).
+
+    The carve (:func:`stratified_split`) picks positions, so it gives the same images again
+    only from the same list: a folder that gained or lost images since a run would give other
+    validation images, some of them trained on. The run records this; ``evaluate --split
+    val`` and ``--resume`` refuse a different one. (Images swapped for others with the same
+    labels in the same places are not detected.)
+    """
+    import hashlib
+    data = labels.to(torch.int64).contiguous().numpy().tobytes()
+    return f"{labels.shape[0]}:{hashlib.sha256(data).hexdigest()[:16]}"
+
+
+def pool_changed(was: str, now: str) -> str:
+    """The words for two different :func:`split_fingerprint` values (then, now)."""
+    n_was, n_now = (int(f.split(":")[0]) for f in (was, now))
+    what = (f"{n_was:,} images then, {n_now:,} now" if n_was != n_now
+            else f"{n_now:,} images then and now, with other labels or in another order")
+    return f"the dataset's training images have changed since the run ({what})"
+
+
 def read_bytes(path: Path) -> bytes:
     """A file's bytes, gunzipped when its name ends in ``.gz``; one-line error otherwise."""
     try:
