@@ -378,6 +378,28 @@ def test_svhn_decodes_and_maps_ten_to_zero(tmp_path):
     assert len(load_dataset("svhn", tmp_path / "s")[0]) == 3
 
 
+def test_svhn_test_split_alone_reads_only_the_test_file(tmp_path, monkeypatch):
+    """Evaluating reads test_32x32.mat only: not the training file, not the extra one,
+    whether they are there (damaged here, to show they are not read) or not."""
+    from capsnet.data.registry import load_test_split
+    folder = write_svhn(tmp_path / "s", extra=True)
+    (folder / "train_32x32.mat").write_bytes(b"not read")
+    (folder / "extra_32x32.mat").write_bytes(b"not read")
+    for name in ("svhn", "svhn-extra"):
+        test = load_test_split(name, folder, allow_download=False)
+        assert test.labels.tolist() == [3, 0] and test.images.shape == (2, 3, 32, 32)
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "test_32x32.mat").write_bytes((folder / "test_32x32.mat").read_bytes())
+    assert load_test_split("svhn-extra", only, allow_download=False).labels.tolist() == [3, 0]
+    rows = {r["name"]: r for r in describe_datasets(only)}
+    assert rows["svhn"]["test_only"] == str(only) and rows["svhn"]["found"] is None
+    (only / "test_32x32.mat").write_bytes(b"damaged")
+    with pytest.raises(CapsnetError, match="cannot read the .mat file") as e:
+        load_test_split("svhn", only, allow_download=False)
+    assert str(only / "test_32x32.mat") in one_line(e)
+
+
 V73 = (b"MATLAB 7.3 MAT-file, Platform: GLNXA64, HDF5 schema 1.00 .".ljust(116) + b"\0" * 8
        + b"\x00\x02IM" + b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
 

@@ -52,7 +52,8 @@ class DatasetSpec:
     ``read(folder, **options)`` returns ``(train, test)``. ``download(target, timeout)``
     puts the files into ``target`` (None: no public URL). ``find_test``/``read_test``: the
     same for the test split alone, where its files can be read without the training files
-    (the IDX datasets), so that evaluating needs only them (:func:`load_test_split`).
+    (the IDX datasets and SVHN), so that evaluating needs only them
+    (:func:`load_test_split`).
 
     ``protocol``: for the sets generated from Fashion-MNIST (:mod:`capsnet.data.generated`):
     ``"multi"`` (MultiFashion pairs), ``"expanded"`` (random positions on 40x40) or
@@ -165,12 +166,14 @@ def _spec_list() -> list[DatasetSpec]:
         DatasetSpec(
             name="svhn", classes=svhn.CLASSES, image_shape=(3, 32, 32), hflip_ok=False,
             find=svhn.find_svhn, read=svhn.read_svhn, download=svhn.download_svhn,
+            find_test=svhn.find_svhn_test, read_test=svhn.read_svhn_test,
             how_to_get=f"train_32x32.mat and test_32x32.mat from {svhn.URL}",
             description="house-number digits, 32x32 colour, 73,257 + 26,032"),
         DatasetSpec(
             name="svhn-extra", classes=svhn.CLASSES, image_shape=(3, 32, 32),
             hflip_ok=False, folder="svhn", find=partial(svhn.find_svhn, extra=True),
             read=partial(svhn.read_svhn, extra=True),
+            find_test=svhn.find_svhn_test, read_test=svhn.read_svhn_test,
             download=partial(svhn.download_svhn, extra=True),
             how_to_get=f"train_32x32.mat, test_32x32.mat and extra_32x32.mat (1.3 GB) from "
                        f"{svhn.URL}",
@@ -415,15 +418,17 @@ def load_test_split(name: str = "fashion-mnist", data_dir: str | Path | None = N
                     allow_download: bool = True, **options) -> ImageDataset:
     """The test split of a registered dataset, as ``load_dataset(...)[1]`` returns it.
 
-    Where the dataset's test files can be read alone (``spec.read_test``: the IDX datasets)
-    and no folder holds the whole dataset, a folder holding just the test files is enough:
-    evaluating the shipped model needs the 10,000 test images, not the 60,000 training ones.
-    Otherwise (a whole dataset found, or nothing found: the download fetches it all) this is
-    :func:`load_dataset`. ``options`` as there.
+    Where the dataset's test files can be read alone (``spec.read_test``: the IDX datasets
+    and SVHN), only they are read: from the folder holding the whole dataset if there is
+    one, else from a folder holding just the test files. Evaluating the shipped model needs
+    the 10,000 test images, not the 60,000 training ones; SVHN's needs neither its training
+    file nor the 1.3 GB extra one. Otherwise (no ``read_test``, or nothing found: the
+    download fetches it all) this is :func:`load_dataset`. ``options`` as there.
     """
     spec = dataset_info(name)
-    if spec.read_test is not None and search(spec, data_dir) is None:
-        folder = search(replace(spec, find=spec.find_test), data_dir)
+    if spec.read_test is not None:
+        folder = search(spec, data_dir) or search(replace(spec, find=spec.find_test),
+                                                  data_dir)
         if folder is not None:
             test = spec.read_test(folder)
             _check_split(spec, "test", test, folder)

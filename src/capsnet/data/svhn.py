@@ -37,6 +37,20 @@ def find_svhn(folder: Path, extra: bool = False) -> Path | None:
     return folder if all((folder / n).is_file() for n in split_files(extra)) else None
 
 
+def find_svhn_test(folder: Path) -> Path | None:
+    """``folder`` if it holds ``test_32x32.mat`` (all that evaluation needs), else None."""
+    return Path(folder) if (Path(folder) / "test_32x32.mat").is_file() else None
+
+
+def read_svhn_test(folder: Path) -> ImageDataset:
+    """The test split alone (``svhn`` and ``svhn-extra`` share it): evaluating needs neither
+    the training file nor the 1.3 GB extra one."""
+    path = Path(folder) / "test_32x32.mat"
+    if not path.is_file():
+        raise CapsnetError(f"{path}: missing")
+    return ImageDataset(*read_mat(path), CLASSES)
+
+
 def read_mat(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """One SVHN ``.mat`` file: images ``[N, 3, 32, 32]`` uint8, labels ``[N]`` int64 0..9.
 
