@@ -920,3 +920,25 @@ def test_folder_that_changed_refuses_the_runs_validation_split(tmp_path, capsys)
     assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "changed since the run" in err and "resuming would carve another" in err
+
+
+def test_large_jpeg_decoded_at_a_reduced_scale(tmp_path):
+    """A 12-megapixel JPEG is decoded by the DCT's own scaling (a fraction of the memory of
+    a full decode) and gives nearly the picture the full decode gives."""
+    import tracemalloc
+
+    from capsnet.data.folder import _square, load_image
+    y, x = np.mgrid[0:3000, 0:4000]
+    photo = np.stack([x * 255 // 3999, y * 255 // 2999, (x + y) * 255 // 6998], -1)
+    path = save(tmp_path / "big.jpg", photo.astype(np.uint8), quality=92)
+    tracemalloc.start()
+    try:
+        small, grey = load_image(path, 32)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert small.shape == (32, 32, 3) and not grey
+    assert peak < 4_000_000  # a full decode alone is 36 MB as an array
+    with Image.open(path) as im:
+        full = _square(np.asarray(im.convert("RGB")), 32)
+    assert np.abs(small.astype(int) - full.astype(int)).mean() < 2

@@ -103,6 +103,11 @@ def load_image(path: Path, size: int) -> tuple[np.ndarray, bool]:
                     raise CapsnetError(f"{path}: image too large ({w}x{h} = {w * h:,} "
                                        f"pixels; the limit is {limit:,}, "
                                        "PIL.Image.MAX_IMAGE_PIXELS)")
+                # A JPEG is decoded at 1/2, 1/4 or 1/8 of its size (the DCT's own scaling)
+                # while that leaves at least twice ``size`` on each side: a 12-megapixel
+                # photo then costs 0.2, not 36 MB, and the bilinear resize below still
+                # averages over several pixels. Other formats: a no-op.
+                im.draft(None, (2 * size, 2 * size))
                 a, grey = _to_array(ImageOps.exif_transpose(im))  # upright, as viewers show it
     except CapsnetError:
         raise
