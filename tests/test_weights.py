@@ -181,6 +181,25 @@ def test_diverging_run_stops_with_one_line_and_writes_no_checkpoint(fashion_dir,
     assert not (out / "last.ckpt").exists() and not (out / "best.ckpt").exists()
 
 
+def test_non_finite_weights_stop_every_process_before_the_checkpoints(tmp_path):
+    """StopOnNonFinite checks the weights after validation in every process (so under DDP
+    all stop, not process 0 alone in its checkpoint writer), and not in the sanity check."""
+    from types import SimpleNamespace
+
+    from capsnet.callbacks import StopOnNonFinite
+    module = torch.nn.Linear(2, 2)
+    trainer = SimpleNamespace(sanity_checking=False,
+                              checkpoint_callback=SimpleNamespace(dirpath=str(tmp_path)))
+    StopOnNonFinite().on_validation_end(trainer, module)  # finite: goes on
+    with torch.no_grad():
+        module.bias[1] = float("inf")
+    with pytest.raises(CapsnetError, match="not finite") as e:
+        StopOnNonFinite().on_validation_end(trainer, module)
+    assert str(tmp_path / "last.ckpt") in str(e.value) and "bias" in str(e.value)
+    trainer.sanity_checking = True  # the untrained model's check before training: not saved
+    StopOnNonFinite().on_validation_end(trainer, module)
+
+
 def test_export_safetensors_and_onnx_from_a_checkpoint(trained_run, tmp_path, capsys,
                                                        fashion_dir):
     exports_agree(trained_run / "best.ckpt", tmp_path, capsys, fashion_dir)

@@ -92,7 +92,10 @@ class StopOnNonFinite(L.Callback):
     The step's weights are not saved: the error propagates out of ``trainer.fit`` before any
     checkpoint of this epoch is written, and :class:`~capsnet.checkpoints.SafeCheckpointIO`
     refuses non-finite weights in any case, so ``last.ckpt`` and ``best.ckpt`` keep the last
-    good epoch.
+    good epoch. Weights that became non-finite with a finite loss are caught after each
+    validation, before the checkpoints are written (Lightning runs checkpoint callbacks
+    last), in every process: under DDP only process 0 writes, and a refusal there alone
+    would leave the others waiting for it.
     """
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -110,6 +113,12 @@ class StopOnNonFinite(L.Callback):
                 f"the training loss became {became} at step {trainer.global_step} "
                 f"(epoch {trainer.current_epoch}); the run diverged, most likely a learning "
                 f"rate too high (lr {lr:g}); checkpoints on disk keep the last good epoch")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        where = getattr(trainer.checkpoint_callback, "dirpath", None) or "."
+        refuse_non_finite(pl_module.state_dict(), Path(where) / "last.ckpt")
 
 
 class SameWeightsOnAllRanks(L.Callback):
