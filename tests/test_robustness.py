@@ -256,7 +256,8 @@ def test_refusals_are_one_line(capsys, tmp_path):
     assert dataset_info("fashion-mnist-affine").image_shape == (1, 40, 40)
 
 
-def test_capsnet_on_pairs_trains_evaluates_and_reports(fashion_dir, tmp_path, capsys):
+def test_capsnet_on_pairs_trains_evaluates_and_reports(fashion_dir, tmp_path, capsys,
+                                                      monkeypatch):
     from capsnet.metrics import read_metrics
     from capsnet.cli import main
     out = tmp_path / "multi"
@@ -277,6 +278,17 @@ def test_capsnet_on_pairs_trains_evaluates_and_reports(fashion_dir, tmp_path, ca
     from capsnet.report.pairs import PAIR_FILES
     shown = [f for f in PAIR_FILES if (tmp_path / "rep" / f).is_file()]
     assert shown and all(f in page for f in shown)  # at least one kind, each on the page
+    # all pairs wrong, then all right: each figure left out with a sentence in its place
+    from capsnet.data import multi
+    for every, kept, sentence in ((False, PAIR_FILES[1], "No correct pairs among these"),
+                                  (True, PAIR_FILES[0], "No failures on these test pairs")):
+        monkeypatch.setattr(multi, "pair_correct",
+                            lambda scores, labels, v=every: torch.full((len(labels),), v))
+        rep = tmp_path / f"rep-{every}"
+        assert main(["report", str(out), "--test-size", "8", "--out", str(rep)]) == 0
+        page = (rep / "index.html").read_text()
+        assert sentence in page and kept in page
+        assert sorted(p.name for p in rep.glob("pair*.png")) == [kept]
 
 
 def test_expanded_training_and_affine_evaluation(fashion_dir, tmp_path, capsys):
