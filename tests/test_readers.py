@@ -851,9 +851,13 @@ def test_describe_and_cmd_datasets(tmp_path, monkeypatch, capsys):
     # --data-dir: the only place looked at
     assert cmd_datasets(Namespace(data_dir=str(env / "svhn"))) == 0
     out = capsys.readouterr().out
-    assert out.count(str(env / "svhn")) == 1 and "svhn-extra" in out
+    by_name = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert str(env / "svhn") in by_name["svhn"]  # and svhn-extra can be evaluated there:
+    extra = by_name["svhn-extra"]
+    assert str(env / "svhn") in extra and "test files only" in extra
     rows = {r["name"]: r for r in describe_datasets(env / "svhn")}
     assert rows["cifar10"]["found"] is None and rows["svhn-extra"]["found"] is None
+    assert rows["svhn-extra"]["test_only"] == str(env / "svhn")
 
 
 # --------------------------------------------------------------------------- training on them
