@@ -946,3 +946,36 @@ def test_large_jpeg_decoded_at_a_reduced_scale(tmp_path):
     with Image.open(path) as im:
         full = _square(np.asarray(im.convert("RGB")), 32)
     assert np.abs(small.astype(int) - full.astype(int)).mean() < 2
+
+
+def test_test_split_of_own_images_decodes_only_the_test_images(tmp_path, monkeypatch):
+    """Evaluating a folder or multi-label model reads its test images only (the split is
+    drawn per name): the same test split as a full read, with grey test images widened to
+    the model's 3 channels where a colour training image made the full read colour."""
+    from capsnet.data import folder as image_folder
+    from capsnet.data.registry import load_test_split
+    decoded = []
+    real = image_folder.load_image
+    monkeypatch.setattr(image_folder, "load_image",
+                        lambda path, size: decoded.append(path.name) or real(path, size))
+    root = tmp_path / "d"
+    names = [f"{c}{i:02d}.png" for c in ("cat", "dog") for i in range(20)]
+    test_names = {n for n, t in zip(names, held_out(names, 0.2)) if t}
+    colour = next(n for n in names if n not in test_names)  # a training image in colour
+    for k, name in enumerate(names):
+        pixels = grey(5 * k) if name != colour else np.full((8, 8, 3), (200, 10, 10), np.uint8)
+        save(root / name[:3] / name, pixels)
+    full = load_dataset("folder", root, image_size=8)[1]
+    assert full.images.shape[1] == 3  # one colour image makes the whole set colour
+    decoded.clear()
+    for channels, expect in ((3, 3), (None, 1)):
+        test = load_test_split("folder", root, image_size=8, channels=channels)
+        assert test.images.shape[1] == expect and torch.equal(test.labels, full.labels)
+        assert torch.equal(test.images.expand_as(full.images), full.images)
+    assert sorted(decoded) == sorted([*test_names] * 2)  # twice: only the test images
+    planet = write_planet(tmp_path / "planet", ext=".png", images="train-jpg")
+    full = load_dataset("multilabel", planet, image_size=8, test_fraction=0.1)[1]
+    decoded.clear()
+    test = load_test_split("multilabel", planet, image_size=8, test_fraction=0.1, channels=3)
+    assert torch.equal(test.images, full.images) and torch.equal(test.labels, full.labels)
+    assert len(decoded) == len(test) == 2

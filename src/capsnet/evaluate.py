@@ -128,7 +128,8 @@ def evaluation_data(model_path: str | Path, model: nn.Module, meta: dict, split:
     options = recorded_options(dataset, meta.get("data_options"), run,
                                image_size=model.config.image_size)
     if split == "test":
-        return _same_classes(load_test_split(dataset, data_dir, **options), meta, model_path)
+        test = load_test_split(dataset, data_dir, channels=model.config.in_channels, **options)
+        return _same_classes(test, meta, model_path)
     if not run:
         raise CapsnetError(f"{model_path}: the validation split needs a checkpoint or weights "
                            "file with its run's config.yaml beside it, or a weights file that "

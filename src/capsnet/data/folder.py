@@ -189,16 +189,21 @@ def _split_indices(test: torch.Tensor, where: Path, test_fraction: float
 
 def _load_split(paths: list[Path], labels: torch.Tensor, names: list[str],
                 train_idx: torch.Tensor, test_idx: torch.Tensor, size: int, classes: tuple,
-                split_seed: int) -> tuple[ImageDataset, ImageDataset]:
+                split_seed: int, test_only: bool = False
+                ) -> tuple[ImageDataset | None, ImageDataset]:
     """Both splits, each in :func:`_hashed_order`, read into one tensor (training images
-    first) of which the splits are views: no copy of the images beside them."""
+    first) of which the splits are views: no copy of the images beside them. ``test_only``:
+    ``(None, test)``, no training image read (``C`` is then decided by the test images
+    alone: 1 where a full read gives 3 with every test image grey, R = G = B)."""
+    if test_only:
+        train_idx = train_idx[:0]
     parts = [idx[_hashed_order([names[i] for i in idx.tolist()], split_seed)]
              for idx in (train_idx, test_idx)]
     order = torch.cat(parts)
     images = load_images([paths[i] for i in order.tolist()], size)
     n = len(parts[0])
-    return (ImageDataset(images[:n], labels[parts[0]], classes),
-            ImageDataset(images[n:], labels[parts[1]], classes))
+    test = ImageDataset(images[n:], labels[parts[1]], classes)
+    return (None if test_only else ImageDataset(images[:n], labels[parts[0]], classes)), test
 
 
 # --------------------------------------------------------------------------- class folders
@@ -257,7 +262,8 @@ def _flatten(files: dict[str, list[Path]], classes: list[str]) -> tuple[list[Pat
 
 
 def read_folder(folder: Path, image_size: int | None = None, test_fraction: float = 0.2,
-                split_seed: int = 0, **_) -> tuple[ImageDataset, ImageDataset]:
+                split_seed: int = 0, test_only: bool = False, **_
+                ) -> tuple[ImageDataset | None, ImageDataset]:
     """``(train, test)`` from class sub-folders: images ``[N, C, S, S]`` uint8 (``S =
     image_size``, default 32; ``C`` 1 or 3), labels ``[N]`` int64 indexing the sorted
     sub-folder names.
@@ -265,7 +271,8 @@ def read_folder(folder: Path, image_size: int | None = None, test_fraction: floa
     Either ``folder/train/<class>/*`` and ``folder/test/<class>/*`` (the same class names in
     both; other sub-folders such as ``val/`` are then ignored), or ``folder/<class>/*``,
     split into about ``test_fraction`` test images per class by a hash of each file name
-    and ``split_seed`` (:func:`held_out`: stable when the folder grows).
+    and ``split_seed`` (:func:`held_out`: stable when the folder grows). ``test_only``: see
+    :func:`_load_split`.
     """
     folder = Path(folder)
     size = _check_options(image_size, test_fraction)
@@ -291,7 +298,7 @@ def read_folder(folder: Path, image_size: int | None = None, test_fraction: floa
         return _load_split(train_paths + test_paths, torch.cat([train_labels, test_labels]),
                            [p.name for p in train_paths + test_paths], torch.arange(n),
                            torch.arange(n, n + len(test_paths)), size, tuple(classes),
-                           split_seed)
+                           split_seed, test_only)
     files = class_files(folder)
     classes = sorted(files)
     paths, labels = _flatten(files, classes)
@@ -304,7 +311,7 @@ def read_folder(folder: Path, image_size: int | None = None, test_fraction: floa
                                "add images or use train/ and test/ folders")
     test_idx, train_idx = _split_indices(test, folder, test_fraction)
     return _load_split(paths, labels, names, train_idx, test_idx, size, tuple(classes),
-                       split_seed)
+                       split_seed, test_only)
 
 
 # --------------------------------------------------------------------------- multi-label CSV
@@ -416,7 +423,8 @@ def read_label_csv(path: Path, images: Path
 
 
 def read_multilabel(folder: Path, image_size: int | None = None, test_fraction: float = 0.2,
-                    split_seed: int = 0, **_) -> tuple[ImageDataset, ImageDataset]:
+                    split_seed: int = 0, test_only: bool = False, **_
+                    ) -> tuple[ImageDataset | None, ImageDataset]:
     """``(train, test)`` from a label CSV and its image folder (:func:`find_multilabel`):
     images ``[N, C, S, S]`` uint8 (``S = image_size``, default 32), labels ``[N, K]`` uint8
     k-hot over the ``K`` sorted tags of the whole CSV. Split into about ``test_fraction``
@@ -437,4 +445,5 @@ def read_multilabel(folder: Path, image_size: int | None = None, test_fraction: 
     # the CSV's names, not the files': the split survives a move from .tif to .jpg files
     test = held_out(names, test_fraction, split_seed)
     test_idx, train_idx = _split_indices(test, csv_path, test_fraction)
-    return _load_split(paths, labels, names, train_idx, test_idx, size, classes, split_seed)
+    return _load_split(paths, labels, names, train_idx, test_idx, size, classes, split_seed,
+                       test_only)

@@ -415,15 +415,19 @@ def load_dataset(name: str = "fashion-mnist", data_dir: str | Path | None = None
 
 
 def load_test_split(name: str = "fashion-mnist", data_dir: str | Path | None = None,
-                    allow_download: bool = True, **options) -> ImageDataset:
+                    allow_download: bool = True, channels: int | None = None,
+                    **options) -> ImageDataset:
     """The test split of a registered dataset, as ``load_dataset(...)[1]`` returns it.
 
     Where the dataset's test files can be read alone (``spec.read_test``: the IDX datasets
     and SVHN), only they are read: from the folder holding the whole dataset if there is
     one, else from a folder holding just the test files. Evaluating the shipped model needs
     the 10,000 test images, not the 60,000 training ones; SVHN's needs neither its training
-    file nor the 1.3 GB extra one. Otherwise (no ``read_test``, or nothing found: the
-    download fetches it all) this is :func:`load_dataset`. ``options`` as there.
+    file nor the 1.3 GB extra one. Datasets read from the user's own images
+    (``sized_by_option``) decode their test images only (the split is drawn per name); a
+    full read gives every image 3 channels if any is in colour, so grey test images are
+    widened (R = G = B) to ``channels``, the model's, where that is 3. Otherwise (nothing
+    found: the download fetches it all) this is :func:`load_dataset`. ``options`` as there.
     """
     spec = dataset_info(name)
     if spec.read_test is not None:
@@ -433,6 +437,13 @@ def load_test_split(name: str = "fashion-mnist", data_dir: str | Path | None = N
             test = spec.read_test(folder)
             _check_split(spec, "test", test, folder)
             return test
+    if spec.sized_by_option:
+        folder = locate_folder(spec, data_dir, allow_download)
+        test = spec.read(folder, test_only=True, **options)[1]
+        _check_split(spec, "test", test, folder)
+        if channels == 3 and test.images.shape[1] == 1:
+            test = replace(test, images=test.images.expand(-1, 3, -1, -1).contiguous())
+        return test
     return load_dataset(name, data_dir, allow_download, **options)[1]
 
 
