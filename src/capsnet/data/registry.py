@@ -426,8 +426,9 @@ def load_test_split(name: str = "fashion-mnist", data_dir: str | Path | None = N
     file nor the 1.3 GB extra one. Datasets read from the user's own images
     (``sized_by_option``) decode their test images only (the split is drawn per name); a
     full read gives every image 3 channels if any is in colour, so grey test images are
-    widened (R = G = B) to ``channels``, the model's, where that is 3. Otherwise (nothing
-    found: the download fetches it all) this is :func:`load_dataset`. ``options`` as there.
+    widened (R = G = B) to ``channels``, the model's, where that is 3. Otherwise (no test
+    reader, or nothing found: the download fetches it all) this is :func:`load_dataset`.
+    ``options`` as there.
     """
     spec = dataset_info(name)
     if spec.read_test is not None:
