@@ -142,11 +142,9 @@ def evaluation_data(model_path: str | Path, model: nn.Module, meta: dict, split:
     from .data.datamodule import ImageDataModule
     dm = ImageDataModule(dataset, data_dir, val_size=run["val_size"], options=options)
     dm.setup("fit")
-    was = meta.get("train_pool")  # None: recorded by runs since 2026-12-05 only
-    if was and was != dm.pool:
-        from .data.datasets import pool_changed
-        raise CapsnetError(f"{model_path}: {pool_changed(was, dm.pool)}; its validation split "
-                           "cannot be carved again (other images, some of them trained on)")
+    from .data.datasets import refuse_changed_pool
+    refuse_changed_pool(meta.get("train_pool"), dm.pool, model_path, "its validation split "
+                        "cannot be carved again (other images, some of them trained on)")
     return _same_classes(dm.val, meta, model_path)
 
 

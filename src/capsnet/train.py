@@ -21,7 +21,7 @@ from .callbacks import (EpochMetricsCSV, ProgressBar, SafeCheckpointIO, SameWeig
                         SaveWeightsEvery, StopOnNonFinite)
 from .data.augment import AUGMENT_FLAGS
 from .data.datamodule import ImageDataModule
-from .data.datasets import pool_changed
+from .data.datasets import refuse_changed_pool
 from .data.generated import check_training
 from .data.registry import refuse_mirroring
 from .errors import CapsnetError, first_line
@@ -93,11 +93,10 @@ def _check_resumable(path: Path, module: LitCapsNet) -> None:
     state = ckpt.get("state_dict")
     if not isinstance(state, dict) or "optimizer_states" not in ckpt:
         raise CapsnetError(f"{path}: not a capsnet training checkpoint (nothing to resume)")
-    was = (ckpt.get("hyper_parameters") or {}).get("train_pool")
-    now = module.hparams.train_pool
-    if was and now and was != now:  # the validation split would be other images
-        raise CapsnetError(f"{path}: {pool_changed(was, now)}; resuming would carve another "
-                           "validation split, partly from images trained on")
+    refuse_changed_pool((ckpt.get("hyper_parameters") or {}).get("train_pool"),
+                        module.hparams.train_pool, path,
+                        "resuming would carve another validation split, partly from images "
+                        "trained on")
     try:
         module.load_state_dict(state)
     except (RuntimeError, TypeError, ValueError) as e:

@@ -125,12 +125,16 @@ def split_fingerprint(labels: Tensor) -> str:
     return f"{labels.shape[0]}:{hashlib.sha256(data).hexdigest()[:16]}"
 
 
-def pool_changed(was: str, now: str) -> str:
-    """The words for two different :func:`split_fingerprint` values (then, now)."""
+def refuse_changed_pool(was: str | None, now: str | None, where, consequence: str) -> None:
+    """One-line error naming ``where`` when two :func:`split_fingerprint` values (the run's,
+    the data's now) differ; nothing when either is unknown (runs before 2026-12-05)."""
+    if not was or not now or was == now:
+        return
     n_was, n_now = (int(f.split(":")[0]) for f in (was, now))
     what = (f"{n_was:,} images then, {n_now:,} now" if n_was != n_now
             else f"{n_now:,} images then and now, with other labels or in another order")
-    return f"the dataset's training images have changed since the run ({what})"
+    raise CapsnetError(f"{where}: the dataset's training images have changed since the run "
+                       f"({what}); {consequence}")
 
 
 def read_bytes(path: Path) -> bytes:
