@@ -253,6 +253,11 @@ def test_refusals_are_one_line(capsys, tmp_path):
         err = capsys.readouterr().err
         assert one_line_error(code, err) and needle in err, err
     assert not (tmp_path / "x").exists()
+    (tmp_path / "notes.txt").write_text("a user's file")
+    code = main(["train", "--out", str(tmp_path / "notes.txt")])
+    err = capsys.readouterr().err
+    assert one_line_error(code, err) and "a file, not a folder" in err, err
+    assert (tmp_path / "notes.txt").read_text() == "a user's file"
     assert dataset_info("fashion-mnist-affine").image_shape == (1, 40, 40)
 
 

@@ -151,6 +151,8 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
     one writes files and prints.
     """
     out = Path({**DEFAULTS, **settings}["out"])
+    if out.exists() and not out.is_dir():  # said now, not after the data has been read
+        raise CapsnetError(f"--out {out}: a file, not a folder")
     # A resumed run starts from its own config.yaml, under the settings given here (the CLI
     # has merged it already; the Python API's train({"out": run}, resume=True) has not, and
     # would otherwise put back the defaults of what it leaves out, e.g. --hflip).
