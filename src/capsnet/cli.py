@@ -218,8 +218,9 @@ def _cmd_evaluate(a) -> int:
     from .checkpoints import load_model
     from .evaluate import evaluate, evaluate_ensemble, evaluation_data, recon_weight_of
     from .runtime import torch_device
-    if a.batch_size < 1 or (a.test_size is not None and a.test_size < 1):
-        raise CapsnetError("--batch-size and --test-size must be positive")
+    for flag, v in (("--batch-size", a.batch_size), ("--test-size", a.test_size)):
+        if v is not None and v < 1:
+            raise CapsnetError(f"{flag} must be positive, got {v}")
     device = torch_device(a.device)
     loaded = [load_model(path, device) for path in a.model]
     model, meta = loaded[0]
