@@ -125,10 +125,11 @@ def test_couplings_match_plain_routing(impl):
 
 @pytest.mark.parametrize("iterations", [1, 2, 3])
 @pytest.mark.parametrize("detach", [False, True])
-def test_fused_routing_matches_the_reference(iterations, detach, monkeypatch):
+@pytest.mark.parametrize("images", [2, 5])  # three chunks, or the whole batch as on a GPU
+def test_fused_routing_matches_the_reference(iterations, detach, images, monkeypatch):
     """The library's plain-autograd routing is the specification of the fused kernel:
-    same outputs, same gradients for u and W (float64, several chunks of images)."""
-    monkeypatch.setattr(PredictAndRoute, "IMAGES", 2)
+    same outputs, same gradients for u and W (float64, in chunks of images or in one)."""
+    monkeypatch.setattr(PredictAndRoute, "IMAGES", images)
     torch.manual_seed(7)
     layers = {impl: RoutingCapsules(12, 8, 5, 16, iterations, detach, init_std=0.5,
                                     impl=impl).double() for impl in ("fused", "reference")}
@@ -168,6 +169,15 @@ def test_custom_backwards_pass_gradcheck(monkeypatch):
             lambda u: Routing.apply(u, iterations, False)[0], (u_hat,))
         assert torch.autograd.gradcheck(
             lambda u, w: PredictAndRoute.apply(u, w, 3, iterations, False), (u, w))
+
+
+def test_routing_chunks_by_device():
+    """4 images per chunk on a CPU; on an accelerator as many as fit the u_hat budget (the
+    paper model: 1152 x 160 floats, 0.74 MB per image, so 364 images in 256 MB)."""
+    w = torch.empty(1152, 8, 160)
+    assert PredictAndRoute.chunk_images(torch.empty(128, 1152, 8), w) == 4
+    on_device = torch.empty(128, 1152, 8, device="meta")  # a tensor that is not on the CPU
+    assert PredictAndRoute.chunk_images(on_device, w) == 256 * 2 ** 20 // (1152 * 160 * 4) == 364
 
 
 @pytest.mark.parametrize("scale", [0.0, 1e-6, 1e-2, 1.0, 1e3])

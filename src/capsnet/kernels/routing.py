@@ -127,7 +127,20 @@ class PredictAndRoute(torch.autograd.Function):
     Shapes: ``u`` ``[B, I, K]``, ``weight`` ``[I, K, O*D]`` -> ``v`` ``[B, O, D]``.
     """
 
-    IMAGES = 4  # images per chunk: 4 x 0.74 MB of u_hat in the paper model
+    IMAGES = 4  # images per chunk on a CPU: 4 x 0.74 MB of u_hat in the paper model
+    DEVICE_BYTES = 256 * 2 ** 20  # elsewhere (CUDA): the u_hat of one chunk, at most
+
+    @staticmethod
+    def chunk_images(u: Tensor, weight: Tensor) -> int:
+        """Images per chunk. On a CPU :attr:`IMAGES`, so that a chunk's ``u_hat`` stays in
+        cache (measured: docs/performance.md). On an accelerator, as many images as fit
+        :attr:`DEVICE_BYTES` of ``u_hat``: there each of routing's small operations is a
+        kernel launch, so chunks of 4 would launch them 32 times per batch of 128 (a choice
+        by reasoning, not measured: nothing here ran on a GPU)."""
+        if u.device.type == "cpu":
+            return PredictAndRoute.IMAGES
+        per_image = weight.shape[0] * weight.shape[2] * u.element_size()  # I * O*D values
+        return max(1, PredictAndRoute.DEVICE_BYTES // per_image)
 
     @staticmethod
     def predict(u: Tensor, weight: Tensor, n_out: int) -> tuple[Tensor, Tensor]:
@@ -140,7 +153,7 @@ class PredictAndRoute(torch.autograd.Function):
     def run(u: Tensor, weight: Tensor, n_out: int, iterations: int) -> list:
         """Per chunk of images, the ``(c, s, v)`` of every routing iteration."""
         return [route(PredictAndRoute.predict(chunk, weight, n_out)[1], n_out, iterations)
-                for chunk in u.split(PredictAndRoute.IMAGES)]
+                for chunk in u.split(PredictAndRoute.chunk_images(u, weight))]
 
     @staticmethod
     def outputs(chunks: list) -> Tensor:
@@ -161,7 +174,7 @@ class PredictAndRoute(torch.autograd.Function):
         n_in, k, n_od = weight.shape
         grad_u = torch.empty_like(u) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight)
-        step = PredictAndRoute.IMAGES
+        step = PredictAndRoute.chunk_images(u, weight)
         for i, saved in zip(range(0, u.shape[0], step), ctx.chunks):
             ui = u[i:i + step]
             b = ui.shape[0]
