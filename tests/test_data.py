@@ -6,7 +6,8 @@ import struct
 import pytest
 import torch
 
-from capsnet.data.augment import AugmentConfig, augment, random_erase, random_shift
+from capsnet.data.augment import (AugmentConfig, augment, process_draws, random_erase,
+                                  random_shift)
 from capsnet.cli import main
 from capsnet.data.datamodule import ImageDataModule
 from capsnet.data.datasets import load_dataset, locate, read_idx
@@ -204,6 +205,30 @@ def test_test_set_never_augmented(fashion_dir, monkeypatch, tmp_path):
     trainer.fit(module, datamodule=dm)
     trainer.validate(module, datamodule=dm, verbose=False)
     assert seen == [16, 16, 16]  # the three training batches; no test batch (40 images)
+
+
+def test_data_parallel_processes_draw_their_own_augmentation():
+    """Two processes with the same global RNG state (as DDP seeds them, and as a resume
+    restores them) draw different shifts and flips inside process_draws, each the same again
+    from the same state, and leave the shared state as each other; one process draws from
+    the global generator as if the block were not there."""
+    cpu, x = torch.device("cpu"), torch.rand(64, 1, 28, 28)
+    cfg = AugmentConfig(shift=2, hflip=True)
+
+    def step(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)  # every process's state at this step
+        with process_draws(rank, world, cpu):
+            out = augment(x, cfg)
+        return out, torch.get_rng_state()
+
+    (a, state_a), (b, state_b) = step(0, 2), step(1, 2)
+    assert not torch.equal(a, b)  # the same batch position, different draws
+    assert torch.equal(state_a, state_b)  # the processes stay alike
+    assert torch.equal(step(1, 2)[0], b)  # reproducible from the same state (exact resume)
+    torch.manual_seed(0)
+    plain, plain_state = augment(x, cfg), torch.get_rng_state()
+    one, one_state = step(0, 1)
+    assert torch.equal(one, plain) and torch.equal(one_state, plain_state)
 
 
 def test_validation_split(fashion_dir):

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from .data.affine import random_placement
-from .data.augment import AugmentConfig, augment
+from .data.augment import AugmentConfig, augment, process_draws
 from .data.batches import to_unit
 from .data.multi import make_pairs, split_packed
 from .inference import f_beta_per_image
@@ -123,15 +123,20 @@ class LitCapsNet(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch  # only training batches are augmented
-        if self.protocol == "multi":  # garments -> overlaid pairs, made here per batch
-            pairs = make_pairs(x, y)
+        with process_draws(self.global_rank, self.trainer.world_size, x.device):
+            if self.protocol == "multi":  # garments -> overlaid pairs, made here per batch
+                pairs = make_pairs(x, y)
+            elif self.protocol == "expanded":
+                x = random_placement(x)
+            else:
+                x = augment(x, self.augment_config)
+        if self.protocol == "multi":
             res = self._pair_losses(self.model, pairs.composite, pairs.first, pairs.second,
                                     pairs.labels)
             loss, acc = mean_pair_loss(res, pairs.valid)
             correct, f2, n = acc.view(1), None, int(pairs.valid.sum())
         else:
-            x = self._layout(random_placement(x) if self.protocol == "expanded"
-                             else augment(x, self.augment_config))
+            x = self._layout(x)
             _, loss, correct, f2 = self._losses(self.model, x, y, train=True)
             n = y.shape[0]
         # Averaged over the data-parallel processes (a no-op in one process).

@@ -1,12 +1,15 @@
 """Data augmentation on whole batches of image tensors, a different draw for every image.
 
 Everything here works on ``[B, C, H, W]`` float tensors on any device and uses the global
-torch random generator (so a seed, and a checkpointed RNG state, reproduce it).
+torch random generator (so a seed, and a checkpointed RNG state, reproduce it); under DDP
+training draws inside :func:`process_draws`, so that the processes' draws differ.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -130,6 +133,27 @@ def random_crop(x: Tensor, size: int) -> Tensor:
     batch = torch.arange(b, device=x.device)[:, None, None]
     out = x.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # [B, s, s, C]
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+@contextmanager
+def process_draws(rank: int, world: int, device: torch.device) -> Iterator[None]:
+    """Random draws of its own for each data-parallel process, inside the block.
+
+    Under DDP every process seeds the global generator alike, and it must stay alike: a
+    checkpoint keeps process 0's state and a resume gives it to every process. Drawn from
+    it, augmentation would repeat the same shifts and flips at the same batch position in
+    every process. Inside this block each process draws from a stream seeded by one draw
+    of the shared one (the same in every process, which keeps them alike) plus its rank;
+    the shared generator's state is restored afterwards, so a resume stays exact. With one
+    process (``world == 1``) nothing changes: the global generator draws, as before.
+    """
+    if world == 1:
+        yield
+        return
+    base = int(torch.randint(0, 2 ** 62, (1,)).item())
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(base + rank)
+        yield
 
 
 def augment(x: Tensor, cfg: AugmentConfig) -> Tensor:
