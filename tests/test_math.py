@@ -206,11 +206,13 @@ def test_ema_follows_then_averages():
     assert float(avg.module.weight.detach()) == pytest.approx(1 * 2 / 11 + 2 * 9 / 11)
 
 
-def test_ema_of_a_model_with_batch_norm():
+@pytest.mark.parametrize("average", [{"ema": 0.5}, {"swa": True}], ids=["ema", "swa"])
+def test_average_of_a_model_with_batch_norm(average):
     """Efficient-CapsNet has batch norm: its running statistics are averaged like weights,
-    its integer step counter copied (``lerp`` on a Long tensor raised before)."""
+    its integer step counter copied (``lerp`` on a Long tensor raised before under EMA;
+    PyTorch's SWA update divided it as an integer, leaving 1 after 3 steps)."""
     from capsnet.lit import LitCapsNet
-    lit = LitCapsNet(arch="efficient-capsnet", ema=0.5)
+    lit = LitCapsNet(arch="efficient-capsnet", **average)
     bn = next(m for m in lit.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     lit.model.train()
     for step in range(3):

@@ -17,7 +17,7 @@ from .models.base import PRESENT
 from .models import build_model, objective
 from .pairs import mean_pair_loss, pair_losses
 from .paper import RECON_WEIGHT
-from .optim import adam, ema_update, lr_factor, warmup_factor
+from .optim import adam, ema_update, lr_factor, swa_update, warmup_factor
 
 
 class LitCapsNet(L.LightningModule):
@@ -67,9 +67,8 @@ class LitCapsNet(L.LightningModule):
         # build in it, so --no-channels-last converts them back.
         self.model.to(memory_format=torch.channels_last if channels_last
                       else torch.contiguous_format)
-        # The running mean of torch.optim.swa_utils (multi_avg_fn None) is SWA's average.
-        self.ema = (AveragedModel(self.model, multi_avg_fn=ema_update(ema) if ema > 0 else None,
-                                  use_buffers=True)
+        self.ema = (AveragedModel(self.model, use_buffers=True,
+                                  multi_avg_fn=ema_update(ema) if ema > 0 else swa_update())
                     if ema > 0 or swa else None)
         if self.ema is not None:  # updated by averaging, never by gradients (DDP checks)
             self.ema.requires_grad_(False)

@@ -40,22 +40,35 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def ema_update(decay: float):
-    """The ``multi_avg_fn`` (for ``torch.optim.swa_utils.AveragedModel``) of an exponential
-    moving average with a warm-up.
-
-    After ``n`` updates the weight of the old average is ``min(decay, (1 + n) / (10 + n))``, so
-    the average follows the model closely in the first steps instead of remembering the random
-    initial weights for ``1 / (1 - decay)`` steps. Integer buffers (batch norm's
-    ``num_batches_tracked``, averaged with the weights under ``use_buffers=True``) are counters,
-    not weights: they are copied.
-    """
+def _average_update(weight_of_old):
+    """A ``multi_avg_fn`` for ``torch.optim.swa_utils.AveragedModel``: after ``n`` updates,
+    floating-point tensors move to the model's by ``1 - weight_of_old(n)``; integer buffers
+    (batch norm's ``num_batches_tracked``, averaged with the weights under
+    ``use_buffers=True``) are counters, not weights: they are copied (PyTorch's own SWA
+    update divides them as integers, so an average's counter fell behind the model's)."""
     def update(averaged: list[Tensor], current: list[Tensor], num_averaged) -> None:
-        n = int(num_averaged)
-        d = min(decay, (1 + n) / (10 + n))
+        d = weight_of_old(int(num_averaged))
         for a, c in zip(averaged, current):
             if a.is_floating_point():
                 a.lerp_(c, 1 - d)
             else:
                 a.copy_(c)
     return update
+
+
+def swa_update():
+    """The ``multi_avg_fn`` of stochastic weight averaging: the equal-weight mean of every
+    update (after ``n`` updates the old average weighs ``n / (n + 1)``)."""
+    return _average_update(lambda n: n / (n + 1))
+
+
+def ema_update(decay: float):
+    """The ``multi_avg_fn`` (for ``torch.optim.swa_utils.AveragedModel``) of an exponential
+    moving average with a warm-up.
+
+    After ``n`` updates the weight of the old average is ``min(decay, (1 + n) / (10 + n))``, so
+    the average follows the model closely in the first steps instead of remembering the random
+    initial weights for ``1 / (1 - decay)`` steps. Integer buffers are copied
+    (:func:`_average_update`).
+    """
+    return _average_update(lambda n: min(decay, (1 + n) / (10 + n)))
