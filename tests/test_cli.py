@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,6 +52,8 @@ def test_evaluate_json(trained_run, fashion_dir, capsys):
     conf = torch.tensor(result["confusion"])
     assert conf.shape == (10, 10) and conf.sum() == 1000
     assert conf.trace() / 1000 == pytest.approx(result["accuracy"])
+    low, high = result["accuracy_interval"]  # 95% Wilson: about +-3 points at 1,000 images
+    assert low < result["accuracy"] < high and 0.04 < high - low < 0.07
     # the checkpoint's recorded test accuracy is the one evaluate recomputes
     best = read_metrics(trained_run / "metrics.csv")[0]["test_acc"]
     assert result["accuracy"] == pytest.approx(best, abs=1e-6)
@@ -185,6 +188,9 @@ def test_evaluate_table(trained_run, fashion_dir, capsys):
     code, out, _ = run_cli(capsys, "evaluate", trained_run / "last.ckpt", "--data-dir",
                            fashion_dir, "--test-size", 200)
     assert code == 0 and "accuracy" in out and "Ankle boot" in out
+    acc, low, high = map(float, re.search(r"accuracy ([\d.]+) \(95% interval ([\d.]+)-([\d.]+)\) "
+                                          r"on 200 test images", out).groups())
+    assert low < acc < high
 
 
 def test_predict_png_and_jpeg(trained_run, fashion_dir, tmp_path, capsys):

@@ -244,3 +244,14 @@ def test_swa_is_the_equal_weight_mean_and_constant_schedule_warms_up():
         config["optimizer"].step()
         config["lr_scheduler"]["scheduler"].step()
     assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_accuracy_interval_is_wilsons():
+    """The 95% Wilson score interval: textbook values, zero and full counts, symmetry."""
+    from capsnet.inference import accuracy_interval
+    assert accuracy_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert accuracy_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    low, high = accuracy_interval(9288, 10000)  # the shipped model: +-0.5 points
+    assert low == pytest.approx(0.9236, abs=1e-4) and high == pytest.approx(0.9337, abs=1e-4)
+    assert accuracy_interval(3, 10) == pytest.approx(tuple(1 - v for v in
+                                                           reversed(accuracy_interval(7, 10))))

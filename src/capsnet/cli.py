@@ -259,7 +259,9 @@ def _cmd_evaluate(a) -> int:
     tta = TTA_WORDS[a.tta]
     name = a.model[0] if len(a.model) == 1 else f"ensemble of {len(a.model)} models"
     mean = "" if len(a.model) == 1 else "; the members' mean"
-    print(f"{name}: accuracy {result['accuracy']:.4f} on {result['n']:,} "
+    low, high = result.get("accuracy_interval", (None, None))
+    interval = "" if low is None else f" (95% interval {low:.4f}-{high:.4f})"
+    print(f"{name}: accuracy {result['accuracy']:.4f}{interval} on {result['n']:,} "
           f"{'validation' if a.split == 'val' else 'test'} images{tta}, "
           f"loss {result['loss']:.4f} ({_loss_terms(result)}{mean})")
     for path, acc in zip(result.get("members", []), result.get("member_accuracy", [])):
