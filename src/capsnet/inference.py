@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -145,8 +144,8 @@ def accuracy_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float,
     """The 95% Wilson score interval of an accuracy of ``correct`` out of ``n`` images.
 
     It covers only the binomial noise of which images the set holds (about +-0.5 points
-    at 93% on 10,000 images, +-0.7 on 5,000); two training runs of one recipe differ by
-    more than that (docs/results.md). Wilson's, not the normal approximation's, because it
+    at 93% on 10,000 images, +-0.7 on 5,000), not the spread between training runs of one
+    recipe (docs/results.md). Wilson's, not the normal approximation's, because it
     stays inside [0, 1] near 0% and 100% and for small ``n``.
     """
     if n == 0:
