@@ -118,6 +118,9 @@ def test_report_files_and_page(report):
     for name in ("T-shirt/top", "Trouser", "Ankle boot"):
         assert name in page  # the per-class table
     assert "test accuracy" in page and "%" in page
+    acc, low, high = map(float, re.search(r"<span class=big>([\d.]+)%</span> \(95% interval "
+                                          r"([\d.]+)%-([\d.]+)%", page).groups())
+    assert low <= acc <= high and 4 < high - low < 10  # 500 test images: +-2.5 to 4.5 points
 
 
 def test_perturbation_png_holds_16x11_tiles(report):

@@ -389,7 +389,8 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
 
     # ---- the page
     page = _html(run_dir=run_dir, ckpt=ckpt, meta=meta, dataset=dataset, n=n,
-                 accuracy=accuracy, losses=losses, rows=rows, classes=classes,
+                 accuracy=accuracy, interval=summary["accuracy_interval"], losses=losses,
+                 rows=rows, classes=classes,
                  per_class=per_class, per_class_n=per_class_n.tolist(), confusion=confusion,
                  mistakes=[(i, int(labels[i]), int(pred[i]), lengths[i].tolist())
                            for i in mis],
@@ -402,8 +403,8 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
 
 
 
-def _html(*, run_dir, ckpt, meta, dataset, n, accuracy, losses, rows, classes, per_class,
-          per_class_n, confusion, mistakes, picks, gif_image, gif_dims, offsets, version,
+def _html(*, run_dir, ckpt, meta, dataset, n, accuracy, interval, losses, rows, classes,
+          per_class, per_class_n, confusion, mistakes, picks, gif_image, gif_dims, offsets, version,
           dims) -> str:
     e = html.escape
     last = rows[-1] if rows else {}
@@ -411,7 +412,8 @@ def _html(*, run_dir, ckpt, meta, dataset, n, accuracy, losses, rows, classes, p
         ("run directory", e(str(run_dir))),
         ("model", e(Path(str(ckpt)).name) + _after(meta) + _selection(Path(str(ckpt)).name)),
         ("dataset", f"{e(dataset)}, first {n:,} test images" if n < 10000 else e(dataset)),
-        ("test accuracy", f"<span class=big>{_pct(accuracy)}</span>"),
+        ("test accuracy", f"<span class=big>{_pct(accuracy)}</span> (95% interval "
+                          f"{_pct(interval[0])}-{_pct(interval[1])}, of these images)"),
         ("test loss", f"{losses['loss']:.4f} (margin {losses['margin_loss']:.4f}, "
                       f"reconstruction SSE {losses['reconstruction_sse']:.2f} per image)"),
         ("epochs in metrics.csv", str(len(rows))),
