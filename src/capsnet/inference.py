@@ -162,9 +162,9 @@ def summarize(lengths: Tensor, labels: Tensor, classes: list[str]) -> dict:
     pred = lengths.argmax(dim=1)
     confusion = confusion_matrix(labels, pred, len(classes))
     per_class = confusion.diagonal() / confusion.sum(dim=1).clamp(min=1)
-    correct = int((pred == labels).sum())
-    return {"accuracy": float((pred == labels).float().mean()), "n": len(labels),
-            "accuracy_interval": list(accuracy_interval(correct, len(labels))),
+    hits = pred == labels
+    return {"accuracy": float(hits.float().mean()), "n": len(labels),
+            "accuracy_interval": list(accuracy_interval(int(hits.sum()), len(labels))),
             "per_class": dict(zip(classes, per_class.tolist())),
             "confusion": confusion.tolist(), "classes": list(classes)}
 

@@ -122,22 +122,19 @@ class LitCapsNet(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch  # only training batches are augmented
+        # Only the augmentation draws at random here; under DDP each process its own.
         with process_draws(self.global_rank, self.trainer.world_size, x.device):
             if self.protocol == "multi":  # garments -> overlaid pairs, made here per batch
                 pairs = make_pairs(x, y)
-            elif self.protocol == "expanded":
-                x = random_placement(x)
+                res = self._pair_losses(self.model, pairs.composite, pairs.first,
+                                        pairs.second, pairs.labels)
+                loss, acc = mean_pair_loss(res, pairs.valid)
+                correct, f2, n = acc.view(1), None, int(pairs.valid.sum())
             else:
-                x = augment(x, self.augment_config)
-        if self.protocol == "multi":
-            res = self._pair_losses(self.model, pairs.composite, pairs.first, pairs.second,
-                                    pairs.labels)
-            loss, acc = mean_pair_loss(res, pairs.valid)
-            correct, f2, n = acc.view(1), None, int(pairs.valid.sum())
-        else:
-            x = self._layout(x)
-            _, loss, correct, f2 = self._losses(self.model, x, y, train=True)
-            n = y.shape[0]
+                x = self._layout(random_placement(x) if self.protocol == "expanded"
+                                 else augment(x, self.augment_config))
+                _, loss, correct, f2 = self._losses(self.model, x, y, train=True)
+                n = y.shape[0]
         # Averaged over the data-parallel processes (a no-op in one process).
         kw = dict(on_step=True, on_epoch=True, batch_size=max(1, n),
                   sync_dist=self.trainer.world_size > 1)
