@@ -1,13 +1,15 @@
 """Accuracy against the clock for a finished run: a table and a plot from its metrics.csv.
 
     python scripts/clock.py RUN_DIR [RUN_DIR2 ...] [--png docs/accuracy_vs_time.png]
-        [--cpu "Intel Xeon ..."]
+        [--cpu "Intel Xeon ..."] [--val-only]
 
 Wall time is the sum of the epochs' ``epoch_time_s`` (training plus the per-epoch evaluation
 of the validation and test sets), so it continues across ``--resume``. Several run folders
 are the stages of one recipe in order (a run started with ``--init`` from the one before):
 their epochs are counted on one clock, and the plot marks where each stage begins. Per-epoch
 test accuracy is a record only: the test set chose nothing (best.ckpt follows validation accuracy).
+``--val-only`` leaves it out of the table, the thresholds and the plot: for a run whose rules
+(docs/results.md) are not yet applied, whose test column is not to be looked at.
 
 A long run on a shared machine has epochs that were slowed down by other work or paused
 (``--disturbed 1-3,19``, epochs counted from 1 on the one clock). The table then adds a
@@ -50,17 +52,20 @@ def parse_epochs(text: str) -> frozenset[int]:
     return frozenset(out)
 
 
-def table(rows: list[dict], disturbed: frozenset[int] = frozenset()) -> str:
+def table(rows: list[dict], disturbed: frozenset[int] = frozenset(),
+          keys: tuple[str, ...] = ("val_acc", "test_acc")) -> str:
+    """A markdown table: each epoch's minutes on the clock (and on the "alone" clock when
+    some epochs were ``disturbed``) and its accuracies ``keys``."""
     clock = minutes(rows)
     alone = minutes(rows, disturbed) if disturbed else None
     head = "| epoch | wall time (min) |" + (" alone (min) |" if alone else "")
-    rule = "|---:|---:|" + ("---:|" if alone else "") + "---:|---:|"
-    lines = [head + " val acc | test acc |", rule]
+    rule = "|---:|---:|" + ("---:|" if alone else "") + "---:|" * len(keys)
+    lines = [head + "".join(f" {k.replace('_', ' ')} |" for k in keys), rule]
     for i, r in enumerate(rows):
         mark = "*" if r["epoch"] + 1 in disturbed else ""
         lines.append(f"| {r['epoch'] + 1}{mark} | {clock[i]:.1f} |"
                      + (f" {alone[i]:.1f} |" if alone else "")
-                     + f" {r.get('val_acc', float('nan')):.2%} | {r['test_acc']:.2%} |")
+                     + "".join(f" {r.get(k, float('nan')):.2%} |" for k in keys))
     return "\n".join(lines)
 
 
@@ -90,7 +95,8 @@ def stages(run_dirs: list[str]) -> tuple[list[dict], list[int]]:
 
 def plot(rows: list[dict], path: Path, cpu: str, starts: list[int] = (),
          recipe: str = "configs/fashion-mnist.yaml",
-         disturbed: frozenset[int] = frozenset()) -> None:
+         disturbed: frozenset[int] = frozenset(),
+         keys: tuple[str, ...] = ("val_acc", "test_acc")) -> None:
     clock = minutes(rows, disturbed)
     epochs = [r["epoch"] + 1 for r in rows]
     fig = Figure(figsize=(10, 3.6), layout="constrained")
@@ -99,6 +105,8 @@ def plot(rows: list[dict], path: Path, cpu: str, starts: list[int] = (),
     for ax, x, label in zip(fig.subplots(1, 2), (clock, epochs), (time_label, "epoch")):
         for key, colour, name in (("val_acc", "#d95f02", "validation (5,000)"),
                                   ("test_acc", "#1b9e77", "test (10,000)")):
+            if key not in keys:
+                continue
             ax.plot(x, [100 * r[key] for r in rows], "o-", ms=3, color=colour, label=name)
         for t in (90, 92, 93):
             ax.axhline(t, color="#999", lw=0.6, ls=":")
@@ -124,21 +132,24 @@ def main(argv=None) -> int:
     p.add_argument("--disturbed", type=parse_epochs, default=frozenset(), metavar="EPOCHS",
                    help="epochs slowed by other work, e.g. 1-3,19: also shown on a clock that "
                         "counts them at the median epoch's time")
+    p.add_argument("--val-only", action="store_true",
+                   help="leave test accuracy out (a run whose rules are not yet applied)")
     a = p.parse_args(argv)
+    keys = ("val_acc",) if a.val_only else ("val_acc", "test_acc")
     empty = [d for d in a.run_dirs if not read_metrics(Path(d) / "metrics.csv")]
     if empty:
         print(f"{empty[0]}: no metrics.csv rows", file=sys.stderr)
         return 2
     rows, starts = stages(a.run_dirs)
-    print(table(rows, a.disturbed))
+    print(table(rows, a.disturbed, keys))
     print()
-    for key in ("test_acc", "val_acc"):
+    for key in keys[::-1]:
         alone = first_reached(rows, key, a.disturbed)
         for t, (epoch, m) in first_reached(rows, key).items():
             extra = f" ({alone[t][1]:.1f} alone)" if a.disturbed else ""
             print(f"{key} first >= {t:.1%}: epoch {epoch}, {m:.1f} min{extra}")
     if a.png:
-        plot(rows, Path(a.png), a.cpu, starts, a.recipe, a.disturbed)
+        plot(rows, Path(a.png), a.cpu, starts, a.recipe, a.disturbed, keys)
         print(f"wrote {a.png}")
     return 0
 

@@ -44,6 +44,20 @@ def test_clock_counts_disturbed_epochs_at_the_median_on_a_second_clock(tmp_path)
     assert lines[0].count("|") == 6 and lines[3].startswith("| 2* | 61.0 | 2.0 |")
 
 
+def test_clock_val_only_prints_no_test_accuracy(tmp_path, capsys):
+    clock = load_script("clock")
+    _metrics(tmp_path / "run", [0.911, 0.922])  # test accuracy 0.901, 0.912
+    assert clock.main([str(tmp_path / "run"), "--val-only",
+                       "--png", str(tmp_path / "clock.png")]) == 0
+    out = capsys.readouterr().out
+    assert "92.20%" in out and "test acc" not in out and "test_acc" not in out
+    assert "91.20%" not in out and "90.10%" not in out
+    assert "val_acc first >= 92.0%: epoch 2" in out and (tmp_path / "clock.png").stat().st_size
+    assert clock.main([str(tmp_path / "run")]) == 0  # the default keeps the record
+    out = capsys.readouterr().out
+    assert "| 2 | 2.0 | 92.20% | 91.20% |" in out and "test_acc first >= 90.0%: epoch 1" in out
+
+
 def test_greedy_soup_keeps_a_candidate_only_if_validation_does_not_drop():
     import torch
     soup = load_script("soup")
