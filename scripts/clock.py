@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from capsnet.metrics import read_metrics
 
 THRESHOLDS = (0.90, 0.92, 0.93, 0.936, 0.94)
+ACCURACIES = ("val_acc", "test_acc")  # metrics.csv columns shown; --val-only keeps the first
 
 
 def minutes(rows: list[dict], disturbed: frozenset[int] = frozenset()) -> list[float]:
@@ -53,7 +54,7 @@ def parse_epochs(text: str) -> frozenset[int]:
 
 
 def table(rows: list[dict], disturbed: frozenset[int] = frozenset(),
-          keys: tuple[str, ...] = ("val_acc", "test_acc")) -> str:
+          keys: tuple[str, ...] = ACCURACIES) -> str:
     """A markdown table: each epoch's minutes on the clock (and on the "alone" clock when
     some epochs were ``disturbed``) and its accuracies ``keys``."""
     clock = minutes(rows)
@@ -96,7 +97,7 @@ def stages(run_dirs: list[str]) -> tuple[list[dict], list[int]]:
 def plot(rows: list[dict], path: Path, cpu: str, starts: list[int] = (),
          recipe: str = "configs/fashion-mnist.yaml",
          disturbed: frozenset[int] = frozenset(),
-         keys: tuple[str, ...] = ("val_acc", "test_acc")) -> None:
+         keys: tuple[str, ...] = ACCURACIES) -> None:
     clock = minutes(rows, disturbed)
     epochs = [r["epoch"] + 1 for r in rows]
     fig = Figure(figsize=(10, 3.6), layout="constrained")
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     p.add_argument("--val-only", action="store_true",
                    help="leave test accuracy out (a run whose rules are not yet applied)")
     a = p.parse_args(argv)
-    keys = ("val_acc",) if a.val_only else ("val_acc", "test_acc")
+    keys = ACCURACIES[:1] if a.val_only else ACCURACIES
     empty = [d for d in a.run_dirs if not read_metrics(Path(d) / "metrics.csv")]
     if empty:
         print(f"{empty[0]}: no metrics.csv rows", file=sys.stderr)
