@@ -185,8 +185,14 @@ def test_evaluate_an_ensemble_on_the_runs_validation_split(trained_run, fashion_
 
 
 def test_evaluate_table(trained_run, fashion_dir, capsys):
-    code, out, _ = run_cli(capsys, "evaluate", trained_run / "last.ckpt", "--data-dir",
-                           fashion_dir, "--test-size", 200)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        code, out, _ = run_cli(capsys, "evaluate", trained_run / "last.ckpt", "--data-dir",
+                               fashion_dir, "--test-size", 200, "--threads", 1)
+        assert torch.get_num_threads() == 1  # --threads took effect
+    finally:
+        torch.set_num_threads(before)
     assert code == 0 and "accuracy" in out and "Ankle boot" in out
     acc, low, high = map(float, re.search(r"accuracy ([\d.]+) \(95% interval ([\d.]+)-([\d.]+)\) "
                                           r"on 200 test images", out).groups())

@@ -258,10 +258,13 @@ def test_refusals_are_one_line(capsys, tmp_path):
     err = capsys.readouterr().err
     assert one_line_error(code, err) and "a file, not a folder" in err, err
     assert (tmp_path / "notes.txt").read_text() == "a user's file"
-    for flag in ("--test-size", "--batch-size"):
+    for flag in ("--test-size", "--batch-size", "--threads"):
         code = main(["evaluate", "fashion-mnist", flag, "0"])
         err = capsys.readouterr().err
         assert one_line_error(code, err) and f"{flag} must be positive, got 0" in err, err
+    code = main(["predict", "--threads", "-1", str(tmp_path / "notes.txt")])
+    err = capsys.readouterr().err
+    assert one_line_error(code, err) and "--threads must be positive, got -1" in err, err
     assert dataset_info("fashion-mnist-affine").image_shape == (1, 40, 40)
 
 

@@ -15,6 +15,8 @@ import sys
 
 from .errors import CapsnetError
 
+THREADS_HELP = "CPU threads (default: torch's choice)"
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag gives one line (not the whole usage) and exit code 2."""
@@ -117,7 +119,7 @@ def _train_parser(sub) -> None:
          {"choices": ["auto", "ddp"]}),
         ("precision", "32, bf16-mixed or 16-mixed (GPU only) (default 32)",
          {"choices": PRECISIONS}),
-        ("threads", "CPU threads (default: torch's choice)", {"type": int}),
+        ("threads", THREADS_HELP, {"type": int}),
         ("channels_last", "channels-last convolutions (default on: faster on CPU)",
          {"action": bool_}),
         ("log_every", f"log and refresh every N steps (default {D['log_every']})",
@@ -210,6 +212,17 @@ def _check_tta(tta: str, dataset: str) -> None:
         refuse_mirroring(dataset, f"--tta {tta}")
 
 
+def _set_threads(threads: int | None) -> None:
+    """`--threads` of evaluate and predict (train has its own setting): torch's CPU threads,
+    e.g. 1 beside a training run rather than two threads each on two cores."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise CapsnetError(f"--threads must be positive, got {threads}")
+    import torch
+    torch.set_num_threads(threads)
+
+
 def _cmd_evaluate(a) -> int:
     from .shipped import resolve
     for spec in a.model:  # before torch loads: a wrong path fails at once
@@ -221,6 +234,7 @@ def _cmd_evaluate(a) -> int:
     for flag, v in (("--batch-size", a.batch_size), ("--test-size", a.test_size)):
         if v is not None and v < 1:
             raise CapsnetError(f"{flag} must be positive, got {v}")
+    _set_threads(a.threads)
     device = torch_device(a.device)
     loaded = [load_model(path, device) for path in a.model]
     model, meta = loaded[0]
@@ -303,6 +317,7 @@ def _cmd_predict(a) -> int:
     if spec is None and len(images) > 1 and _looks_like_model(images[0]):
         spec = images.pop(0)  # the older form: capsnet predict MODEL IMAGE...
     resolve(spec or DEFAULT_MODEL)  # before torch loads: a wrong path fails at once
+    _set_threads(a.threads)
     from .checkpoints import load_model
     from .evaluate import model_input, predict
     model, meta = load_model(spec or DEFAULT_MODEL)
@@ -392,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "shifts, shift+hflip both; gridR all shifts by up to R pixels along each "
                    "axis, gridR+hflip with the mirror of each")
     e.add_argument("--device", default="auto")
+    e.add_argument("--threads", type=int, help=THREADS_HELP)
     e.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
     r = sub.add_parser("predict", help="classify image files (PNG, JPEG, GIF, ...)")
@@ -411,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="as for evaluate: the mean capsule lengths of the image's mirror "
                    "image (hflip), its four one-pixel shifts (shift), both, or its shifts "
                    "by up to R pixels (gridR, gridR+hflip)")
+    r.add_argument("--threads", type=int, help=THREADS_HELP)
     r.add_argument("--json", action="store_true", help="one JSON object per image")
 
     x = sub.add_parser("export", help="a model as ONNX (inference graph) or as a safetensors "
@@ -435,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--eval-batch-size", type=int,
                    help="inference batch (default: the training batch)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    b.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    b.add_argument("--threads", type=int, help=THREADS_HELP)
     b.add_argument("--steps", type=int, default=12,
                    help="timed steps per measurement (default 12)")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
