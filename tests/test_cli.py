@@ -16,6 +16,8 @@ from capsnet.metrics import read_metrics
 from capsnet.checkpoints import load_model
 from capsnet.cli import main
 from capsnet.data.datasets import load_dataset
+from capsnet.models import build_model
+from capsnet.weights import save_weights
 from conftest import CONFIGS, one_line_error
 
 
@@ -197,6 +199,31 @@ def test_evaluate_table(trained_run, fashion_dir, capsys):
     acc, low, high = map(float, re.search(r"accuracy ([\d.]+) \(95% interval ([\d.]+)-([\d.]+)\) "
                                           r"on 200 test images", out).groups())
     assert low < acc < high
+
+
+def test_evaluate_with_other_routing_iterations(trained_run, fashion_dir, tmp_path, capsys):
+    def result(*extra):
+        code, out, err = run_cli(capsys, "evaluate", trained_run / "last.ckpt", "--data-dir",
+                                 fashion_dir, "--test-size", 200, "--json", *extra)
+        assert code == 0, err
+        return json.loads(out)
+    trained = result()  # the run's own r = 3
+    same, one = result("--routing-iterations", 3), result("--routing-iterations", 1)
+    assert same["routing_iterations"] == 3 and "routing_iterations" not in trained
+    assert same["loss"] == pytest.approx(trained["loss"], abs=1e-6)
+    assert abs(one["loss"] - trained["loss"]) > 1e-4  # uniform coupling: other lengths
+    code, out, _ = run_cli(capsys, "evaluate", trained_run / "last.ckpt", "--data-dir",
+                           fashion_dir, "--test-size", 200, "--routing-iterations", 5)
+    assert code == 0 and "on 200 test images, 5 routing iterations, loss" in out
+    meta = {"classes": [f"c{i}" for i in range(10)], "dataset": "fashion-mnist"}
+    efficient = save_weights(build_model("efficient-capsnet"), tmp_path / "e.safetensors", meta)
+    for args, needle in [([trained_run / "last.ckpt", "--routing-iterations", 0],
+                          "--routing-iterations must be positive, got 0"),
+                         ([efficient, "--routing-iterations", 2],
+                          "applies to the paper's CapsNet (dynamic routing), not to "
+                          "efficient-capsnet")]:
+        code, _, err = run_cli(capsys, "evaluate", *args, "--data-dir", fashion_dir)
+        assert one_line_error(code, err) and needle in err, err
 
 
 def test_predict_png_and_jpeg(trained_run, fashion_dir, tmp_path, capsys):
@@ -404,8 +431,6 @@ def test_help_and_predict_load_neither_lightning_nor_tensorboard(tmp_path):
     without Lightning, TensorBoard or torchmetrics (checked in a fresh interpreter)."""
     from PIL import Image
 
-    from capsnet.models import build_model
-    from capsnet.weights import save_weights
     save_weights(build_model("capsnet", {"conv_channels": 8, "primary_types": 2}),
                  tmp_path / "m.safetensors", {"classes": [str(i) for i in range(10)]})
     Image.new("L", (40, 30), 200).save(tmp_path / "x.png")
@@ -465,8 +490,6 @@ def test_a_recorded_reconstruction_weight_of_0_stays_0(fashion_dir, tmp_path, ca
     """A model trained without the decoder's loss (``--recon-weight 0``) is evaluated and
     reported with 0, not with the paper's 0.0005."""
     from capsnet.data.registry import FASHION_CLASSES
-    from capsnet.models import build_model
-    from capsnet.weights import save_weights
     model = build_model("capsnet", {"conv_channels": 8, "primary_types": 2})
     save_weights(model, path := tmp_path / "m.safetensors",
                  {"classes": list(FASHION_CLASSES), "dataset": "fashion-mnist",
@@ -484,8 +507,6 @@ def test_a_recorded_reconstruction_weight_of_0_stays_0(fashion_dir, tmp_path, ca
 def test_an_unwritable_output_is_a_one_line_error(fashion_dir, tmp_path, capsys):
     """The report's folder inside a file: one line naming the path, no traceback."""
     from capsnet.data.registry import FASHION_CLASSES
-    from capsnet.models import build_model
-    from capsnet.weights import save_weights
     save_weights(build_model("capsnet", {"conv_channels": 8, "primary_types": 2}),
                  path := tmp_path / "m.safetensors",
                  {"classes": list(FASHION_CLASSES), "dataset": "fashion-mnist"})

@@ -223,6 +223,16 @@ def _set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+def _set_routing_iterations(model, r: int, path) -> None:
+    """`--routing-iterations`: run dynamic routing (Procedure 1) with ``r`` iterations at
+    inference instead of the number the model was trained with (its config keeps that)."""
+    from .models import CapsNet, arch_name
+    if not isinstance(model, CapsNet):
+        raise CapsnetError(f"{path}: --routing-iterations applies to the paper's CapsNet "
+                           f"(dynamic routing), not to {arch_name(model)}")
+    model.digits.iterations = r
+
+
 def _cmd_evaluate(a) -> int:
     from .shipped import resolve
     for spec in a.model:  # before torch loads: a wrong path fails at once
@@ -231,12 +241,16 @@ def _cmd_evaluate(a) -> int:
     from .checkpoints import load_model
     from .evaluate import evaluate, evaluate_ensemble, evaluation_data, recon_weight_of
     from .runtime import torch_device
-    for flag, v in (("--batch-size", a.batch_size), ("--test-size", a.test_size)):
+    for flag, v in (("--batch-size", a.batch_size), ("--test-size", a.test_size),
+                    ("--routing-iterations", a.routing_iterations)):
         if v is not None and v < 1:
             raise CapsnetError(f"{flag} must be positive, got {v}")
     _set_threads(a.threads)
     device = torch_device(a.device)
     loaded = [load_model(path, device) for path in a.model]
+    if a.routing_iterations:
+        for path, (m, _) in zip(a.model, loaded):
+            _set_routing_iterations(m, a.routing_iterations, path)
     model, meta = loaded[0]
     dataset = a.dataset or meta["dataset"]
     _check_tta(a.tta, dataset)
@@ -263,6 +277,8 @@ def _cmd_evaluate(a) -> int:
                                    weights, a.tta)
         result.update(model="ensemble", members=[str(p) for p in a.model])
     result.update(split=a.split, tta=a.tta)
+    if a.routing_iterations:
+        result.update(routing_iterations=a.routing_iterations)
     if a.json:
         print(_json(result))
         return 0
@@ -271,6 +287,8 @@ def _cmd_evaluate(a) -> int:
         return 0
     from .settings import TTA_WORDS
     tta = TTA_WORDS[a.tta]
+    if a.routing_iterations:
+        tta += f", {a.routing_iterations} routing iterations"
     name = a.model[0] if len(a.model) == 1 else f"ensemble of {len(a.model)} models"
     mean = "" if len(a.model) == 1 else "; the members' mean"
     low, high = result.get("accuracy_interval", (None, None))
@@ -406,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "its mirror image (clothing and objects only), shift its four one-pixel "
                    "shifts, shift+hflip both; gridR all shifts by up to R pixels along each "
                    "axis, gridR+hflip with the mirror of each")
+    e.add_argument("--routing-iterations", type=int, metavar="R",
+                   help="dynamic routing with R iterations instead of the number the model "
+                   "was trained with (the paper's CapsNet only)")
     e.add_argument("--device", default="auto")
     e.add_argument("--threads", type=int, help=THREADS_HELP)
     e.add_argument("--json", action="store_true", help="one JSON object on stdout")
