@@ -288,7 +288,8 @@ def _cmd_evaluate(a) -> int:
     from .settings import TTA_WORDS
     tta = TTA_WORDS[a.tta]
     if a.routing_iterations:
-        tta += f", {a.routing_iterations} routing iterations"
+        r = a.routing_iterations
+        tta += f", {r} routing iteration{'s' if r > 1 else ''}"
     name = a.model[0] if len(a.model) == 1 else f"ensemble of {len(a.model)} models"
     mean = "" if len(a.model) == 1 else "; the members' mean"
     low, high = result.get("accuracy_interval", (None, None))
