@@ -160,6 +160,11 @@ def _cmd_train(a) -> int:
         print(f"after epoch {last['epoch'] + 1}: test accuracy "
               f"{last.get('test_acc', float('nan')):.4f}"
               + (f", val accuracy {last['val_acc']:.4f}" if split == "val" else ""))
+        if split == "val":  # best.ckpt: the first epoch of the highest score (ties keep it)
+            key = "val_f2" if "val_f2" in last else "val_acc"
+            best = max(rows, key=lambda r: (r.get(key, float("-inf")), -r["epoch"]))
+            print(f"best.ckpt: epoch {best['epoch'] + 1}, "
+                  f"{'val F2' if key == 'val_f2' else 'val accuracy'} {best[key]:.4f}")
     return 0
 
 
