@@ -291,16 +291,16 @@ def _cmd_evaluate(a) -> int:
         _print_pairs(a.model[0], result)
         return 0
     from .settings import TTA_WORDS
-    tta = TTA_WORDS[a.tta]
+    how = TTA_WORDS[a.tta]  # how each image was scored: its views, the routing iterations
     if a.routing_iterations:
         r = a.routing_iterations
-        tta += f", {r} routing iteration{'s' if r > 1 else ''}"
+        how += f", {r} routing iteration{'s' if r > 1 else ''}"
     name = a.model[0] if len(a.model) == 1 else f"ensemble of {len(a.model)} models"
     mean = "" if len(a.model) == 1 else "; the members' mean"
     low, high = result.get("accuracy_interval", (None, None))
     interval = "" if low is None else f" (95% interval {low:.4f}-{high:.4f})"
     print(f"{name}: accuracy {result['accuracy']:.4f}{interval} on {result['n']:,} "
-          f"{'validation' if a.split == 'val' else 'test'} images{tta}, "
+          f"{'validation' if a.split == 'val' else 'test'} images{how}, "
           f"loss {result['loss']:.4f} ({_loss_terms(result)}{mean})")
     for path, acc in zip(result.get("members", []), result.get("member_accuracy", [])):
         print(f"  member {path}: accuracy {acc:.4f} alone")
