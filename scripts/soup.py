@@ -56,7 +56,7 @@ def greedy(states: list[dict], score: Callable[[dict], float]
 
 def main(argv: list[str] | None = None) -> int:
     from capsnet.checkpoints import load_model
-    from capsnet.errors import CapsnetError
+    from capsnet.errors import CapsnetError, check_positive
     from capsnet.evaluate import evaluate, evaluation_data, recon_weight_of
     from capsnet.weights import describe, save_weights
 
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=500)
     a = p.parse_args(argv)
     try:
-        if a.batch_size < 1:
-            raise CapsnetError("--batch-size must be positive")
+        check_positive(("--batch-size", a.batch_size))
         if not a.out.endswith(".safetensors"):
             raise CapsnetError(f"{a.out}: --out must end in .safetensors")
         model, meta = load_model(a.models[0])

@@ -265,6 +265,17 @@ def test_refusals_are_one_line(capsys, tmp_path):
     code = main(["predict", "--threads", "-1", str(tmp_path / "notes.txt")])
     err = capsys.readouterr().err
     assert one_line_error(code, err) and "--threads must be positive, got -1" in err, err
+    for args, needle in [(["report", "fashion-mnist", "--samples", "0"], "--samples must be positive"),
+                         (["report", "fashion-mnist", "--mistakes", "-1"],
+                          "--mistakes must not be negative, got -1"),
+                         (["export", "fashion-mnist", str(tmp_path / "m.onnx"), "--batch", "0"],
+                          "--batch must be positive, got 0"),
+                         (["bench", "--steps", "0"], "--steps must be positive, got 0"),
+                         (["bench", "--warmup", "-2"], "--warmup must not be negative, got -2")]:
+        code = main(args)
+        err = capsys.readouterr().err
+        assert one_line_error(code, err) and needle in err, (args, err)
+    assert not (tmp_path / "m.onnx").exists()
     assert dataset_info("fashion-mnist-affine").image_shape == (1, 40, 40)
 
 

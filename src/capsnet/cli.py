@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from .errors import CapsnetError
+from .errors import CapsnetError, check_not_negative, check_positive
 
 THREADS_HELP = "CPU threads (default: torch's choice)"
 
@@ -222,8 +222,7 @@ def _set_threads(threads: int | None) -> None:
     e.g. 1 beside a training run rather than two threads each on two cores."""
     if threads is None:
         return
-    if threads < 1:
-        raise CapsnetError(f"--threads must be positive, got {threads}")
+    check_positive(("--threads", threads))
     import torch
     torch.set_num_threads(threads)
 
@@ -246,10 +245,8 @@ def _cmd_evaluate(a) -> int:
     from .checkpoints import load_model
     from .evaluate import evaluate, evaluate_ensemble, evaluation_data, recon_weight_of
     from .runtime import torch_device
-    for flag, v in (("--batch-size", a.batch_size), ("--test-size", a.test_size),
-                    ("--routing-iterations", a.routing_iterations)):
-        if v is not None and v < 1:
-            raise CapsnetError(f"{flag} must be positive, got {v}")
+    check_positive(("--batch-size", a.batch_size), ("--test-size", a.test_size),
+                   ("--routing-iterations", a.routing_iterations))
     _set_threads(a.threads)
     device = torch_device(a.device)
     loaded = [load_model(path, device) for path in a.model]
@@ -389,8 +386,8 @@ def _cmd_bench(a) -> int:
 
 def _cmd_report(a) -> int:
     from .shipped import check_run_or_model
-    if a.mistakes < 0 or a.batch_size < 1:
-        raise CapsnetError("--mistakes must be >= 0 and --batch-size positive")
+    check_not_negative(("--mistakes", a.mistakes))
+    check_positive(("--batch-size", a.batch_size))
     check_run_or_model(a.run_dir)  # before torch loads: a wrong path fails at once
     from .report import build_report
     index = build_report(a.run_dir, a.checkpoint, a.data_dir, a.dataset, a.test_size,

@@ -10,3 +10,19 @@ def first_line(e: BaseException) -> str:
     the part of a library's multi-line error that fits a one-line report."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def check_positive(*flags: tuple[str, float | None]) -> None:
+    """Refuse, in one line, a flag's value that is not positive: ``("--batch-size", 0)`` gives
+    "--batch-size must be positive, got 0". ``None`` means the flag was not given."""
+    for flag, value in flags:
+        if value is not None and not value > 0:
+            raise CapsnetError(f"{flag} must be positive, got {value}")
+
+
+def check_not_negative(*flags: tuple[str, float | None]) -> None:
+    """As :func:`check_positive`, for flags where 0 is allowed ("--warmup must not be
+    negative, got -1")."""
+    for flag, value in flags:
+        if value is not None and not value >= 0:
+            raise CapsnetError(f"{flag} must not be negative, got {value}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .errors import CapsnetError
+from .errors import CapsnetError, check_positive
 
 
 class _Inference(nn.Module):
@@ -80,8 +80,7 @@ def export(spec: str, out: str | Path, dtype: str = "float32", batch: int = 1) -
     out = Path(out)
     if out.suffix not in (".onnx", ".safetensors"):
         raise CapsnetError(f"{out}: the output must end in .onnx or .safetensors")
-    if batch < 1:
-        raise CapsnetError(f"--batch must be positive, got {batch}")
+    check_positive(("--batch", batch))
     if dtype not in ("float32", "float16"):
         raise CapsnetError(f"--dtype must be float32 or float16, got {dtype!r}")
     if out.suffix == ".onnx" and dtype != "float32":

@@ -43,7 +43,7 @@ import time
 
 import torch
 
-from ..errors import CapsnetError
+from ..errors import CapsnetError, check_not_negative, check_positive
 from ..losses import capsule_loss
 from ..models import architecture, is_capsule_model
 from ..optim import adam
@@ -57,14 +57,11 @@ AUTOCAST = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 def cmd_bench(a) -> int:
-    for name in ("batch_size", "eval_batch_size", "threads", "steps", "image_size",
-                 "channels", "routing_iterations", "stem_channels"):
-        value = getattr(a, name)
-        if value is not None and value < 1:
-            raise CapsnetError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    for name in ("warmup", "stem", "recon_size"):
-        if getattr(a, name) < 0:
-            raise CapsnetError(f"--{name} must not be negative, got {getattr(a, name)}")
+    def flags(*names):  # ("--batch-size", a.batch_size), ...
+        return [("--" + name.replace("_", "-"), getattr(a, name)) for name in names]
+    check_positive(*flags("batch_size", "eval_batch_size", "threads", "steps", "image_size",
+                          "channels", "routing_iterations", "stem_channels"))
+    check_not_negative(*flags("warmup", "stem", "recon_size"))
     result = bench(arch=a.arch, batch_size=a.batch_size, eval_batch_size=a.eval_batch_size,
                    device=a.device, threads=a.threads, steps=a.steps, warmup=a.warmup,
                    image_size=a.image_size, channels=a.channels,

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..data.batches import to_unit
-from ..errors import CapsnetError
+from ..errors import CapsnetError, check_positive
 
 REPORT_FILES = ("curves.png", "confusion.png", "per_class.png", "reconstructions.png",
                 "mistakes.png", "perturbation.png", "sweep.gif")
@@ -295,10 +295,7 @@ def build_report(run_dir: str | Path, checkpoint: str | None = None,
     else:  # a model without its run: a file or a shipped model's name
         checkpoint, settings = spec, {}
         out = Path(out) if out else Path(f"report-{run_dir.stem}")
-    if test_size is not None and test_size < 1:
-        raise CapsnetError(f"--test-size must be positive, got {test_size}")
-    if samples < 1:
-        raise CapsnetError(f"--samples must be positive, got {samples}")
+    check_positive(("--test-size", test_size), ("--samples", samples))
     ckpt = _resolve_checkpoint(run_dir, checkpoint)
     dev = torch_device(device)
     model, meta = load_model(ckpt, dev)
