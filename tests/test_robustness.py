@@ -276,6 +276,10 @@ def test_refusals_are_one_line(capsys, tmp_path):
         err = capsys.readouterr().err
         assert one_line_error(code, err) and needle in err, (args, err)
     assert not (tmp_path / "m.onnx").exists()
+    code = main(["evaluate", "fashion-mnist", "--threads", "two"])  # argparse's own refusal
+    err = capsys.readouterr().err
+    assert one_line_error(code, err) and err.startswith(
+        "capsnet evaluate: error: argument --threads: invalid int value: 'two'"), err
     assert dataset_info("fashion-mnist-affine").image_shape == (1, 40, 40)
 
 

@@ -19,10 +19,12 @@ THREADS_HELP = "CPU threads (default: torch's choice)"
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag gives one line (not the whole usage) and exit code 2."""
+    """argparse, but a bad flag gives one line (not the whole usage) and exit code 2:
+    "capsnet evaluate: error: argument --threads: invalid int value: 'x' (see capsnet
+    evaluate --help)", with the "error:" every other refusal carries."""
 
     def error(self, message: str):
-        raise CapsnetError(f"{self.prog}: {message} (see {self.prog} --help)")
+        raise CapsnetError(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
 def _flag(p, name: str, help: str, **kw):
