@@ -678,15 +678,15 @@ def test_settings_refusals_and_strict_json(tmp_path):
 def test_evaluation_data_must_have_the_models_class_names(tmp_path):
     from capsnet.data.datasets import ImageDataset
     from capsnet.errors import CapsnetError
-    from capsnet.evaluate import _same_classes
+    from capsnet.evaluate import same_classes
     data = ImageDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]),
                         ("cat", "wolf"))
     with pytest.raises(CapsnetError, match="class 1 is 'dog', the data's is 'wolf'"):
-        _same_classes(data, {"classes": ["cat", "dog"]}, "m.ckpt")
-    assert _same_classes(data, {"classes": ["cat", "wolf"]}, "m.ckpt") is data
-    assert _same_classes(data, {"classes": [0, 1]}, "old.ckpt") is data  # no names kept
+        same_classes(data, {"classes": ["cat", "dog"]}, "m.ckpt")
+    assert same_classes(data, {"classes": ["cat", "wolf"]}, "m.ckpt") is data
+    assert same_classes(data, {"classes": [0, 1]}, "old.ckpt") is data  # no names kept
     with pytest.raises(CapsnetError, match="class 0 is '0'"):  # names, e.g. MNIST's digits
-        _same_classes(data, {"classes": ["0", "1"]}, "digits.ckpt")
+        same_classes(data, {"classes": ["0", "1"]}, "digits.ckpt")
 
 
 def test_run_settings_file_is_replaced_whole(tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ def _flag(p, name: str, help: str, **kw):
 
 
 def _train_parser(sub) -> None:
-    from .settings import DEFAULTS as D, PRECISIONS
+    from .settings import DEFAULTS as D, PRECISIONS, TTA
     p = sub.add_parser("train", help="train a capsule network", description=(
         "Train a CapsNet. Settings: defaults < --config YAML < the resumed run's config.yaml "
         "< flags."))
@@ -71,6 +71,15 @@ def _train_parser(sub) -> None:
         ("init", "start from the weights of MODEL (a checkpoint, a .safetensors file or a "
                  "shipped model's name) with a new optimizer and schedule; same "
                  "architecture and shapes (default: random weights)", {"metavar": "MODEL"}),
+        ("teacher", "distill from MODEL (a checkpoint, a .safetensors file or a shipped "
+                    "model's name, trained on this run's training split): its capsule "
+                    "lengths on the training images are extra targets (capsnet.distill) "
+                    "(default: none)", {"metavar": "MODEL"}),
+        ("teacher_weight", "weight of the distillation loss, the squared distance between "
+                           f"the lengths and the teacher's (default {D['teacher_weight']})",
+         {"type": float}),
+        ("teacher_tta", "the teacher's test-time views averaged into its targets "
+                        f"(default {D['teacher_tta']})", {"choices": TTA}),
         ("lr_decay", f"learning-rate factor per --lr-decay-steps (default {D['lr_decay']})",
          {"type": float}),
         ("lr_decay_steps", f"default {D['lr_decay_steps']}", {"type": int}),

@@ -114,22 +114,15 @@ def evaluation_data(model_path: str | Path, model: nn.Module, meta: dict, split:
     ``data_dir``: ``--data-dir``, else the run's own (:func:`~capsnet.settings.run_data_dir`).
     """
     from .data.registry import load_test_split, recorded_options
-    from .settings import run_data_dir, settings_beside
-    from .shipped import resolve
-    run = settings_beside(model_path)
-    if resolve(model_path).suffix == ".safetensors" and meta.get("val_size") is not None:
-        # a weights file that recorded its run's split; another run's folder lends it no
-        # data folder either, unless that run's dataset is the file's
-        if run.get("dataset") != meta["dataset"]:
-            run = {}
-        run = {**run, "dataset": meta["dataset"], "val_size": meta["val_size"]}
+    from .settings import run_data_dir
+    run = recorded_run(model_path, meta)
     dataset = dataset or meta["dataset"]
     data_dir = run_data_dir(data_dir, run)
     options = recorded_options(dataset, meta.get("data_options"), run,
                                image_size=model.config.image_size)
     if split == "test":
         test = load_test_split(dataset, data_dir, channels=model.config.in_channels, **options)
-        return _same_classes(test, meta, model_path)
+        return same_classes(test, meta, model_path)
     if not run:
         raise CapsnetError(f"{model_path}: the validation split needs a checkpoint or weights "
                            "file with its run's config.yaml beside it, or a weights file that "
@@ -145,10 +138,25 @@ def evaluation_data(model_path: str | Path, model: nn.Module, meta: dict, split:
     from .data.datasets import refuse_changed_pool
     refuse_changed_pool(meta.get("train_pool"), dm.pool, model_path, "its validation split "
                         "cannot be carved again (other images, some of them trained on)")
-    return _same_classes(dm.val, meta, model_path)
+    return same_classes(dm.val, meta, model_path)
 
 
-def _same_classes(data: ImageDataset, meta: dict, model_path: str | Path) -> ImageDataset:
+def recorded_run(model_path: str | Path, meta: dict) -> dict:
+    """The settings of the run a model was trained in, as far as they are known: those of
+    the ``config.yaml`` beside ``model_path``, or, for a weights file that recorded its
+    run's split (``meta``), its ``dataset`` and ``val_size`` (another run's folder then lends
+    it no settings either, unless that run's dataset is the file's); ``{}`` if unknown."""
+    from .settings import settings_beside
+    from .shipped import resolve
+    run = settings_beside(model_path)
+    if resolve(model_path).suffix == ".safetensors" and meta.get("val_size") is not None:
+        if run.get("dataset") != meta["dataset"]:
+            run = {}
+        run = {**run, "dataset": meta["dataset"], "val_size": meta["val_size"]}
+    return run
+
+
+def same_classes(data: ImageDataset, meta: dict, model_path: str | Path) -> ImageDataset:
     """``data``, after checking that its class names are the model's, in the same order:
     a folder of images with one class renamed or another set of classes would otherwise be
     scored against the wrong names. (Different counts are refused where the data meet the

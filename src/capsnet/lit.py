@@ -12,7 +12,7 @@ from .data.augment import AugmentConfig, augment, process_draws
 from .data.batches import to_unit
 from .data.multi import make_pairs, split_packed
 from .inference import f_beta_per_image
-from .losses import model_loss
+from .losses import distillation_loss, model_loss
 from .models.base import PRESENT
 from .models import build_model, objective
 from .pairs import mean_pair_loss, pair_losses
@@ -39,6 +39,9 @@ class LitCapsNet(L.LightningModule):
     (image size and test fraction of a dataset read from the user's own images) is recorded
     for evaluation, and ``train_pool``
     (:func:`~capsnet.data.datasets.split_fingerprint`) for the validation split.
+    Training batches that carry a teacher's capsule lengths as a third item
+    (:mod:`capsnet.distill`) add ``teacher_weight`` times :func:`distillation_loss` to the
+    loss (logged as ``train/distill``).
 
     The CNN baselines (``model.objective`` not ``"margin"``) train on their own loss
     (:func:`capsnet.losses.model_loss`); their ``margin`` metric is that classification
@@ -56,7 +59,7 @@ class LitCapsNet(L.LightningModule):
                  dataset: str = "fashion-mnist", channels_last: bool = True,
                  lr_schedule: str = "exp", warmup_steps: int = 0, ema: float = 0.0,
                  arch: str = "capsnet", data_options: dict | None = None, swa: bool = False,
-                 train_pool: str | None = None):
+                 train_pool: str | None = None, teacher_weight: float = 0.0):
         super().__init__()
         self.save_hyperparameters()
         self.augment_config = AugmentConfig(**(augment or {}))
@@ -88,8 +91,8 @@ class LitCapsNet(L.LightningModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """uint8 images -> floats in [0, 1] (on the device); no augmentation here."""
-        images, labels = batch
-        return self._layout(to_unit(images)), labels
+        images, labels, *targets = batch  # targets: a teacher's lengths, training only
+        return (self._layout(to_unit(images)), labels, *targets)
 
     def _layout(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -121,7 +124,8 @@ class LitCapsNet(L.LightningModule):
                            self.hparams.recon_weight)
 
     def training_step(self, batch, batch_idx):
-        x, y = batch  # only training batches are augmented
+        x, y, *teacher = batch  # only training batches are augmented
+        distill = None
         # Only the augmentation draws at random here; under DDP each process its own.
         with process_draws(self.global_rank, self.trainer.world_size, x.device):
             if self.protocol == "multi":  # garments -> overlaid pairs, made here per batch
@@ -133,8 +137,12 @@ class LitCapsNet(L.LightningModule):
             else:
                 x = self._layout(random_placement(x) if self.protocol == "expanded"
                                  else augment(x, self.augment_config))
-                _, loss, correct, f2 = self._losses(self.model, x, y, train=True)
+                out, loss, correct, f2 = self._losses(self.model, x, y, train=True)
                 n = y.shape[0]
+                if teacher:  # the lengths of the image each augmented one was drawn from
+                    distill = distillation_loss(out.lengths, teacher[0]).mean()
+                    loss = loss._replace(total=loss.total + self.hparams.teacher_weight
+                                         * distill)
         # Averaged over the data-parallel processes (a no-op in one process).
         kw = dict(on_step=True, on_epoch=True, batch_size=max(1, n),
                   sync_dist=self.trainer.world_size > 1)
@@ -144,6 +152,8 @@ class LitCapsNet(L.LightningModule):
         self.log("train/recon", loss.reconstruction, **kw)
         if f2 is not None:
             self.log("train/f2", f2.mean(), **kw)
+        if distill is not None:
+            self.log("train/distill", distill, **kw)
         self.log("lr", self.optimizers().param_groups[0]["lr"], **kw)
         return loss.total
 

@@ -49,6 +49,13 @@ def reconstruction_loss(recon: Tensor, images: Tensor) -> Tensor:
     return (recon - target).pow(2).flatten(1).sum(dim=1)
 
 
+def distillation_loss(lengths: Tensor, teacher: Tensor) -> Tensor:
+    """Squared distance between the capsule lengths and a teacher's, summed over classes
+    (as the margin loss is): ``lengths``, ``teacher`` ``[B, O]`` -> ``[B]``
+    (:mod:`capsnet.distill`)."""
+    return (lengths - teacher.to(lengths.dtype)).pow(2).sum(dim=1)
+
+
 class CapsuleLoss(NamedTuple):
     """Batch means of the total loss and of its two parts (all scalars)."""
 

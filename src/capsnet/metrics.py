@@ -9,7 +9,8 @@ from pathlib import Path
 COLUMNS = ["epoch", "train_loss", "train_margin", "train_recon", "train_acc",
            "val_loss", "val_margin", "val_recon", "val_acc",
            "test_loss", "test_margin", "test_recon", "test_acc",
-           "train_f2", "val_f2", "test_f2", "lr", "epoch_time_s"]  # f2: multi-label data
+           "train_f2", "val_f2", "test_f2", "train_distill", "lr", "epoch_time_s"]
+# f2: multi-label data; distill: a run with --teacher (capsnet.distill)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

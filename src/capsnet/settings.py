@@ -39,6 +39,9 @@ DEFAULTS: dict = {
     "lr": 1e-3, "lr_schedule": "exp", "lr_decay": 0.96, "lr_decay_steps": 2000,
     "warmup_steps": 0, "ema": 0.0, "swa": False,
     "init": None,  # start from these weights (a checkpoint, weights file or shipped name)
+    # Distillation (capsnet.distill): a trained model's capsule lengths on the training
+    # images, averaged over its test-time views, as extra targets with this weight.
+    "teacher": None, "teacher_weight": 1.0, "teacher_tta": "shift+hflip",
     "routing_iterations": ROUTING_ITERATIONS, "detach_routing": False,
     "stem": 0, "stem_channels": 64,  # CapsNet's downsampling stem (0: none, the paper's model)
     "recon_size": 0,  # CapsNet's decoder output side (0: the image's, the paper's decoder)
@@ -59,7 +62,8 @@ _POSITIVE = ("epochs", "batch_size", "eval_batch_size", "lr", "lr_decay", "lr_de
              "routing_iterations", "train_size", "test_size", "log_every", "threads",
              "devices", "num_nodes", "image_size", "stem_channels")
 _NON_NEGATIVE = ("warmup_steps", "ema", "recon_weight", "shift", "rotate", "scale", "shear",
-                 "translate", "erase", "val_size", "stem", "recon_size", "save_every_steps")
+                 "translate", "erase", "val_size", "stem", "recon_size", "save_every_steps",
+                 "teacher_weight")
 
 
 def read_config(path: str | Path) -> dict:
@@ -131,9 +135,13 @@ def check_settings(s: dict) -> dict:
     if s["swa"] and s["ema"] > 0:
         raise CapsnetError("settings 'swa' and 'ema' exclude each other (one average of the "
                            "weights is evaluated and saved); set ema to 0 with swa")
-    if s.get("init") is not None and not isinstance(s["init"], str):
-        raise CapsnetError(f"setting 'init' must be a path or a shipped model's name, got "
-                           f"{s['init']!r}")
+    for key in ("init", "teacher"):
+        if s.get(key) is not None and not isinstance(s[key], str):
+            raise CapsnetError(f"setting {key!r} must be a path or a shipped model's name, "
+                               f"got {s[key]!r}")
+    if s["teacher_tta"] not in TTA:
+        raise CapsnetError(f"setting 'teacher_tta' must be one of {', '.join(TTA)}, got "
+                           f"{s['teacher_tta']!r}")
     from .models import ARCHITECTURES  # the registry is the one list (imports torch)
     if s["arch"] not in ARCHITECTURES:
         raise CapsnetError(f"setting 'arch' must be one of {', '.join(ARCHITECTURES)}, "
@@ -179,7 +187,8 @@ def save_run_settings(run_dir: Path, s: dict) -> None:
 FIXED_ON_RESUME = ("arch", "dataset", "train_size", "val_size", "image_size", "test_fraction",
                    "seed", "batch_size", "lr", "lr_schedule", "lr_decay", "lr_decay_steps",
                    "warmup_steps", "ema", "swa", "routing_iterations",
-                   "detach_routing", "stem", "stem_channels", "recon_size", "recon_weight")
+                   "detach_routing", "stem", "stem_channels", "recon_size", "recon_weight",
+                   "teacher", "teacher_weight", "teacher_tta")
 
 
 def refuse_changes_on_resume(run: dict, s: dict) -> None:

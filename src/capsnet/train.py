@@ -78,7 +78,8 @@ def build_module(s: dict, classes, shape, crop: int | None = None,
                           warmup_steps=s["warmup_steps"], ema=s["ema"], swa=s["swa"],
                           recon_weight=s["recon_weight"],
                           classes=list(classes), dataset=s["dataset"],
-                          channels_last=s["channels_last"], train_pool=train_pool)
+                          channels_last=s["channels_last"], train_pool=train_pool,
+                          teacher_weight=s["teacher_weight"] if s["teacher"] else 0.0)
     except ValueError as e:
         raise CapsnetError(f"{s['arch']}: {e}") from None
 
@@ -136,6 +137,16 @@ def _extra_callbacks(s: dict, datamodule) -> list:
     return callbacks
 
 
+def _process_device(s: dict) -> torch.device:
+    """The device this process trains on, for work done before Lightning places the model:
+    ``--device``'s, or under DDP on GPUs this process's (Lightning's ``LOCAL_RANK``)."""
+    from .runtime import torch_device
+    device = torch_device(s["device"])
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
 def is_main_process() -> bool:
     """False in the extra processes of a data-parallel run (launched by Lightning, torchrun
     or SLURM), which must not write the run's files a second time."""
@@ -191,6 +202,14 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
                                f"the {world} processes; each process needs at least one")
     if s["hflip"]:
         refuse_mirroring(s["dataset"], "--hflip")
+    teacher = None
+    if s["teacher"] is not None:  # checked now; it scores the images once the folder exists
+        from .distill import load_teacher
+        if dm.multi_label or dm.info.protocol or dm.info.crop:
+            raise CapsnetError(f"--teacher applies to single-label datasets whose training "
+                               f"images are served as the model sees them, not to "
+                               f"{s['dataset']}")
+        teacher = load_teacher(s["teacher"], dm.train, s, dm.pool, _process_device(s))
     module = build_module(s, dm.classes, dm.shape, dm.info.crop, dm.multi_label, dm.pool)
     if resume:
         _check_resumable(last, module)
@@ -212,6 +231,11 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
           f"device {accelerator}; {torch.get_num_threads()} threads{parallel}", flush=True)
         if s["init"] is not None and not resume:
             print(f"starting from the weights of {s['init']}", flush=True)
+    if teacher is not None:
+        from .distill import teacher_targets
+        dm.train_targets = teacher_targets(*teacher, s["teacher"], dm.train, s["teacher_tta"],
+                                           s["eval_batch_size"], out, main=main)
+        del teacher  # its weights are not needed any more
 
     # best.ckpt follows validation accuracy; the test set never chooses anything, so without
     # a validation split there is only last.ckpt.

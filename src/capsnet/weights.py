@@ -31,6 +31,11 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def model_digest(model: nn.Module) -> str:
+    """The digest of a model's weights as loaded (names, dtypes, shapes, bytes)."""
+    return _digest({k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+
 def _meta_digest(info: dict) -> str:
     """The digest of a weights file's ``capsnet`` entry without its two digests."""
     rest = {k: v for k, v in info.items() if k not in ("sha256", "meta_sha256")}

@@ -13,17 +13,21 @@ def to_unit(images: Tensor) -> Tensor:
 
 
 class _Batches(torch.utils.data.Dataset):
-    """Indexed by a list of indices, returns the whole batch at once."""
+    """Indexed by a list of indices, returns the whole batch at once: ``(images, labels)``,
+    or ``(images, labels, targets)`` with per-image ``targets`` (a teacher's, ``[N, O]``)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        self.images, self.labels = images, labels
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor,
+                 targets: torch.Tensor | None = None):
+        self.images, self.labels, self.targets = images, labels, targets
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
     def __getitem__(self, idx):
         idx = torch.as_tensor(idx)
-        return self.images[idx], self.labels[idx]
+        if self.targets is None:
+            return self.images[idx], self.labels[idx]
+        return self.images[idx], self.labels[idx], self.targets[idx]
 
 
 class ShardedBatches:
@@ -66,14 +70,15 @@ class ShardedBatches:
 
 def batch_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                  shuffle: bool, rank: int = 0, world: int = 1, seed: int = 0,
-                 pin_memory: bool = False) -> DataLoader:
-    """A DataLoader that yields whole batches by tensor indexing (no per-image collation).
+                 pin_memory: bool = False, targets: torch.Tensor | None = None) -> DataLoader:
+    """A DataLoader that yields whole batches by tensor indexing (no per-image collation);
+    with ``targets`` (``[N, ...]``) each batch carries its rows as a third item.
 
     With ``world > 1`` the batches are process ``rank``'s share (:class:`ShardedBatches`).
     ``pin_memory`` (for a GPU) puts each batch in page-locked memory, so that its copy to
     the GPU can run asynchronously (Lightning then transfers it with ``non_blocking``).
     """
-    ds = _Batches(images, labels)
+    ds = _Batches(images, labels, targets)
     if world > 1:
         batches = ShardedBatches(len(ds), batch_size, rank, world, shuffle, seed)
     else:

@@ -49,6 +49,7 @@ class ImageDataModule(L.LightningDataModule):
         self.split_seed, self.seed = split_seed, seed
         self.options = {k: v for k, v in (options or {}).items() if v is not None}
         self.train: ImageDataset | None = None
+        self.train_targets: torch.Tensor | None = None  # a teacher's [N, O] (capsnet.distill)
         self.info = dataset_info(dataset)
 
     def setup(self, stage: str | None = None) -> None:
@@ -104,7 +105,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return batch_loader(self.train.images, self.train.labels, self.batch_size, True,
-                            **self._shard())
+                            targets=self.train_targets, **self._shard())
 
     def eval_splits(self) -> dict[str, ImageDataset]:
         """The splits evaluated after every epoch, in order: ``val`` (if any), then ``test``."""

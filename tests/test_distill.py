@@ -1,0 +1,78 @@
+"""Distillation (`capsnet train --teacher MODEL`): the loss, the teacher's targets and what
+is refused."""
+
+import pytest
+import torch
+
+from conftest import one_line_error
+
+STUDENT = ["--train-size", "512", "--val-size", "500", "--test-size", "200", "--epochs", "1",
+           "--batch-size", "64", "--lr", "0.002", "--no-progress", "--no-tensorboard",
+           "--log-every", "4"]
+
+
+def test_distillation_loss_by_hand():
+    from capsnet.losses import distillation_loss
+    lengths = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.2, 0.7]])
+    teacher = torch.tensor([[0.8, 0.3, 0.0], [0.2, 0.2, 0.7]])
+    # (0.1^2 + 0.2^2, 0): summed over classes, per image
+    assert torch.allclose(distillation_loss(lengths, teacher), torch.tensor([0.05, 0.0]))
+
+
+def test_train_with_teacher(trained_run, fashion_dir, tmp_path, capsys):
+    """The targets are the teacher's mean lengths over its views on exactly the training
+    images; the loss adds teacher_weight times the distillation term; a resume reads the
+    targets back instead of scoring again."""
+    from safetensors import safe_open
+
+    from capsnet.checkpoints import load_model
+    from capsnet.cli import main
+    from capsnet.data.datamodule import ImageDataModule
+    from capsnet.inference import infer
+    from capsnet.metrics import read_metrics
+    teacher, out = str(trained_run / "best.ckpt"), tmp_path / "student"
+    common = [*STUDENT, "--data-dir", str(fashion_dir), "--teacher", teacher,
+              "--teacher-tta", "hflip", "--teacher-weight", "2"]
+    assert main(["train", *common, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"teacher {teacher}: targets for 512 training images (hflip views)" in printed
+    with safe_open(str(out / "teacher.safetensors"), framework="pt") as f:
+        targets = f.get_tensor("lengths")
+    dm = ImageDataModule("fashion-mnist", fashion_dir, train_size=512, val_size=500)
+    dm.setup("fit")
+    model, _ = load_model(teacher)
+    expected = infer(model, dm.train.images, dm.train.labels, tta="hflip").lengths
+    assert targets.shape == (512, 10) and torch.allclose(targets, expected, atol=1e-6)
+    # The student learns more than the labels say: the targets are not one-hot.
+    assert 0.02 < targets.min(dim=1).values.mean() and targets.max(dim=1).values.mean() < 0.95
+
+    row = read_metrics(out / "metrics.csv")[-1]
+    recon_weight = 0.0005  # the paper's, this run's
+    assert row["train_distill"] > 0
+    assert row["train_loss"] == pytest.approx(row["train_margin"] + recon_weight
+                                              * row["train_recon"] + 2 * row["train_distill"],
+                                              rel=1e-4)
+
+    stamp = (out / "teacher.safetensors").stat().st_mtime_ns
+    assert main(["train", "--resume", str(out), "--epochs", "2"]) == 0
+    assert f"teacher {teacher}: targets read from {out / 'teacher.safetensors'}" in \
+        capsys.readouterr().out
+    assert (out / "teacher.safetensors").stat().st_mtime_ns == stamp
+    assert len(read_metrics(out / "metrics.csv")) == 2
+
+
+def test_teacher_refusals(trained_run, fashion_dir, tmp_path, capsys):
+    from capsnet.cli import main
+    teacher = str(trained_run / "best.ckpt")
+    base = [*STUDENT, "--data-dir", str(fashion_dir), "--out", str(tmp_path / "s")]
+    for extra, needle in [
+            (["--teacher", teacher, "--val-size", "400"],
+             "its validation split was 500 images, this run's is 400"),
+            (["--teacher", str(tmp_path / "missing.ckpt")], "missing.ckpt"),
+            (["--teacher", teacher, "--teacher-weight", "-1"],
+             "'teacher_weight' must not be negative"),
+            (["--teacher", teacher, "--teacher-tta", "spin"], "invalid choice: 'spin'")]:
+        code = main(["train", *base, *extra])
+        err = capsys.readouterr().err
+        assert one_line_error(code, err) and needle in err, (extra, err)
+        assert not (tmp_path / "s").exists()  # a refused run leaves no folder behind
