@@ -76,3 +76,19 @@ def test_teacher_refusals(trained_run, fashion_dir, tmp_path, capsys):
         err = capsys.readouterr().err
         assert one_line_error(code, err) and needle in err, (extra, err)
         assert not (tmp_path / "s").exists()  # a refused run leaves no folder behind
+
+
+def test_weight_zero_is_the_run_without_teacher(trained_run, fashion_dir, tmp_path):
+    """The teacher is built off the run's random stream: with --teacher-weight 0 a run is
+    the run without a teacher, to the last digit (same initial weights, batches and
+    augmentation), so a run with a teacher can be paired with one without it."""
+    from capsnet.cli import main
+    from capsnet.metrics import read_metrics
+    common = [*STUDENT, "--data-dir", str(fashion_dir), "--seed", "3"]
+    assert main(["train", *common, "--out", str(tmp_path / "plain")]) == 0
+    assert main(["train", *common, "--out", str(tmp_path / "zero"), "--teacher",
+                 str(trained_run / "best.ckpt"), "--teacher-weight", "0"]) == 0
+    plain, zero = (read_metrics(tmp_path / run / "metrics.csv")[0] for run in ("plain", "zero"))
+    assert zero["train_distill"] > 0 and "train_distill" not in plain
+    for key in ("train_loss", "train_acc", "val_acc", "val_loss", "test_acc"):
+        assert zero[key] == plain[key], key

@@ -209,7 +209,10 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
             raise CapsnetError(f"--teacher applies to single-label datasets whose training "
                                f"images are served as the model sees them, not to "
                                f"{s['dataset']}")
-        teacher = load_teacher(s["teacher"], dm.train, s, dm.pool, _process_device(s))
+        # Building the teacher draws random initial weights before loading its own: off the
+        # run's random stream, so a seed gives the same run with and without a teacher.
+        with torch.random.fork_rng(devices=[]):
+            teacher = load_teacher(s["teacher"], dm.train, s, dm.pool, _process_device(s))
     module = build_module(s, dm.classes, dm.shape, dm.info.crop, dm.multi_label, dm.pool)
     if resume:
         _check_resumable(last, module)
