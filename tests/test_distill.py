@@ -60,6 +60,16 @@ def test_train_with_teacher(trained_run, fashion_dir, tmp_path, capsys):
     assert (out / "teacher.safetensors").stat().st_mtime_ns == stamp
     assert len(read_metrics(out / "metrics.csv")) == 2
 
+    # The targets were computed from other teacher weights (the file behind --teacher was
+    # replaced since): the resume is refused rather than changing the targets mid-run.
+    from capsnet.distill import _read_cache, _write_cache
+    key, lengths = _read_cache(out / "teacher.safetensors", 512, 10)
+    _write_cache(out / "teacher.safetensors", {**key, "teacher_sha256": "0" * 64}, lengths)
+    code = main(["train", "--resume", str(out), "--epochs", "3"])
+    err = capsys.readouterr().err
+    assert one_line_error(code, err) and "computed from other teacher weights" in err, err
+    assert len(read_metrics(out / "metrics.csv")) == 2
+
 
 def test_teacher_refusals(trained_run, fashion_dir, tmp_path, capsys):
     from capsnet.cli import main

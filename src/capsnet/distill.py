@@ -39,19 +39,21 @@ def _key(digest: str, tta: str, train: ImageDataset) -> dict:
     return {"teacher_sha256": digest, "tta": tta, "images": split_fingerprint(train.labels)}
 
 
-def _read_cache(path: Path, key: dict, n: int, num_classes: int) -> Tensor | None:
-    """The cached targets ``[N, O]`` if ``path`` holds those of ``key``, else None."""
+def _read_cache(path: Path, n: int, num_classes: int) -> tuple[dict | None, Tensor | None]:
+    """What ``path`` says its targets were computed from (:func:`_key`) and the targets
+    ``[N, O]``; ``(None, None)`` when it is missing or damaged, or holds no ``[N, O]``
+    finite targets (then they are computed again)."""
     from safetensors import SafetensorError
     from safetensors import safe_open
     try:
         with safe_open(str(path), framework="pt") as f:
-            if json.loads((f.metadata() or {}).get("capsnet_teacher", "{}")) != key:
-                return None
+            key = json.loads((f.metadata() or {})["capsnet_teacher"])
             lengths = f.get_tensor("lengths")
-    except (OSError, SafetensorError, ValueError, KeyError):
-        return None  # missing or damaged: computed again
-    ok = lengths.shape == (n, num_classes) and bool(torch.isfinite(lengths).all())
-    return lengths.float() if ok else None
+    except (OSError, SafetensorError, ValueError, KeyError, TypeError):
+        return None, None
+    if lengths.shape != (n, num_classes) or not bool(torch.isfinite(lengths).all()):
+        return None, None
+    return key, lengths.float()
 
 
 def _write_cache(path: Path, key: dict, lengths: Tensor) -> None:
@@ -97,24 +99,34 @@ def load_teacher(spec: str, train: ImageDataset, run: dict, pool: str | None,
 
 
 def teacher_targets(teacher, meta: dict, spec: str, train: ImageDataset, tta: str,
-                    batch_size: int, out: Path, main: bool = True) -> Tensor:
+                    batch_size: int, out: Path, main: bool = True,
+                    resume: bool = False) -> Tensor:
     """The teacher's mean capsule lengths ``[N, O]`` (float32, on the CPU) on the ``N``
     training images ``train`` (uint8, as served), over its ``tta`` views.
 
     ``teacher``, ``meta``: as :func:`load_teacher` returned them for ``spec``. Read from
     ``out/teacher.safetensors`` when that holds the same targets; otherwise computed. Only
-    the ``main`` process of a data-parallel run writes the file and prints.
+    the ``main`` process of a data-parallel run writes the file and prints. A ``resume``d
+    run whose file was computed from other weights (the file behind ``spec`` replaced
+    since), other views or other images is refused in one line: its targets would change
+    in the middle of the run.
     """
     from .evaluate import recon_weight_of
     from .inference import infer
     from .weights import model_digest
     key = _key(model_digest(teacher), tta, train)
     cache = out / CACHE
-    cached = _read_cache(cache, key, len(train), len(train.classes))
-    if cached is not None:
+    stored, cached = _read_cache(cache, len(train), len(train.classes))
+    if stored == key:
         if main:
             print(f"teacher {spec}: targets read from {cache}", flush=True)
         return cached
+    if stored is not None and resume:
+        what = {"teacher_sha256": "teacher weights", "tta": "views", "images": "training images"}
+        changed = " and ".join(what[k] for k in what if stored.get(k) != key[k]) or "settings"
+        raise CapsnetError(f"--resume: {cache} was computed from other {changed} than this run "
+                           "has now; a resumed run keeps its teacher's targets (start a new "
+                           "run for another teacher)")
     start = time.perf_counter()
     lengths = infer(teacher, train.images, train.labels, batch_size, recon_weight_of(meta),
                     tta).lengths.float().cpu()

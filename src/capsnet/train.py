@@ -237,7 +237,8 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
     if teacher is not None:
         from .distill import teacher_targets
         dm.train_targets = teacher_targets(*teacher, s["teacher"], dm.train, s["teacher_tta"],
-                                           s["eval_batch_size"], out, main=main)
+                                           s["eval_batch_size"], out, main=main,
+                                           resume=resume)
         del teacher  # its weights are not needed any more
 
     # best.ckpt follows validation accuracy; the test set never chooses anything, so without
