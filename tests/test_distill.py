@@ -19,10 +19,11 @@ def test_distillation_loss_by_hand():
     assert torch.allclose(distillation_loss(lengths, teacher), torch.tensor([0.05, 0.0]))
 
 
-def test_train_with_teacher(trained_run, fashion_dir, tmp_path, capsys):
+def test_train_with_teacher(trained_run, fashion_dir, tmp_path, capsys, monkeypatch):
     """The targets are the teacher's mean lengths over its views on exactly the training
-    images; the loss adds teacher_weight times the distillation term; a resume reads the
-    targets back instead of scoring again."""
+    images; the loss adds teacher_weight times the distillation term; a resume (from
+    another folder: the teacher's relative path was recorded absolute) reads the targets
+    back instead of scoring again."""
     from safetensors import safe_open
 
     from capsnet.checkpoints import load_model
@@ -30,8 +31,9 @@ def test_train_with_teacher(trained_run, fashion_dir, tmp_path, capsys):
     from capsnet.data.datamodule import ImageDataModule
     from capsnet.inference import infer
     from capsnet.metrics import read_metrics
-    teacher, out = str(trained_run / "best.ckpt"), tmp_path / "student"
-    common = [*STUDENT, "--data-dir", str(fashion_dir), "--teacher", teacher,
+    teacher, out = str((trained_run / "best.ckpt").resolve()), tmp_path / "student"
+    monkeypatch.chdir(trained_run)
+    common = [*STUDENT, "--data-dir", str(fashion_dir), "--teacher", "best.ckpt",
               "--teacher-tta", "hflip", "--teacher-weight", "2"]
     assert main(["train", *common, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -54,6 +56,7 @@ def test_train_with_teacher(trained_run, fashion_dir, tmp_path, capsys):
                                               rel=1e-4)
 
     stamp = (out / "teacher.safetensors").stat().st_mtime_ns
+    monkeypatch.chdir(tmp_path)
     assert main(["train", "--resume", str(out), "--epochs", "2"]) == 0
     assert f"teacher {teacher}: targets read from {out / 'teacher.safetensors'}" in \
         capsys.readouterr().out

@@ -172,6 +172,8 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
     check_training(s)  # the generated datasets' and the CNN baselines' one-line refusals
     if s["data_dir"]:  # recorded absolute: evaluate and report find it from any folder
         s["data_dir"] = str(Path(s["data_dir"]).expanduser().resolve())
+    if s["teacher"] and Path(s["teacher"]).expanduser().is_file():  # (not a shipped name)
+        s["teacher"] = str(Path(s["teacher"]).expanduser().resolve())  # --resume needs it
     main = is_main_process()
     last = out / "last.ckpt"
     if run is not None:
