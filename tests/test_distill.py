@@ -76,11 +76,20 @@ def test_train_with_teacher(trained_run, fashion_dir, tmp_path, capsys, monkeypa
 
 def test_teacher_refusals(trained_run, fashion_dir, tmp_path, capsys):
     from capsnet.cli import main
+    import shutil
     teacher = str(trained_run / "best.ckpt")
+    # The same weights as if from a run without a validation split (trained on all images)
+    everything = tmp_path / "no-val"
+    everything.mkdir()
+    shutil.copy(teacher, everything / "best.ckpt")
+    (everything / "config.yaml").write_text(
+        (trained_run / "config.yaml").read_text().replace("val_size: 500", "val_size: 0"))
     base = [*STUDENT, "--data-dir", str(fashion_dir), "--out", str(tmp_path / "s")]
     for extra, needle in [
             (["--teacher", teacher, "--val-size", "400"],
              "its validation split was 500 images, this run's is 400"),
+            (["--teacher", str(everything / "best.ckpt")],
+             "its validation split was none (it trained on every training image)"),
             (["--teacher", str(tmp_path / "missing.ckpt")], "missing.ckpt"),
             (["--teacher", teacher, "--teacher-weight", "-1"],
              "'teacher_weight' must not be negative"),

@@ -87,7 +87,8 @@ def load_teacher(spec: str, train: ImageDataset, run: dict, pool: str | None,
     teacher_run = recorded_run(spec, meta)
     if run["val_size"] and teacher_run.get("val_size") != run["val_size"]:
         known = teacher_run.get("val_size")
-        said = "is not recorded" if known is None else f"was {known:,} images"
+        said = ("is not recorded" if known is None else "was none (it trained on every "
+                "training image)" if known == 0 else f"was {known:,} images")
         raise CapsnetError(f"{where}: its validation split {said}, this run's is "
                            f"{run['val_size']:,}; a teacher trained on other images than "
                            "this run's training split would carry validation images into it")
