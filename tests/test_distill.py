@@ -114,3 +114,18 @@ def test_weight_zero_is_the_run_without_teacher(trained_run, fashion_dir, tmp_pa
     assert zero["train_distill"] > 0 and "train_distill" not in plain
     for key in ("train_loss", "train_acc", "val_acc", "val_loss", "test_acc"):
         assert zero[key] == plain[key], key
+
+
+def test_teacher_with_init(trained_run, fashion_dir, tmp_path, capsys):
+    """A second stage (`--init STAGE1/best.ckpt`) keeps its teacher: the student starts
+    from the given weights and still learns the teacher's targets."""
+    from capsnet.cli import main
+    from capsnet.metrics import read_metrics
+    ckpt = str(trained_run / "best.ckpt")
+    assert main(["train", *STUDENT, "--data-dir", str(fashion_dir), "--init", ckpt,
+                 "--teacher", ckpt, "--teacher-tta", "none", "--out",
+                 str(tmp_path / "s2")]) == 0
+    printed = capsys.readouterr().out
+    assert f"starting from the weights of {ckpt}" in printed
+    assert "targets for 512 training images" in printed
+    assert read_metrics(tmp_path / "s2" / "metrics.csv")[0]["train_distill"] > 0
