@@ -129,3 +129,15 @@ def test_teacher_with_init(trained_run, fashion_dir, tmp_path, capsys):
     assert f"starting from the weights of {ckpt}" in printed
     assert "targets for 512 training images" in printed
     assert read_metrics(tmp_path / "s2" / "metrics.csv")[0]["train_distill"] > 0
+    # A further stage from s2 with the same teacher and views reads s2's targets (and keeps
+    # a copy, for its own resume) instead of scoring the images again.
+    s2, s3 = tmp_path / "s2", tmp_path / "s3"
+    assert main(["train", *STUDENT, "--data-dir", str(fashion_dir), "--init",
+                 str(s2 / "last.ckpt"), "--teacher", ckpt, "--teacher-tta", "none",
+                 "--out", str(s3)]) == 0
+    printed = capsys.readouterr().out
+    assert f"targets read from {s2 / 'teacher.safetensors'}" in printed
+    assert "targets for" not in printed
+    from safetensors.torch import load_file
+    assert torch.equal(load_file(s3 / "teacher.safetensors")["lengths"],
+                       load_file(s2 / "teacher.safetensors")["lengths"])

@@ -238,9 +238,12 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
             print(f"starting from the weights of {s['init']}", flush=True)
     if teacher is not None:
         from .distill import teacher_targets
+        init = Path(s["init"]) if s["init"] is not None else None
         dm.train_targets = teacher_targets(*teacher, s["teacher"], dm.train, s["teacher_tta"],
                                            s["eval_batch_size"], out, main=main,
-                                           resume=resume)
+                                           resume=resume,
+                                           earlier=init.parent if init and init.is_file()
+                                           else None)
         del teacher  # its weights are not needed any more
 
     # best.ckpt follows validation accuracy; the test set never chooses anything, so without
