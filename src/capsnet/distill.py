@@ -15,10 +15,11 @@ labels (Hinton, Vinyals & Dean 2015, with lengths in the place of softened softm
 The targets are kept in ``OUT/teacher.safetensors`` (no pickle), with what they were
 computed from (the teacher's weights digest, the views, the training images' labels), so a
 resumed run reads them instead of scoring again, and so does a second stage started with
-``--init`` from a run that learned from the same teacher (the targets are read from that run's
-folder: scoring 55,000 images over six views took 27 minutes on two cores). The teacher must have been trained on this
-run's training split: a teacher that saw this run's validation images would carry them into
-the student and make its validation accuracy optimistic; that is refused in one line.
+``--init`` from a run that learned from the same teacher: the targets are read from that
+run's folder (scoring is the slowest step of a start; its time is in docs/cli.md). The
+teacher must have been trained on this run's training split: a teacher that saw this
+run's validation images would carry them into the student and make its validation accuracy
+optimistic; that is refused in one line.
 """
 
 from __future__ import annotations
