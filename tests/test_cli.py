@@ -716,6 +716,7 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
     (run / "config.yaml").write_text(yaml.safe_dump({"val_size": 500, "lr": 0.001,
                                                      "lr_schedule": "cosine", "epochs": 4}))
     for flags, key in ((["--val-size", "1000"], "--val-size"), (["--lr", "0.01"], "--lr"),
+                       (["--weight-decay", "0.01"], "--weight-decay"),
                        (["--epochs", "8"], "--epochs"),
                        (["--devices", "2", "--strategy", "ddp"], "--devices"),
                        (["--num-nodes", "2", "--strategy", "ddp"], "--num-nodes")):

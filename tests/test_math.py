@@ -189,6 +189,32 @@ def test_learning_rate_schedules():
     assert math.isclose(sched.get_last_lr()[0], 0.96e-3, rel_tol=1e-6)
 
 
+def test_weight_decay_is_decoupled_and_spares_biases():
+    """--weight-decay: AdamW on the weight matrices and kernels only. With zero gradients
+    Adam's update is 0, so what moves a weight is the decay alone: a kernel shrinks by
+    ``lr * weight_decay`` of itself per step, a bias stays. 0 keeps plain Adam in one group
+    (older runs' optimizer states resume)."""
+    from capsnet.lit import LitCapsNet
+    from capsnet.optim import adam
+    layer = torch.nn.Linear(3, 2)
+    opt = adam(layer.parameters(), lr=0.1, weight_decay=0.5)
+    assert isinstance(opt, torch.optim.AdamW)
+    w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    layer.weight.grad, layer.bias.grad = torch.zeros_like(w), torch.zeros_like(b)
+    opt.step()
+    torch.testing.assert_close(layer.weight.detach(), w * (1 - 0.1 * 0.5))
+    torch.testing.assert_close(layer.bias.detach(), b)
+    plain = adam(layer.parameters(), lr=0.1)
+    assert type(plain) is torch.optim.Adam and len(plain.param_groups) == 1
+    assert plain.param_groups[0]["weight_decay"] == 0
+    lit = LitCapsNet(model={"conv_channels": 8, "primary_types": 2}, weight_decay=0.01)
+    groups = lit.configure_optimizers()["optimizer"].param_groups
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0]
+    assert all(p.ndim > 1 for p in groups[0]["params"])
+    assert groups[1]["params"] and all(p.ndim == 1 for p in groups[1]["params"])
+    assert sum(len(g["params"]) for g in groups) == len(list(lit.model.parameters()))
+
+
 def test_ema_follows_then_averages():
     from torch.optim.swa_utils import AveragedModel
 

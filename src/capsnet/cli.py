@@ -57,6 +57,9 @@ def _train_parser(sub) -> None:
         ("batch_size", f"default {D['batch_size']}", {"type": int}),
         ("eval_batch_size", f"default {D['eval_batch_size']}", {"type": int}),
         ("lr", f"Adam learning rate (default {D['lr']})", {"type": float}),
+        ("weight_decay", "decoupled weight decay (AdamW instead of Adam) of the weight "
+                         "matrices and kernels, not of biases and normalization scales "
+                         f"(default {D['weight_decay']}: none)", {"type": float}),
         ("lr_schedule", "exp (the authors': lr x lr_decay^(step / lr_decay_steps)), cosine "
                         "(to 0 at the last step) or constant "
                         f"(default {D['lr_schedule']})",

@@ -25,7 +25,8 @@ class LitCapsNet(L.LightningModule):
     learning-rate schedule and optional weight averaging.
 
     ``lr_schedule="exp"``: ``lr * lr_decay ** (step / lr_decay_steps)`` (the authors' schedule:
-    1e-3, decayed by 0.96 every 2000 steps). ``"cosine"``: :func:`lr_factor` over the whole run.
+    1e-3, decayed by 0.96 every 2000 steps); ``weight_decay > 0``: AdamW instead of Adam
+    (:func:`~capsnet.optim.adam`). ``"cosine"``: :func:`lr_factor` over the whole run.
     ``"constant"``: ``lr`` after the warm-up. ``ema > 0`` keeps an exponential moving average
     of the weights (:func:`ema_update`); ``swa`` instead their equal-weight mean over every
     step of the run (stochastic weight averaging, Izmailov et al. 2018: meant for a run
@@ -59,7 +60,8 @@ class LitCapsNet(L.LightningModule):
                  dataset: str = "fashion-mnist", channels_last: bool = True,
                  lr_schedule: str = "exp", warmup_steps: int = 0, ema: float = 0.0,
                  arch: str = "capsnet", data_options: dict | None = None, swa: bool = False,
-                 train_pool: str | None = None, teacher_weight: float = 0.0):
+                 train_pool: str | None = None, teacher_weight: float = 0.0,
+                 weight_decay: float = 0.0):
         super().__init__()
         self.save_hyperparameters()
         self.augment_config = AugmentConfig(**(augment or {}))
@@ -208,7 +210,7 @@ class LitCapsNet(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = adam(self.model.parameters(), lr=hp.lr)
+        opt = adam(self.model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.lr_schedule == "cosine":
             total = int(self.trainer.estimated_stepping_batches)
             sched = torch.optim.lr_scheduler.LambdaLR(

@@ -8,17 +8,31 @@ import torch
 from torch import Tensor
 
 
-def adam(params, lr: float = 1e-3) -> torch.optim.Adam:
+def adam(params, lr: float = 1e-3, weight_decay: float = 0.0) -> torch.optim.Adam:
     """Adam with the fused (one kernel for all parameters) implementation where available.
 
     On CPU the default implementation loops over the parameters in Python; the fused one is
     measurably faster (``scripts/ablation.py``) and computes the same update.
+
+    ``weight_decay > 0``: AdamW (Loshchilov & Hutter, "Decoupled Weight Decay
+    Regularization", ICLR 2019): every step also moves each weight by ``-lr * weight_decay``
+    times itself, outside Adam's moments (an L2 term in the loss would be divided by them,
+    so weights with large gradients would hardly decay). Only weight matrices and kernels
+    (two or more dimensions) decay; biases and normalization scales (one dimension) do not.
+    With 0 it is plain Adam in one parameter group, as before this option existed, so the
+    checkpoints of older runs resume.
     """
     params = list(params)
+    make, groups = torch.optim.Adam, params
+    if weight_decay > 0:
+        make = torch.optim.AdamW
+        groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        return make(groups, lr=lr, fused=True)
     except (RuntimeError, TypeError):
-        return torch.optim.Adam(params, lr=lr)
+        return make(groups, lr=lr)
 
 
 def warmup_factor(step: int, warmup: int) -> float:
