@@ -22,11 +22,11 @@ from .optim import adam, ema_update, lr_factor, swa_update, warmup_factor
 
 class LitCapsNet(L.LightningModule):
     """Trains a registered architecture (``arch``, :mod:`capsnet.models`) with Adam, a
-    learning-rate schedule and optional weight averaging.
+    learning-rate schedule and optional weight averaging (``weight_decay > 0``: AdamW
+    instead of Adam, :func:`~capsnet.optim.adam`).
 
     ``lr_schedule="exp"``: ``lr * lr_decay ** (step / lr_decay_steps)`` (the authors' schedule:
-    1e-3, decayed by 0.96 every 2000 steps); ``weight_decay > 0``: AdamW instead of Adam
-    (:func:`~capsnet.optim.adam`). ``"cosine"``: :func:`lr_factor` over the whole run.
+    1e-3, decayed by 0.96 every 2000 steps). ``"cosine"``: :func:`lr_factor` over the whole run.
     ``"constant"``: ``lr`` after the warm-up. ``ema > 0`` keeps an exponential moving average
     of the weights (:func:`ema_update`); ``swa`` instead their equal-weight mean over every
     step of the run (stochastic weight averaging, Izmailov et al. 2018: meant for a run
