@@ -277,7 +277,7 @@ def test_accuracy_interval_is_wilsons():
     from capsnet.inference import accuracy_interval
     assert accuracy_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert accuracy_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
-    low, high = accuracy_interval(9288, 10000)  # the shipped model: +-0.5 points
+    low, high = accuracy_interval(9288, 10000)  # a 92.88% model (shipped before): +-0.5 points
     assert low == pytest.approx(0.9236, abs=1e-4) and high == pytest.approx(0.9337, abs=1e-4)
     assert accuracy_interval(3, 10) == pytest.approx(tuple(1 - v for v in
                                                            reversed(accuracy_interval(7, 10))))

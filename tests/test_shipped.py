@@ -59,8 +59,8 @@ def test_predict_without_a_model_uses_the_shipped_one(fashion_dir, tmp_path, cap
 
 
 def test_shipped_model_knows_its_runs_validation_split(fashion_dir, capsys):
-    """The shipped file predates files recording their split; SHIPPED_RUN supplies it, so the
-    shipped model can be compared with a new run on the same validation images."""
+    """The shipped file records its run's split, so the shipped model can be compared with a
+    new run on the same validation images."""
     import torch
 
     from capsnet.checkpoints import load_model

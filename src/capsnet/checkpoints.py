@@ -129,13 +129,11 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu"
     Returns the model in eval mode and its metadata (``arch``, ``classes``, ``dataset``,
     ``epoch`` where known). Nothing is unpickled beyond plain tensors and data.
     """
-    from .shipped import SHIPPED_RUN, resolve
+    from .shipped import resolve
     from .weights import load_weights
     path = resolve(spec)
     if path.suffix == ".safetensors":
         model, meta = load_weights(path, device)
-        for key, value in SHIPPED_RUN.get(str(spec), {}).items():
-            meta[key] = meta.get(key) or value
     else:
         model, meta = load_checkpoint_model(path, device)
     n = model.config.num_classes

@@ -14,10 +14,6 @@ from .errors import CapsnetError
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # name -> file in WEIGHTS_DIR; `capsnet predict IMAGE` without a model uses DEFAULT_MODEL.
 SHIPPED = {"fashion-mnist": "fashion-mnist.safetensors"}
-# What a shipped file exported before files recorded it does not say itself: its run's
-# validation split (the default 5,000 images, fixed seed; docs/results.md), so that
-# `capsnet evaluate fashion-mnist --split val` compares it with a new run on the same images.
-SHIPPED_RUN = {"fashion-mnist": {"val_size": 5000}}
 DEFAULT_MODEL = "fashion-mnist"
 
 
