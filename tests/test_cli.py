@@ -283,10 +283,12 @@ def test_resume_continues_exactly(fashion_dir, tmp_path, capsys, val_size):
     a, b = read_metrics(straight / "metrics.csv"), read_metrics(resumed / "metrics.csv")
     assert [r["epoch"] for r in b] == [0, 1]  # counted from 0 in the file, from 1 when told:
     out = capsys.readouterr().out
-    assert f"after epoch 2: test accuracy {b[1]['test_acc']:.4f}" in out
     if val_size == "0":
+        assert f"after epoch 2: test accuracy {b[1]['test_acc']:.4f}" in out
         assert "best.ckpt" not in out
-    else:  # the closing line names the epoch Lightning kept as best.ckpt
+    else:  # validation, never the test set, at the end; the epoch kept as best.ckpt
+        assert f"after epoch 2: val accuracy {b[1]['val_acc']:.4f}" in out
+        assert not re.search(r"test accuracy \d", out)
         best = torch.load(resumed / "best.ckpt", weights_only=True)["epoch"]
         assert f"best.ckpt: epoch {best + 1}, val accuracy {b[best]['val_acc']:.4f}" in out
     # epoch 0: two separate runs with the same seed; epoch 1: straight on vs resumed
