@@ -173,13 +173,12 @@ def _cmd_train(a) -> int:
         # and the docs from 1: "after epoch 2" is the end of a 2-epoch run. With a validation
         # split the test figure is not printed: it is a record in metrics.csv, and a number
         # on the screen at the end of a run is one that invites choosing by it.
-        if split == "val":
-            print(f"after epoch {last['epoch'] + 1}: val accuracy {last['val_acc']:.4f} "
-                  "(each epoch's test accuracy: metrics.csv, a record)")
-        else:
+        if split == "test":
             print(f"after epoch {last['epoch'] + 1}: test accuracy "
                   f"{last.get('test_acc', float('nan')):.4f}")
-        if split == "val":  # best.ckpt: the first epoch of the highest score (ties keep it)
+        else:  # best.ckpt: the first epoch of the highest score (ties keep it)
+            print(f"after epoch {last['epoch'] + 1}: val accuracy {last['val_acc']:.4f} "
+                  "(each epoch's test accuracy: metrics.csv, a record)")
             key = "val_f2" if "val_f2" in last else "val_acc"
             best = max(rows, key=lambda r: (r.get(key, float("-inf")), -r["epoch"]))
             print(f"best.ckpt: epoch {best['epoch'] + 1}, "
