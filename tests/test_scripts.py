@@ -75,3 +75,32 @@ def test_greedy_soup_keeps_a_candidate_only_if_validation_does_not_drop():
     assert abs(mixed["w"].item() - 0.95) < 1e-6 and mixed["steps"].item() == 2
     assert abs(best + 0.05) < 1e-6
     assert soup.mean_state(states)["w"].dtype == torch.float32
+
+
+def test_recon_score_gives_each_class_its_own_reconstruction_error():
+    import torch
+    from torch import nn
+    from capsnet.layers import Decoder
+    recon = load_script("recon_score")
+    torch.manual_seed(0)
+
+    class Model(nn.Module):  # capsules: a fixed linear map of the image, long enough to matter
+        def __init__(self):
+            super().__init__()
+            self.map = nn.Linear(28 * 28, 10 * 16)
+            self.decoder = Decoder(10, 16, (1, 28, 28), (16, 32))
+
+        def capsules(self, x):
+            return self.map(x.flatten(1)).view(-1, 10, 16)
+
+    model = Model()
+    images = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
+    lengths, sse = recon.scores(model, images, batch=3)  # two batches
+    x = images.float() / 255
+    v = model.capsules(x)
+    assert lengths.shape == sse.shape == (5, 10)
+    assert torch.allclose(lengths, v.norm(dim=-1), atol=1e-5)
+    for k in range(10):  # column k: the decoder fed class k's capsule alone
+        expected = (model.decoder(v, torch.full((5,), k)) - x).square().flatten(1).sum(1)
+        assert torch.allclose(sse[:, k], expected, atol=1e-4)
+    assert (sse[:, 7] - sse[:, 3]).abs().max() > 100 * 1e-4  # the columns do differ
