@@ -13,14 +13,16 @@ and of ``argmax (L - a * S)`` for a grid of weights ``a``, on the two halves of 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
 from capsnet.checkpoints import load_model
 from capsnet.data.batches import to_unit
+from capsnet.errors import CapsnetError
 from capsnet.evaluate import evaluation_data
 
-WEIGHTS = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3)  # fixed before any measurement
+WEIGHTS = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3)  # about 3x apart; squared errors are ~10-20
 
 
 def scores(model, images: torch.Tensor, batch: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,12 +39,23 @@ def scores(model, images: torch.Tensor, batch: int = 250) -> tuple[torch.Tensor,
     return torch.cat(lengths), torch.cat(sse)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a shipped model's name, a weights file or a checkpoint")
-    a = p.parse_args()
-    model, meta = load_model(a.model)
-    data = evaluation_data(a.model, model, meta, "val")
+    a = p.parse_args(argv)
+    try:
+        model, meta = load_model(a.model)
+        if not hasattr(model, "decoder"):
+            raise CapsnetError(f"{a.model}: {meta['arch']} has no reconstruction decoder")
+        data = evaluation_data(a.model, model, meta, "val")
+        if data.labels.dim() != 1:
+            raise CapsnetError(f"{a.model}: single-label data only (one class per image)")
+        if tuple(model.decoder.out_shape) != tuple(data.shape):
+            raise CapsnetError(f"{a.model}: its decoder reconstructs {model.decoder.out_shape}, "
+                               f"not the whole image {tuple(data.shape)}")
+    except CapsnetError as e:
+        print(f"recon_score: error: {e}", file=sys.stderr)
+        return 2
     lengths, sse = scores(model, data.images)
     y = data.labels
     halves = torch.randperm(len(y), generator=torch.Generator().manual_seed(0)).chunk(2)
@@ -56,7 +69,8 @@ def main() -> None:
     for w in WEIGHTS:
         pred = (lengths - w * sse).argmax(1)
         print(f"{w:<8} {acc(pred, halves[0])}   {acc(pred, halves[1])}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -104,3 +104,11 @@ def test_recon_score_gives_each_class_its_own_reconstruction_error():
         expected = (model.decoder(v, torch.full((5,), k)) - x).square().flatten(1).sum(1)
         assert torch.allclose(sse[:, k], expected, atol=1e-4)
     assert (sse[:, 7] - sse[:, 3]).abs().max() > 100 * 1e-4  # the columns do differ
+
+
+def test_recon_score_refuses_a_missing_model_in_one_line(tmp_path, capsys):
+    recon = load_script("recon_score")
+    assert recon.main([str(tmp_path / "nothing.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("recon_score: error:") and "nothing.safetensors" in err
+    assert len(err.splitlines()) == 1
