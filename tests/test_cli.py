@@ -384,6 +384,7 @@ def test_a_reader_that_leaves_early_is_no_traceback():
     (["train", "--erase", "1.5"], "erase"),
     (["train", "--erase", "-0.1"], "erase"),
     (["train", "--weight-decay", "-0.1"], "weight_decay"),
+    (["train", "--sam", "-0.05"], "sam"),
     (["train", "--device", "cuda:7"], "cuda"),
     (["train", "--device", "tpu"], "device"),
     (["train", "--no-such-flag"], "no-such-flag"),
@@ -601,11 +602,11 @@ def test_init_starts_from_trained_weights_and_swa_averages_every_step(
         trained_run, fashion_dir, tmp_path, capsys):
     out = tmp_path / "swa"
     # A learning rate of 1e-12 leaves the weights where --init put them (weight decay
-    # included), so the average must equal the starting model; random weights would be far
-    # from it.
+    # included; and SAM's moves, 0.05 along the gradient, undone), so the average must equal
+    # the starting model; random weights would be far from it.
     code, stdout, _ = run_cli(capsys, "train", "--init", trained_run / "best.ckpt", "--swa",
                               "--lr-schedule", "constant", "--lr", "1e-12",
-                              "--weight-decay", "0.05",
+                              "--weight-decay", "0.05", "--sam", "0.05",
                               "--train-size", "192", "--val-size", "0", "--test-size", "64",
                               "--batch-size", "64", "--epochs", "1", "--no-progress",
                               "--no-tensorboard", "--data-dir", fashion_dir, "--out", out)
@@ -619,6 +620,7 @@ def test_init_starts_from_trained_weights_and_swa_averages_every_step(
     # --weight-decay reached the optimizer: kernels decayed, biases not
     groups = ckpt["optimizer_states"][0]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert ckpt["hyper_parameters"]["sam"] == 0.05
     # Refusals: another architecture, both averages at once, a missing file.
     for args, needle in [(["--arch", "efficient-capsnet"], "holds a capsnet"),
                          (["--swa", "--ema", "0.99"], "exclude each other"),

@@ -281,3 +281,69 @@ def test_accuracy_interval_is_wilsons():
     assert low == pytest.approx(0.9236, abs=1e-4) and high == pytest.approx(0.9337, abs=1e-4)
     assert accuracy_interval(3, 10) == pytest.approx(tuple(1 - v for v in
                                                            reversed(accuracy_interval(7, 10))))
+
+
+def test_sam_steps_with_the_gradient_at_the_moved_weights():
+    """--sam: on f(w) = sum(a * w^2) / 2 the gradient is g = a * w; SAM's closure must leave
+    the weights at w, return the loss at w and leave the gradient at w + rho * g / |g|;
+    the second pass draws the same random numbers (the same augmentation) and the
+    generator ends as after one pass."""
+    import contextlib
+    from capsnet.optim import sam_closure
+    a = torch.tensor([1.0, 2.0, 3.0])
+    w0 = torch.tensor([0.5, -1.0, 2.0])
+    p = torch.nn.Parameter(w0.clone())
+    draws, passes = [], []
+    second = {"on": False}
+
+    def closure():
+        p.grad = None
+        draws.append(torch.rand(4))
+        passes.append(second["on"])
+        loss = (a * p * p).sum() / 2
+        loss.backward()
+        return loss.detach()
+
+    @contextlib.contextmanager
+    def second_pass():
+        second["on"] = True
+        yield
+        second["on"] = False
+
+    torch.manual_seed(3)
+    loss = sam_closure(closure, [p], 0.1, second_pass)()
+    torch.manual_seed(3)
+    torch.rand(4)
+    expected_next = torch.rand(4)
+    torch.manual_seed(3)
+    sam_closure(closure, [p], 0.1, second_pass)()
+    assert torch.equal(torch.rand(4), expected_next)  # as after one pass
+    g = a * w0
+    moved = w0 + 0.1 * g / g.norm()
+    torch.testing.assert_close(loss, (a * w0 * w0).sum() / 2)
+    torch.testing.assert_close(p.detach(), w0, atol=1e-7, rtol=0)
+    torch.testing.assert_close(p.grad, a * moved)
+    assert passes == [False, True, False, True]
+    assert torch.equal(draws[0], draws[1])
+
+
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step`")
+def test_sam_runs_two_passes_per_step_in_lightning_and_logs_one():
+    """LitCapsNet(sam > 0) wraps Lightning's closure: two training_step calls per optimizer
+    step, the second flagged (not logged); without SAM one call per step."""
+    import lightning as L
+    from capsnet.lit import LitCapsNet
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    data = torch.utils.data.TensorDataset(images, torch.arange(8) % 10)
+    for sam, calls in [(0.05, [False, True, False, True]), (0.0, [False, False])]:
+        lit = LitCapsNet(model={"conv_channels": 8, "primary_types": 2}, sam=sam,
+                         channels_last=False)
+        seen = []
+        step = lit.training_step
+        lit.training_step = lambda batch, batch_idx: (seen.append(lit._sam_second_pass),
+                                                      step(batch, batch_idx))[1]
+        trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, accelerator="cpu", devices=1)
+        trainer.fit(lit, torch.utils.data.DataLoader(data, batch_size=4))
+        assert seen == calls

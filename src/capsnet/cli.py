@@ -60,6 +60,10 @@ def _train_parser(sub) -> None:
         ("weight_decay", "decoupled weight decay (AdamW instead of Adam) of the weight "
                          "matrices and kernels, not of biases and normalization scales "
                          f"(default {D['weight_decay']}: none)", {"type": float}),
+        ("sam", "sharpness-aware minimization (Foret et al. 2021): each step takes the "
+                "gradient at the weights moved by this distance along the gradient, e.g. "
+                "0.05; two forward and backward passes per step "
+                f"(default {D['sam']}: off)", {"type": float, "metavar": "RHO"}),
         ("lr_schedule", "exp (the authors': lr x lr_decay^(step / lr_decay_steps)), cosine "
                         "(to 0 at the last step) or constant "
                         f"(default {D['lr_schedule']})",

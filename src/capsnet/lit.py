@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 import torch
 from torch import Tensor, nn
@@ -17,13 +19,14 @@ from .models.base import PRESENT
 from .models import build_model, objective
 from .pairs import mean_pair_loss, pair_losses
 from .paper import RECON_WEIGHT
-from .optim import adam, ema_update, lr_factor, swa_update, warmup_factor
+from .optim import adam, ema_update, lr_factor, sam_closure, swa_update, warmup_factor
 
 
 class LitCapsNet(L.LightningModule):
     """Trains a registered architecture (``arch``, :mod:`capsnet.models`) with Adam, a
     learning-rate schedule and optional weight averaging (``weight_decay > 0``: AdamW
-    instead of Adam, :func:`~capsnet.optim.adam`).
+    instead of Adam, :func:`~capsnet.optim.adam`; ``sam > 0``: sharpness-aware minimization
+    with that radius, :func:`~capsnet.optim.sam_closure`).
 
     ``lr_schedule="exp"``: ``lr * lr_decay ** (step / lr_decay_steps)`` (the authors' schedule:
     1e-3, decayed by 0.96 every 2000 steps). ``"cosine"``: :func:`lr_factor` over the whole run.
@@ -61,7 +64,7 @@ class LitCapsNet(L.LightningModule):
                  lr_schedule: str = "exp", warmup_steps: int = 0, ema: float = 0.0,
                  arch: str = "capsnet", data_options: dict | None = None, swa: bool = False,
                  train_pool: str | None = None, teacher_weight: float = 0.0,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, sam: float = 0.0):
         super().__init__()
         self.save_hyperparameters()
         self.augment_config = AugmentConfig(**(augment or {}))
@@ -82,6 +85,7 @@ class LitCapsNet(L.LightningModule):
         spec = DATASETS.get(dataset)
         self.protocol = spec.protocol if spec is not None else None
         self.objective = objective(self.model)
+        self._sam_second_pass = False  # True while SAM takes its second gradient
 
     @property
     def eval_model(self) -> nn.Module:
@@ -145,6 +149,8 @@ class LitCapsNet(L.LightningModule):
                     distill = distillation_loss(out.lengths, teacher[0]).mean()
                     loss = loss._replace(total=loss.total + self.hparams.teacher_weight
                                          * distill)
+        if self._sam_second_pass:  # SAM's gradient at the moved weights: logged once, above
+            return loss.total
         # Averaged over the data-parallel processes (a no-op in one process).
         kw = dict(on_step=True, on_epoch=True, batch_size=max(1, n),
                   sync_dist=self.trainer.world_size > 1)
@@ -159,13 +165,24 @@ class LitCapsNet(L.LightningModule):
         self.log("lr", self.optimizers().param_groups[0]["lr"], **kw)
         return loss.total
 
-    def optimizer_step(self, *args, **kwargs) -> None:
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        if self.hparams.sam > 0 and optimizer_closure is not None:
+            optimizer_closure = sam_closure(optimizer_closure, list(self.model.parameters()),
+                                            self.hparams.sam, self._second_pass)
         # The average follows every optimizer step here, not in on_train_batch_end: Lightning
         # runs the callbacks' on_train_batch_end first, so a callback saving the evaluated
         # weights there (callbacks.SaveWeightsEvery) would see the average one update behind.
-        super().optimizer_step(*args, **kwargs)
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if self.ema is not None:
             self.ema.update_parameters(self.model)
+
+    @contextlib.contextmanager
+    def _second_pass(self):
+        self._sam_second_pass = True
+        try:
+            yield
+        finally:
+            self._sam_second_pass = False
 
     # Evaluation metrics are exact sums over each split, added up across the data-parallel
     # processes (each evaluates its own share of the images, see data.batches.ShardedBatches)

@@ -1,8 +1,10 @@
-"""Optimizer, learning-rate schedules and weight averaging (plain torch, no Lightning)."""
+"""Optimizer, learning-rate schedules, weight averaging and sharpness-aware minimization
+(plain torch, no Lightning)."""
 
 from __future__ import annotations
 
 import math
+from typing import Callable, ContextManager
 
 import torch
 from torch import Tensor
@@ -86,3 +88,53 @@ def ema_update(decay: float):
     (:func:`_average_update`).
     """
     return _average_update(lambda n: min(decay, (1 + n) / (10 + n)))
+
+
+def sam_closure(closure: Callable[[], Tensor], params: list[Tensor], rho: float,
+                second_pass: Callable[[], ContextManager]) -> Callable[[], Tensor]:
+    """Sharpness-aware minimization (SAM; Foret et al., "Sharpness-Aware Minimization for
+    Efficiently Improving Generalization", ICLR 2021) around an optimizer's ``closure``.
+
+    The returned closure computes the gradient ``g`` at the weights ``w`` (``closure()``:
+    loss, backward), moves the weights to ``w + rho * g / |g|`` (``|g|``: the norm over all
+    parameters at once), takes the gradient there (``closure()`` again, inside
+    ``second_pass()``, so the caller can skip logging it), and moves the weights back; the
+    optimizer then steps from ``w`` with the gradient of ``w + e``: the loss of the worst
+    point within ``rho`` of the weights is minimized, not only the loss at them. Two forward
+    and backward passes per step. The random generators are put back before the second
+    pass, so it sees the same augmented images; they end where the first pass left them.
+    Returns the loss at ``w``.
+    """
+    def run() -> Tensor:
+        rng = _rng_state()
+        loss = closure()
+        with torch.no_grad():
+            have = [p for p in params if p.grad is not None]
+            if not have:
+                return loss
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
+                [p.grad for p in have])))
+            moves = torch._foreach_mul([p.grad for p in have], float(rho) / (float(norm) + 1e-12))
+            torch._foreach_add_(have, moves)
+        after = _rng_state()
+        _set_rng_state(rng)
+        with second_pass():
+            closure()
+        _set_rng_state(after)
+        with torch.no_grad():
+            torch._foreach_sub_(have, moves)
+        return loss
+    return run
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])

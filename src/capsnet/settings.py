@@ -39,6 +39,7 @@ DEFAULTS: dict = {
     "lr": 1e-3, "lr_schedule": "exp", "lr_decay": 0.96, "lr_decay_steps": 2000,
     "warmup_steps": 0, "ema": 0.0, "swa": False,
     "weight_decay": 0.0,  # decoupled (AdamW) on weight matrices and kernels; 0: plain Adam
+    "sam": 0.0,  # sharpness-aware minimization's radius (capsnet.optim.sam_closure); 0: off
     "init": None,  # start from these weights (a checkpoint, weights file or shipped name)
     # Distillation (capsnet.distill): a trained model's capsule lengths on the training
     # images, averaged over its test-time views, as extra targets with this weight.
@@ -64,7 +65,7 @@ _POSITIVE = ("epochs", "batch_size", "eval_batch_size", "lr", "lr_decay", "lr_de
              "devices", "num_nodes", "image_size", "stem_channels")
 _NON_NEGATIVE = ("warmup_steps", "ema", "recon_weight", "shift", "rotate", "scale", "shear",
                  "translate", "erase", "val_size", "stem", "recon_size", "save_every_steps",
-                 "teacher_weight", "weight_decay")
+                 "teacher_weight", "weight_decay", "sam")
 
 
 def read_config(path: str | Path) -> dict:
@@ -187,7 +188,7 @@ def save_run_settings(run_dir: Path, s: dict) -> None:
 # number of processes may change.
 FIXED_ON_RESUME = ("arch", "dataset", "train_size", "val_size", "image_size", "test_fraction",
                    "seed", "batch_size", "lr", "lr_schedule", "lr_decay", "lr_decay_steps",
-                   "warmup_steps", "ema", "swa", "weight_decay", "routing_iterations",
+                   "warmup_steps", "ema", "swa", "weight_decay", "sam", "routing_iterations",
                    "detach_routing", "stem", "stem_channels", "recon_size", "recon_weight",
                    "teacher", "teacher_weight", "teacher_tta")
 
