@@ -325,6 +325,12 @@ def test_sam_steps_with_the_gradient_at_the_moved_weights():
     torch.testing.assert_close(p.grad, a * moved)
     assert passes == [False, True, False, True]
     assert torch.equal(draws[0], draws[1])
+    # A non-finite gradient moves nothing and takes no second pass.
+    p.data[0] = float("inf")
+    before = p.detach().clone()
+    sam_closure(closure, [p], 0.1, second_pass)()
+    assert passes[-1] is False and len(passes) == 5
+    assert torch.equal(p.detach(), before)
 
 
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step`")

@@ -108,21 +108,25 @@ def sam_closure(closure: Callable[[], Tensor], params: list[Tensor], rho: float,
     def run() -> Tensor:
         rng = _rng_state()
         loss = closure()
+        have = [p for p in params if p.grad is not None]
         with torch.no_grad():
-            have = [p for p in params if p.grad is not None]
-            if not have:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in have])) \
+                if have else torch.tensor(float("nan"))
+            # A non-finite gradient (fp16 overflow, which the grad scaler skips, or a diverged
+            # loss, which stops the run) moves nothing: the step is that of plain Adam.
+            if not torch.isfinite(norm):
                 return loss
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(
-                [p.grad for p in have])))
-            moves = torch._foreach_mul([p.grad for p in have], float(rho) / (float(norm) + 1e-12))
-            torch._foreach_add_(have, moves)
+            moves = [p.grad * (rho / (float(norm) + 1e-12)) for p in have]
+            for p, e in zip(have, moves):
+                p.add_(e)
         after = _rng_state()
         _set_rng_state(rng)
         with second_pass():
             closure()
         _set_rng_state(after)
         with torch.no_grad():
-            torch._foreach_sub_(have, moves)
+            for p, e in zip(have, moves):
+                p.sub_(e)
         return loss
     return run
 
