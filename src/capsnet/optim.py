@@ -99,8 +99,8 @@ def sam_closure(closure: Callable[[], Tensor], params: list[Tensor], rho: float,
     loss, backward), moves the weights to ``w + rho * g / |g|`` (``|g|``: the norm over all
     parameters at once), takes the gradient there (``closure()`` again, inside
     ``second_pass()``, so the caller can skip logging it), and moves the weights back; the
-    optimizer then steps from ``w`` with the gradient of ``w + e``: the loss of the worst
-    point within ``rho`` of the weights is minimized, not only the loss at them. Two forward
+    optimizer then steps from ``w`` with the gradient of ``w + e``: to first order, the loss
+    of the worst point within ``rho`` of the weights is minimized, not only the loss at them. Two forward
     and backward passes per step. The random generators are put back before the second
     pass, so it sees the same augmented images; they end where the first pass left them.
     Returns the loss at ``w``.
@@ -113,7 +113,7 @@ def sam_closure(closure: Callable[[], Tensor], params: list[Tensor], rho: float,
             norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in have])) \
                 if have else torch.tensor(float("nan"))
             # A non-finite gradient (fp16 overflow, which the grad scaler skips, or a diverged
-            # loss, which stops the run) moves nothing: the step is that of plain Adam.
+            # loss, which stops the run) moves nothing: the optimizer steps as without SAM.
             if not torch.isfinite(norm):
                 return loss
             moves = [p.grad * (rho / (float(norm) + 1e-12)) for p in have]
