@@ -19,7 +19,8 @@ from .models.base import PRESENT
 from .models import build_model, objective
 from .pairs import mean_pair_loss, pair_losses
 from .paper import RECON_WEIGHT
-from .optim import adam, ema_update, lr_factor, sam_closure, swa_update, warmup_factor
+from .optim import (adam, ema_update, lr_factor, rng_state, sam_closure, set_rng_state,
+                    swa_update, warmup_factor)
 
 
 class LitCapsNet(L.LightningModule):
@@ -243,13 +244,7 @@ class LitCapsNet(L.LightningModule):
     # Exact resume: the random state (shuffling, augmentation, dropout-free model) travels
     # with the checkpoint, as plain tensors that load without unpickling code.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["rng"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        rng = checkpoint.get("rng", {})
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        set_rng_state(checkpoint.get("rng", {}))

@@ -106,7 +106,7 @@ def sam_closure(closure: Callable[[], Tensor], params: list[Tensor], rho: float,
     Returns the loss at ``w``.
     """
     def run() -> Tensor:
-        rng = _rng_state()
+        rng = rng_state()
         loss = closure()
         have = [p for p in params if p.grad is not None]
         with torch.no_grad():
@@ -119,11 +119,11 @@ def sam_closure(closure: Callable[[], Tensor], params: list[Tensor], rho: float,
             moves = [p.grad * (rho / (float(norm) + 1e-12)) for p in have]
             for p, e in zip(have, moves):
                 p.add_(e)
-        after = _rng_state()
-        _set_rng_state(rng)
+        after = rng_state()
+        set_rng_state(rng)
         with second_pass():
             closure()
-        _set_rng_state(after)
+        set_rng_state(after)
         with torch.no_grad():
             for p, e in zip(have, moves):
                 p.sub_(e)
@@ -131,14 +131,18 @@ def sam_closure(closure: Callable[[], Tensor], params: list[Tensor], rho: float,
     return run
 
 
-def _rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
+def rng_state() -> dict:
+    """The random generators' states (CPU, and every CUDA device's when present), as plain
+    tensors: what SAM replays and what a checkpoint carries for an exact resume."""
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned (the parts it holds)."""
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
