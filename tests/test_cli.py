@@ -306,6 +306,26 @@ def test_resume_continues_exactly(fashion_dir, tmp_path, capsys, val_size):
     assert one_line_error(code, capsys.readouterr().err)
 
 
+def test_a_resume_keeps_best_ckpt_even_from_a_moved_folder(fashion_dir, tmp_path):
+    """The first epoch after a resume replaces best.ckpt only if it scores higher. With a
+    learning rate of 1e-12 both epochs score the same, and a tie keeps the first: an epoch
+    after a resume that forgot the best score so far (last.ckpt written before best.ckpt's
+    score was known; a moved folder, whose old paths Lightning refuses) would replace it."""
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    flags = [*SMALL, "--data-dir", str(fashion_dir), "--lr", "1e-12",
+             "--lr-schedule", "constant"]
+    assert main(["train", *flags, "--epochs", "1", "--out", str(first)]) == 0
+    (row,) = read_metrics(first / "metrics.csv")
+    states = torch.load(first / "last.ckpt", weights_only=True)["callbacks"]
+    (best_state,) = [v for k, v in states.items() if "val/acc" in k]
+    assert float(best_state["best_model_score"]) == pytest.approx(row["val_acc"])
+    first.rename(moved)
+    assert main(["train", "--resume", str(moved), "--epochs", "2"]) == 0
+    rows = read_metrics(moved / "metrics.csv")
+    assert rows[1]["val_acc"] == rows[0]["val_acc"]  # the tie this test is about
+    assert torch.load(moved / "best.ckpt", weights_only=True)["epoch"] == 0
+
+
 def test_killed_run_leaves_loadable_checkpoint(fashion_dir, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "capsnet.cli", "train", *SMALL, "--data-dir",

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from .checkpoints import atomic_torch_save, atomic_write, refuse_non_finite, safe_load
 from .errors import CapsnetError
@@ -119,6 +119,35 @@ class StopOnNonFinite(L.Callback):
             return
         where = getattr(trainer.checkpoint_callback, "dirpath", None) or "."
         refuse_non_finite(pl_module.state_dict(), Path(where) / "last.ckpt")
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` for ``best.ckpt`` (the epoch of the highest score,
+    the first on ties) and ``last.ckpt``, with what a ``--resume`` needs:
+
+    * best.ckpt's callback must come before last.ckpt's (Lightning keeps checkpoint
+      callbacks in their order): the score best.ckpt is compared with on a resume is the one
+      last.ckpt recorded, and last.ckpt written first would not know its own epoch's, so the
+      first epoch after a resume could replace a better best.ckpt;
+    * a run folder that was moved or named another way (``runs/x`` against ``./runs/x``)
+      would restore no score at all (Lightning: "The dirpath has changed"), with the same
+      effect: the recorded paths are taken as the files of the same name in this folder.
+    """
+
+    @property
+    def state_key(self) -> str:  # ModelCheckpoint's key: checkpoints written before resume
+        return "ModelCheckpoint" + super().state_key.removeprefix(type(self).__qualname__)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        def here(path):
+            return str(Path(self.dirpath) / Path(path).name) if path else path
+        state_dict = {**state_dict, "dirpath": self.dirpath,
+                      "best_model_path": here(state_dict.get("best_model_path")),
+                      "kth_best_model_path": here(state_dict.get("kth_best_model_path")),
+                      "last_model_path": here(state_dict.get("last_model_path")),
+                      "best_k_models": {here(k): v for k, v in
+                                        state_dict.get("best_k_models", {}).items()}}
+        super().load_state_dict(state_dict)
 
 
 class SameWeightsOnAllRanks(L.Callback):

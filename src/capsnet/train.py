@@ -14,11 +14,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from .callbacks import (EpochMetricsCSV, ProgressBar, SafeCheckpointIO, SameWeightsOnAllRanks,
-                        SaveWeightsEvery, StopOnNonFinite)
+from .callbacks import (EpochMetricsCSV, ProgressBar, RunCheckpoint, SafeCheckpointIO,
+                        SameWeightsOnAllRanks, SaveWeightsEvery, StopOnNonFinite)
 from .data.augment import AUGMENT_FLAGS
 from .data.datamodule import ImageDataModule
 from .data.datasets import refuse_changed_pool
@@ -254,13 +253,13 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
     # last.ckpt has its own callback, saved after every epoch: Lightning's `save_last=True`
     # refreshes it only in epochs that also saved best.ckpt, so it would fall behind (and a
     # resume repeat epochs) whenever the validation accuracy did not improve.
-    checkpoints = [ModelCheckpoint(dirpath=out, filename="last", monitor=None, save_top_k=1,
-                                   enable_version_counter=False)]
-    if has_val:
-        checkpoints.append(ModelCheckpoint(dirpath=out, filename="best", monitor=score,
-                                           mode="max", save_top_k=1,
-                                           enable_version_counter=False,
-                                           auto_insert_metric_name=False))
+    # best.ckpt's callback comes first, so that last.ckpt records its epoch's score too
+    # (RunCheckpoint says why).
+    checkpoints = [RunCheckpoint(dirpath=out, filename="best", monitor=score, mode="max",
+                                 save_top_k=1, enable_version_counter=False,
+                                 auto_insert_metric_name=False)] if has_val else []
+    checkpoints.append(RunCheckpoint(dirpath=out, filename="last", monitor=None, save_top_k=1,
+                                     enable_version_counter=False))
     callbacks = [StopOnNonFinite(), *checkpoints, EpochMetricsCSV(out / "metrics.csv"),
                  SameWeightsOnAllRanks()]
     if s["save_every_steps"]:
