@@ -6,7 +6,7 @@ import torch
 
 from conftest import one_line_error
 
-STUDENT = ["--train-size", "512", "--val-size", "500", "--test-size", "200", "--epochs", "1",
+STUDENT = ["--train-size", "256", "--val-size", "500", "--test-size", "64", "--epochs", "1",
            "--batch-size", "64", "--lr", "0.002", "--no-progress", "--no-tensorboard",
            "--log-every", "4"]
 
@@ -37,14 +37,14 @@ def test_train_with_teacher(trained_run, fashion_dir, tmp_path, capsys, monkeypa
               "--teacher-tta", "hflip", "--teacher-weight", "2"]
     assert main(["train", *common, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert f"teacher {teacher}: targets for 512 training images (hflip views)" in printed
+    assert f"teacher {teacher}: targets for 256 training images (hflip views)" in printed
     with safe_open(str(out / "teacher.safetensors"), framework="pt") as f:
         targets = f.get_tensor("lengths")
-    dm = ImageDataModule("fashion-mnist", fashion_dir, train_size=512, val_size=500)
+    dm = ImageDataModule("fashion-mnist", fashion_dir, train_size=256, val_size=500)
     dm.setup("fit")
     model, _ = load_model(teacher)
     expected = infer(model, dm.train.images, dm.train.labels, tta="hflip").lengths
-    assert targets.shape == (512, 10) and torch.allclose(targets, expected, atol=1e-6)
+    assert targets.shape == (256, 10) and torch.allclose(targets, expected, atol=1e-6)
     # The student learns more than the labels say: the targets are not one-hot.
     assert 0.02 < targets.min(dim=1).values.mean() and targets.max(dim=1).values.mean() < 0.95
 
@@ -66,7 +66,7 @@ def test_train_with_teacher(trained_run, fashion_dir, tmp_path, capsys, monkeypa
     # The targets were computed from other teacher weights (the file behind --teacher was
     # replaced since): the resume is refused rather than changing the targets mid-run.
     from capsnet.distill import _read_cache, _write_cache
-    key, lengths = _read_cache(out / "teacher.safetensors", 512, 10)
+    key, lengths = _read_cache(out / "teacher.safetensors", 256, 10)
     _write_cache(out / "teacher.safetensors", {**key, "teacher_sha256": "0" * 64}, lengths)
     code = main(["train", "--resume", str(out), "--epochs", "3"])
     err = capsys.readouterr().err
@@ -127,7 +127,7 @@ def test_teacher_with_init(trained_run, fashion_dir, tmp_path, capsys):
                  str(tmp_path / "s2")]) == 0
     printed = capsys.readouterr().out
     assert f"starting from the weights of {ckpt}" in printed
-    assert "targets for 512 training images" in printed
+    assert "targets for 256 training images" in printed
     assert read_metrics(tmp_path / "s2" / "metrics.csv")[0]["train_distill"] > 0
     # A further stage from s2 with the same teacher and views reads s2's targets (and keeps
     # a copy, for its own resume) instead of scoring the images again.

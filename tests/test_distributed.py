@@ -95,13 +95,13 @@ def test_two_processes_train_resume_and_agree(tmp_path, fashion_dir):
     ``capsnet evaluate`` of the checkpoint on the same images), and ``--resume`` continues."""
     out = tmp_path / "ddp"
     flags = ["--devices", "2", "--strategy", "ddp", "--data-dir", str(fashion_dir),
-             "--train-size", "256", "--val-size", "64", "--test-size", "151",
-             "--batch-size", "32", "--lr", "0.002", "--no-tensorboard", "--no-progress"]
+             "--train-size", "128", "--val-size", "32", "--test-size", "51",
+             "--batch-size", "16", "--lr", "0.002", "--no-tensorboard", "--no-progress"]
     r = _capsnet("train", *flags, "--epochs", "1", "--out", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("weights identical on all 2 processes") == 1
     assert r.stdout.count("parameters") == 1  # printed once, by the main process
-    assert "2 processes, global batch 64" in r.stdout
+    assert "2 processes, global batch 32" in r.stdout
     text = (out / "metrics.csv").read_text()
     assert text.count("epoch,") == 1 and len(read_metrics(out / "metrics.csv")) == 1
     assert {p.name for p in out.iterdir()} >= {"last.ckpt", "best.ckpt", "config.yaml"}
@@ -111,11 +111,11 @@ def test_two_processes_train_resume_and_agree(tmp_path, fashion_dir):
     rows = read_metrics(out / "metrics.csv")
     assert [row["epoch"] for row in rows] == [0, 1]
 
-    r = _capsnet("evaluate", str(out / "last.ckpt"), "--test-size", "151", "--json",
+    r = _capsnet("evaluate", str(out / "last.ckpt"), "--test-size", "51", "--json",
                  "--data-dir", str(fashion_dir), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout)
-    assert result["n"] == 151
-    # 151 images on 2 processes: 76 + 75, each counted once in the logged accuracy
+    assert result["n"] == 51
+    # 51 images on 2 processes: 26 + 25, each counted once in the logged accuracy
     assert abs(result["accuracy"] - rows[-1]["test_acc"]) < 1e-6
     assert abs(result["loss"] - rows[-1]["test_loss"]) < 1e-4
