@@ -1,5 +1,5 @@
-"""Lightning plug-ins of a run: metrics.csv, the divergence stop, safe checkpoint IO, the
-progress bar."""
+"""Lightning plug-ins of a run: metrics.csv, best.ckpt and last.ckpt, the divergence stop,
+safe checkpoint IO, the progress bar."""
 
 from __future__ import annotations
 
@@ -129,7 +129,7 @@ class RunCheckpoint(ModelCheckpoint):
       callbacks in their order): the score best.ckpt is compared with on a resume is the one
       last.ckpt recorded, and last.ckpt written first would not know its own epoch's, so the
       first epoch after a resume could replace a better best.ckpt;
-    * a run folder that was moved or named another way (``runs/x`` against ``./runs/x``)
+    * a run folder that was moved or renamed since (Lightning compares real paths)
       would restore no score at all (Lightning: "The dirpath has changed"), with the same
       effect: the recorded paths are taken as the files of the same name in this folder.
     """
