@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import lightning as L
 import pytest
 import torch
 from PIL import Image
@@ -18,7 +19,7 @@ from capsnet.cli import main
 from capsnet.data.datasets import load_dataset
 from capsnet.models import build_model
 from capsnet.weights import save_weights
-from conftest import CONFIGS, one_line_error
+from conftest import CONFIGS, ROOT, one_line_error
 
 
 def run_cli(capsys, *args):
@@ -268,18 +269,40 @@ SMALL = ["--train-size", "128", "--val-size", "64", "--test-size", "64", "--batc
          "--seed", "3", "--no-progress", "--no-tensorboard", "--routing-iterations", "1"]
 
 
+class _StopAfterOneEpoch(L.Callback):
+    """Ends a run after its first epoch, as a session's end does (then `--resume`)."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        trainer.should_stop = True
+
+
 @pytest.mark.parametrize("val_size", ["64", "0"])
-def test_resume_continues_exactly(fashion_dir, tmp_path, capsys, val_size):
-    # With a validation split, last.ckpt must be the last epoch even when the validation
-    # accuracy did not improve (Lightning's save_last alone does not do that).
-    flags = [*SMALL, "--val-size", val_size]
+def test_resume_continues_exactly(fashion_dir, tmp_path, capsys, monkeypatch, val_size):
+    """Two epochs straight on, and one, then a resume, end with the same weights and
+    figures. With a validation split: the shipped recipe (cosine with warm-up, EMA, flips,
+    shifts) with weight decay and SAM, stopped after epoch 1 (its cosine keeps --epochs);
+    without: the paper's exponential decay, extended by ``--epochs`` on the resume. With a
+    validation split, last.ckpt must be the last epoch even when the validation accuracy
+    did not improve (Lightning's save_last alone does not do that)."""
+    import capsnet.train
+    recipe = ["--config", str(ROOT / "configs" / "fashion-mnist.yaml"), "--warmup-steps", "3",
+              "--weight-decay", "0.05", "--sam", "0.05"] if val_size != "0" else []
+    flags = [*recipe, *SMALL, "--val-size", val_size, "--data-dir", str(fashion_dir)]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert main(["train", *flags, "--data-dir", str(fashion_dir), "--epochs", "2",
-                 "--out", str(straight)]) == 0
-    assert main(["train", *flags, "--data-dir", str(fashion_dir), "--epochs", "1",
-                 "--out", str(resumed)]) == 0
+    assert main(["train", *flags, "--epochs", "2", "--out", str(straight)]) == 0
+    if recipe:
+        extra = capsnet.train._extra_callbacks
+        monkeypatch.setattr(capsnet.train, "_extra_callbacks",
+                            lambda s, dm: [*extra(s, dm), _StopAfterOneEpoch()])
+        assert main(["train", *flags, "--epochs", "2", "--out", str(resumed)]) == 0
+        monkeypatch.setattr(capsnet.train, "_extra_callbacks", extra)
+        assert len(read_metrics(resumed / "metrics.csv")) == 1
+        more = []
+    else:
+        assert main(["train", *flags, "--epochs", "1", "--out", str(resumed)]) == 0
+        more = ["--epochs", "2"]
     capsys.readouterr()
-    assert main(["train", "--resume", str(resumed), "--epochs", "2"]) == 0
+    assert main(["train", "--resume", str(resumed), *more]) == 0
     a, b = read_metrics(straight / "metrics.csv"), read_metrics(resumed / "metrics.csv")
     assert [r["epoch"] for r in b] == [0, 1]  # counted from 0 in the file, from 1 when told:
     out = capsys.readouterr().out
