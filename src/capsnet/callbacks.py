@@ -135,7 +135,7 @@ class RunCheckpoint(ModelCheckpoint):
     """
 
     @property
-    def state_key(self) -> str:  # ModelCheckpoint's key: checkpoints written before resume
+    def state_key(self) -> str:  # ModelCheckpoint's: runs saved before this class resume too
         return "ModelCheckpoint" + super().state_key.removeprefix(type(self).__qualname__)
 
     def load_state_dict(self, state_dict: dict) -> None:
