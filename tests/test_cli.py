@@ -160,9 +160,16 @@ def test_evaluate_an_ensemble_on_the_runs_validation_split(trained_run, fashion_
     assert result["accuracy"] == pytest.approx(float((mean == val.labels).float().mean()))
     assert result["member_accuracy"] == pytest.approx(alone)
     assert alone[0] != alone[1]  # two different members
+    # the second member against the first, image by image
+    right = [x.argmax(1) == val.labels for x in lengths]
+    (vs,) = result["member_against_first"]
+    assert (vs["gained"], vs["lost"]) == (int((right[1] & ~right[0]).sum()),
+                                          int((right[0] & ~right[1]).sum()))
+    assert vs["gained"] - vs["lost"] == round((alone[1] - alone[0]) * 500)
     code, out, _ = run_cli(capsys, "evaluate", run / "best.ckpt", run / "other.safetensors",
                            "--data-dir", fashion_dir, "--test-size", 100)
     assert code == 0 and out.startswith("ensemble of 2 models: accuracy") and "alone" in out
+    assert "against the first, right on" in out and "exact McNemar p = " in out
     # a member whose run carved another validation split is refused (a checkpoint: its
     # run's config.yaml says; a weights file: its own record)
     other_run = tmp_path / "other_run"

@@ -353,3 +353,19 @@ def test_sam_runs_two_passes_per_step_in_lightning_and_logs_one():
                             limit_val_batches=0, accelerator="cpu", devices=1)
         trainer.fit(lit, torch.utils.data.DataLoader(data, batch_size=4))
         assert seen == calls
+
+
+def test_paired_comparison_counts_and_exact_mcnemar_p():
+    """Only the images the two models disagree on count; p by hand: with 0 gained and 10
+    lost, both tails of Binomial(10, 1/2) hold 1/1024 each."""
+    from capsnet.inference import paired_comparison
+    first = torch.tensor([True] * 50 + [False] * 50)
+    right = first.clone()
+    right[:10] = False  # lost: 10 images only the first gets right
+    r = paired_comparison(right, first)
+    assert (r["gained"], r["lost"]) == (0, 10)
+    assert r["p_value"] == pytest.approx(2 / 1024)
+    right[50:60] = True  # and 10 gained: no evidence either way
+    assert paired_comparison(right, first) == {"gained": 10, "lost": 10, "p_value": 1.0}
+    same = paired_comparison(first, first)
+    assert (same["gained"], same["lost"], same["p_value"]) == (0, 0, 1.0)

@@ -321,8 +321,13 @@ def _cmd_evaluate(a) -> int:
     print(f"{name}: accuracy {result['accuracy']:.4f}{interval} on {result['n']:,} "
           f"{'validation' if a.split == 'val' else 'test'} images{how}, "
           f"loss {result['loss']:.4f} ({_loss_terms(result)}{mean})")
-    for path, acc in zip(result.get("members", []), result.get("member_accuracy", [])):
-        print(f"  member {path}: accuracy {acc:.4f} alone")
+    against = [None, *result.get("member_against_first", [])]
+    for path, acc, vs in zip(result.get("members", []), result.get("member_accuracy", []),
+                             against):
+        paired = "" if vs is None else (
+            f"; against the first, right on {vs['gained']} images it got wrong and wrong on "
+            f"{vs['lost']} it got right (exact McNemar p = {vs['p_value']:.3g})")
+        print(f"  member {path}: accuracy {acc:.4f} alone{paired}")
     if result.get("multi_label"):
         _print_multilabel(result)
         return 0

@@ -12,7 +12,7 @@ from torch import nn
 
 from .data.datasets import ImageDataset
 from .errors import CapsnetError
-from .inference import check_fits, infer, summarize, summarize_multilabel
+from .inference import check_fits, infer, paired_comparison, summarize, summarize_multilabel
 from .paper import RECON_WEIGHT
 from .settings import FITS
 
@@ -68,7 +68,8 @@ def evaluate_ensemble(models: list[nn.Module], data: ImageDataset, batch_size: i
 
     ``recon_weights``: each member's own (default the paper's); ``loss``,
     ``margin_loss`` and ``reconstruction_sse`` are the members' means, ``member_accuracy``
-    each member's own accuracy. Single-label classification only (not pairs, not
+    each member's own accuracy, ``member_against_first`` each further member's
+    :func:`~capsnet.inference.paired_comparison` with the first. Single-label classification only (not pairs, not
     multi-label); the members must be of one kind (capsule models or CNN baselines).
     """
     from .data.multi import is_pair_set
@@ -92,11 +93,12 @@ def evaluate_ensemble(models: list[nn.Module], data: ImageDataset, batch_size: i
     def mean(key: str) -> float:
         return sum(getattr(r, key) for r in runs) / len(runs)
 
+    right = [r.lengths.argmax(1) == data.labels for r in runs]  # [N] per member
     return {**summarize(lengths, data.labels, classes),
             "loss": mean("loss"), "margin_loss": mean("margin_loss"),
             "reconstruction_sse": mean("reconstruction_sse"), "objective": kinds.pop(),
-            "member_accuracy": [summarize(r.lengths, data.labels, classes)["accuracy"]
-                                for r in runs]}
+            "member_accuracy": [float(r.float().mean()) for r in right],
+            "member_against_first": [paired_comparison(r, right[0]) for r in right[1:]]}
 
 
 def evaluation_data(model_path: str | Path, model: nn.Module, meta: dict, split: str = "test",

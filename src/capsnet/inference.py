@@ -156,6 +156,24 @@ def accuracy_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float,
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def paired_comparison(right: Tensor, first_right: Tensor) -> dict:
+    """How a model differs from another on the same images: ``right``, ``first_right``
+    ``[N]`` bool, which images each classifies correctly.
+
+    ``gained``: images only this model gets right, ``lost``: images only the other one
+    does. ``p_value``: the exact two-sided McNemar test of equal accuracy (a binomial test
+    of ``gained`` among the ``gained + lost`` images on which they differ), which sees
+    more than two separate accuracies and their intervals do: the images both get right or
+    both wrong say nothing about which is better. It does not know how either model was
+    chosen: a model picked as the best of many on these images is optimistic on them.
+    """
+    from scipy.stats import binomtest
+    gained = int((right & ~first_right).sum())
+    lost = int((~right & first_right).sum())
+    p = binomtest(gained, gained + lost).pvalue if gained + lost else 1.0
+    return {"gained": gained, "lost": lost, "p_value": float(p)}
+
+
 def summarize(lengths: Tensor, labels: Tensor, classes: list[str]) -> dict:
     """Accuracy (with its 95% :func:`accuracy_interval`), per-class accuracy and the
     confusion matrix of capsule lengths ``[N, O]``."""
