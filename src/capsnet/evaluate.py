@@ -69,8 +69,9 @@ def evaluate_ensemble(models: list[nn.Module], data: ImageDataset, batch_size: i
     ``recon_weights``: each member's own (default the paper's); ``loss``,
     ``margin_loss`` and ``reconstruction_sse`` are the members' means, ``member_accuracy``
     each member's own accuracy, ``member_against_first`` each further member's
-    :func:`~capsnet.inference.paired_comparison` with the first. Single-label classification only (not pairs, not
-    multi-label); the members must be of one kind (capsule models or CNN baselines).
+    :func:`~capsnet.inference.paired_comparison` with the first. Single-label
+    classification only (not pairs, not multi-label); the members must be of one kind
+    (capsule models or CNN baselines).
     """
     from .data.multi import is_pair_set
     from .models import objective as objective_of
