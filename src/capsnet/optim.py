@@ -100,9 +100,10 @@ def sam_closure(closure: Callable[[], Tensor], params: list[Tensor], rho: float,
     parameters at once), takes the gradient there (``closure()`` again, inside
     ``second_pass()``, so the caller can skip logging it), and moves the weights back; the
     optimizer then steps from ``w`` with the gradient of ``w + e``: to first order, the loss
-    of the worst point within ``rho`` of the weights is minimized, not only the loss at them. Two forward
-    and backward passes per step. The random generators are put back before the second
-    pass, so it sees the same augmented images; they end where the first pass left them.
+    of the worst point within ``rho`` of the weights is minimized, not only the loss at
+    them. Two forward and backward passes per step. The random generators are put back
+    before the second pass, so it sees the same augmented images; they end where the first
+    pass left them.
     Returns the loss at ``w``.
     """
     def run() -> Tensor:
