@@ -283,6 +283,34 @@ class _StopAfterOneEpoch(L.Callback):
         trainer.should_stop = True
 
 
+def test_budget_left_counts_the_runs_clock():
+    from capsnet.callbacks import budget_left
+    rows = [{"epoch": 0, "epoch_time_s": 60.0}, {"epoch": 1, "epoch_time_s": 120.0}]
+    assert budget_left(rows, 5.0) == (True, 3.0, 2.0)  # 3 used + 2 expected = 5: fits
+    assert budget_left(rows, 4.9)[0] is False
+    assert budget_left([], 0.001) == (True, 0.0, 0.0)
+
+
+def test_a_time_budget_stops_after_an_epoch_and_resume_extends_it(fashion_dir, tmp_path,
+                                                                     capsys):
+    """--max-minutes: the first epoch always runs; then a budget the next epoch cannot fit
+    ends the run with its checkpoints; --resume within the spent budget is a one-line error,
+    and with a larger one (recorded in config.yaml) continues to --epochs."""
+    out = tmp_path / "budget"
+    flags = [*SMALL, "--val-size", "0", "--data-dir", str(fashion_dir), "--epochs", "3"]
+    code, printed, _ = run_cli(capsys, "train", *flags, "--max-minutes", "1e-6",
+                               "--out", out)
+    assert code == 0 and "stopped after epoch 1 of 3" in printed
+    assert [r["epoch"] for r in read_metrics(out / "metrics.csv")] == [0]
+    assert torch.load(out / "last.ckpt", weights_only=True)["epoch"] == 0
+    code, _, err = run_cli(capsys, "train", "--resume", out)
+    assert one_line_error(code, err) and "--max-minutes 1e-06 are used" in err, err
+    code, printed, _ = run_cli(capsys, "train", "--resume", out, "--max-minutes", "1000")
+    assert code == 0 and "stopped" not in printed
+    assert [r["epoch"] for r in read_metrics(out / "metrics.csv")] == [0, 1, 2]
+    assert "max_minutes: 1000" in (out / "config.yaml").read_text()
+
+
 @pytest.mark.parametrize("val_size", ["64", "0"])
 def test_resume_continues_exactly(fashion_dir, tmp_path, capsys, monkeypatch, val_size):
     """Two epochs straight on, and one, then a resume, end with the same weights and

@@ -92,13 +92,18 @@ def test_two_processes_train_resume_and_agree(tmp_path, fashion_dir):
     """A short real run with ``--devices 2 --strategy ddp`` on the CPU (two processes, gloo):
     the processes end with identical weights (checked by the run itself and printed), files
     are written once, the per-epoch test accuracy covers each test image once (it equals
-    ``capsnet evaluate`` of the checkpoint on the same images), and ``--resume`` continues."""
+    ``capsnet evaluate`` of the checkpoint on the same images), a time budget stops both, and
+    ``--resume`` continues."""
     out = tmp_path / "ddp"
     flags = ["--devices", "2", "--strategy", "ddp", "--data-dir", str(fashion_dir),
              "--train-size", "128", "--val-size", "32", "--test-size", "51",
              "--batch-size", "16", "--lr", "0.002", "--no-tensorboard", "--no-progress"]
-    r = _capsnet("train", *flags, "--epochs", "1", "--out", str(out), cwd=tmp_path)
+    # Stopped after its first epoch by a time budget (--max-minutes), which both processes
+    # must obey (the main one decides) or the run would hang.
+    r = _capsnet("train", *flags, "--epochs", "2", "--max-minutes", "1e-6", "--out", str(out),
+                 cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("stopped after epoch 1 of 2") == 1
     assert r.stdout.count("weights identical on all 2 processes") == 1
     assert r.stdout.count("parameters") == 1  # printed once, by the main process
     assert "2 processes, global batch 32" in r.stdout
@@ -106,7 +111,7 @@ def test_two_processes_train_resume_and_agree(tmp_path, fashion_dir):
     assert text.count("epoch,") == 1 and len(read_metrics(out / "metrics.csv")) == 1
     assert {p.name for p in out.iterdir()} >= {"last.ckpt", "best.ckpt", "config.yaml"}
 
-    r = _capsnet("train", "--resume", str(out), "--epochs", "2", cwd=tmp_path)
+    r = _capsnet("train", "--resume", str(out), "--max-minutes", "0", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = read_metrics(out / "metrics.csv")
     assert [row["epoch"] for row in rows] == [0, 1]

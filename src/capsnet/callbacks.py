@@ -1,5 +1,5 @@
 """Lightning plug-ins of a run: metrics.csv, best.ckpt and last.ckpt, the divergence stop,
-safe checkpoint IO, the progress bar."""
+the time budget, safe checkpoint IO, the progress bar."""
 
 from __future__ import annotations
 
@@ -45,9 +45,14 @@ class EpochMetricsCSV(L.Callback):
         self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.global_rank != 0 or trainer.sanity_checking:
+        if trainer.sanity_checking:
             return
+        # In every process: reading the epoch's metrics averages them over the processes
+        # (collectives), which the processes must do at the same point of the epoch's end,
+        # or a later collective of one (StopAtTimeBudget's) would meet another's average.
         m = trainer.callback_metrics
+        if trainer.global_rank != 0:
+            return
         row = {"epoch": trainer.current_epoch,
                "epoch_time_s": round(time.perf_counter() - self._start, 3)}
         for col in COLUMNS[1:-1]:  # the metrics logged by LitCapsNet
@@ -58,6 +63,46 @@ class EpochMetricsCSV(L.Callback):
                     break
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, COLUMNS).writerow(row)
+
+
+def budget_left(rows: list[dict], minutes: float) -> tuple[bool, float, float]:
+    """Whether another epoch fits in a budget of ``minutes`` of training, by the rows of a
+    run's metrics.csv: ``(fits, minutes used, minutes of the last epoch)``. The clock is
+    the sum of their ``epoch_time_s`` (training and evaluation, every resume included;
+    the clock of ``scripts/clock.py``), and the next epoch is expected to take as long as
+    the last one."""
+    used = sum(r.get("epoch_time_s", 0.0) for r in rows) / 60
+    last = rows[-1].get("epoch_time_s", 0.0) / 60 if rows else 0.0
+    return used + last <= minutes, used, last
+
+
+class StopAtTimeBudget(L.Callback):
+    """``--max-minutes``: ends the run after an epoch when the next one is not expected to
+    end within the budget (:func:`budget_left`), with its checkpoints saved as after any
+    epoch, so ``--resume`` with a larger budget continues it. Comes after
+    :class:`EpochMetricsCSV`, whose row of the epoch it reads; the main process decides
+    for all."""
+
+    def __init__(self, metrics: str | Path, minutes: float, out: str | Path):
+        self.path, self.minutes, self.out = Path(metrics), minutes, out
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.current_epoch + 1 >= trainer.max_epochs:
+            return
+        note = None
+        if trainer.global_rank == 0:
+            fits, used, last = budget_left(read_metrics(self.path), self.minutes)
+            if not fits:
+                note = (f"capsnet: stopped after epoch {trainer.current_epoch + 1} of "
+                        f"{trainer.max_epochs}: {used:.2f} of --max-minutes {self.minutes:g} "
+                        f"used, and the next epoch (about {last:.2f} minutes) would not fit; "
+                        f"continue with: capsnet train --resume {self.out} --max-minutes M "
+                        "(M larger, or 0 for no budget)")
+        note = trainer.strategy.broadcast(note, src=0)
+        if note is not None:
+            trainer.should_stop = True
+            if trainer.global_rank == 0:
+                print(note, flush=True)
 
 
 class SaveWeightsEvery(L.Callback):

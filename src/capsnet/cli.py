@@ -54,6 +54,10 @@ def _train_parser(sub) -> None:
                      "download target when given", {}),
         ("out", f"run directory for checkpoints and logs (default {D['out']})", {}),
         ("epochs", f"default {D['epochs']}", {"type": int}),
+        ("max_minutes", "a budget of training time: no new epoch starts unless it is expected "
+                        "to end within M minutes of the run's training (resumes included; "
+                        "the first epoch always runs) (default 0: none)",
+         {"type": float, "metavar": "M"}),
         ("batch_size", f"default {D['batch_size']}", {"type": int}),
         ("eval_batch_size", f"default {D['eval_batch_size']}", {"type": int}),
         ("lr", f"Adam learning rate (default {D['lr']})", {"type": float}),

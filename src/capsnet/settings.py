@@ -36,6 +36,7 @@ STRATEGIES = ("auto", "ddp")  # Lightning's: one process, or one process per dev
 DEFAULTS: dict = {
     "arch": "capsnet", "dataset": "fashion-mnist", "data_dir": None, "out": "runs/capsnet",
     "epochs": 10, "batch_size": 128, "eval_batch_size": 512,
+    "max_minutes": 0.0,  # a training-time budget (capsnet.callbacks.StopAtTimeBudget); 0: none
     "lr": 1e-3, "lr_schedule": "exp", "lr_decay": 0.96, "lr_decay_steps": 2000,
     "warmup_steps": 0, "ema": 0.0, "swa": False,
     "weight_decay": 0.0,  # decoupled (AdamW) on weight matrices and kernels; 0: plain Adam
@@ -65,7 +66,7 @@ _POSITIVE = ("epochs", "batch_size", "eval_batch_size", "lr", "lr_decay", "lr_de
              "devices", "num_nodes", "image_size", "stem_channels")
 _NON_NEGATIVE = ("warmup_steps", "ema", "recon_weight", "shift", "rotate", "scale", "shear",
                  "translate", "erase", "val_size", "stem", "recon_size", "save_every_steps",
-                 "teacher_weight", "weight_decay", "sam")
+                 "teacher_weight", "weight_decay", "sam", "max_minutes")
 
 
 def read_config(path: str | Path) -> dict:

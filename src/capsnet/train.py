@@ -17,7 +17,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from .callbacks import (EpochMetricsCSV, ProgressBar, RunCheckpoint, SafeCheckpointIO,
-                        SameWeightsOnAllRanks, SaveWeightsEvery, StopOnNonFinite)
+                        SameWeightsOnAllRanks, SaveWeightsEvery, StopAtTimeBudget,
+                        StopOnNonFinite, budget_left)
 from .data.augment import AUGMENT_FLAGS
 from .data.datamodule import ImageDataModule
 from .data.datasets import refuse_changed_pool
@@ -180,6 +181,12 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
         refuse_changes_on_resume(run, s)
     if resume and not last.is_file():
         raise CapsnetError(f"--resume {out}: no last.ckpt there to resume from")
+    if resume and s["max_minutes"]:
+        fits, used, epoch = budget_left(read_metrics(out / "metrics.csv"), s["max_minutes"])
+        if not fits:
+            raise CapsnetError(f"--resume {out}: {used:.2f} of its --max-minutes "
+                               f"{s['max_minutes']:g} are used and an epoch takes about "
+                               f"{epoch:.2f}; give a larger --max-minutes, or 0 for none")
     if not resume and last.exists():
         raise CapsnetError(f"{out} already holds a run (last.ckpt); use --resume {out} to "
                            "continue it or --out to start a new one")
@@ -262,6 +269,8 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
                                      enable_version_counter=False))
     callbacks = [StopOnNonFinite(), *checkpoints, EpochMetricsCSV(out / "metrics.csv"),
                  SameWeightsOnAllRanks()]
+    if s["max_minutes"]:
+        callbacks.append(StopAtTimeBudget(out / "metrics.csv", s["max_minutes"], out))
     if s["save_every_steps"]:
         callbacks.append(SaveWeightsEvery(out, s["save_every_steps"], s["val_size"]))
     if s["progress"]:
