@@ -95,9 +95,11 @@ class StopAtTimeBudget(L.Callback):
             if not fits:
                 note = (f"capsnet: stopped after epoch {trainer.current_epoch + 1} of "
                         f"{trainer.max_epochs}: {used:.2f} of --max-minutes {self.minutes:g} "
-                        f"used, and the next epoch (about {last:.2f} minutes) would not fit; "
-                        f"continue with: capsnet train --resume {self.out} --max-minutes M "
-                        "(M larger, or 0 for no budget)")
+                        f"used, and the next epoch (about {last:.2f} minutes) would not fit "
+                        f"(the learning rate, scheduled over --epochs, is at "
+                        f"{trainer.optimizers[0].param_groups[0]['lr']:.3g}); continue with: "
+                        f"capsnet train --resume {self.out} --max-minutes M (M larger, or 0 "
+                        "for no budget)")
         note = trainer.strategy.broadcast(note, src=0)
         if note is not None:
             trainer.should_stop = True
