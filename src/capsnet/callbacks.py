@@ -83,8 +83,9 @@ class StopAtTimeBudget(L.Callback):
     :class:`EpochMetricsCSV`, whose row of the epoch it reads; the main process decides
     for all."""
 
-    def __init__(self, metrics: str | Path, minutes: float, out: str | Path):
-        self.path, self.minutes, self.out = Path(metrics), minutes, out
+    def __init__(self, out: str | Path, minutes: float):
+        self.out, self.minutes = Path(out), minutes
+        self.path = self.out / "metrics.csv"
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or trainer.current_epoch + 1 >= trainer.max_epochs:

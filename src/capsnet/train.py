@@ -270,7 +270,7 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
     callbacks = [StopOnNonFinite(), *checkpoints, EpochMetricsCSV(out / "metrics.csv"),
                  SameWeightsOnAllRanks()]
     if s["max_minutes"]:
-        callbacks.append(StopAtTimeBudget(out / "metrics.csv", s["max_minutes"], out))
+        callbacks.append(StopAtTimeBudget(out, s["max_minutes"]))
     if s["save_every_steps"]:
         callbacks.append(SaveWeightsEvery(out, s["save_every_steps"], s["val_size"]))
     if s["progress"]:
