@@ -384,7 +384,9 @@ def test_a_resume_keeps_best_ckpt_even_from_a_moved_folder(fashion_dir, tmp_path
     assert torch.load(moved / "best.ckpt", weights_only=True)["epoch"] == 0
 
 
-def test_killed_run_leaves_loadable_checkpoint(fashion_dir, tmp_path):
+def test_killed_run_leaves_loadable_checkpoint(fashion_dir, tmp_path, capsys):
+    """A run killed with SIGKILL can be resumed exactly where its last.ckpt left it; while it
+    was still running, a second `capsnet train --resume` into its folder was refused."""
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "capsnet.cli", "train", *SMALL, "--data-dir",
            str(fashion_dir), "--epochs", "50", "--out", str(out)]
@@ -393,6 +395,11 @@ def test_killed_run_leaves_loadable_checkpoint(fashion_dir, tmp_path):
         deadline = time.time() + 120
         while not (out / "last.ckpt").exists() and time.time() < deadline:
             time.sleep(0.05)
+        code, _, err = run_cli(capsys, "train", "--resume", out)
+        assert proc.poll() is None  # (50 epochs: still running)
+        assert one_line_error(code, err) and "another capsnet train is writing" in err, err
+        code, _, err = run_cli(capsys, "train", *SMALL, "--data-dir", fashion_dir, "--out", out)
+        assert one_line_error(code, err) and "another capsnet train is writing" in err, err
         time.sleep(1.3)  # somewhere in a later epoch, maybe mid-save
         proc.send_signal(signal.SIGKILL)
     finally:

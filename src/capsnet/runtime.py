@@ -1,6 +1,12 @@
-"""Where and how a run executes: device resolution, threads, the allocator setting."""
+"""Where and how a run executes: device resolution, threads, the allocator setting, the
+run folder's lock."""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -73,3 +79,31 @@ def torch_device(device: str) -> torch.device:
     """``auto``/``cpu``/``cuda``/``cuda:N`` -> the ``torch.device`` to run on."""
     accelerator, devices = resolve_device(device)
     return torch.device("cpu") if accelerator == "cpu" else torch.device("cuda", devices[0])
+
+
+
+@contextmanager
+def run_folder_lock(out: Path) -> Iterator[None]:
+    """Hold the run folder ``out`` (which must exist) for this process: a second ``capsnet
+    train`` into the same folder (a ``--resume`` typed twice, or a new run with the same
+    ``--out``) stops with one line instead of writing the same checkpoints and metrics.csv.
+
+    An advisory ``flock`` on the folder itself: no lock file to litter the run, and the
+    operating system drops it when the process ends however it ends (SIGKILL included), so
+    nothing stale ever blocks a ``--resume``. Without ``fcntl`` (Windows) it guards nothing.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CapsnetError(f"{out}: another capsnet train is writing this run right now; "
+                               "let it end (or stop it) first") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 
 import lightning as L
@@ -27,7 +28,8 @@ from .data.registry import refuse_mirroring
 from .errors import CapsnetError, first_line
 from .lit import LitCapsNet
 from .metrics import read_metrics
-from .runtime import refuse_fp16_on_cpu, retain_freed_memory, trainer_devices
+from .runtime import (refuse_fp16_on_cpu, retain_freed_memory, run_folder_lock,
+                      trainer_devices)
 from .settings import (DEFAULTS, check_settings, load_run_settings, refuse_changes_on_resume,
                        refuse_foreign_config, save_run_settings)
 
@@ -160,11 +162,21 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
 
     With ``devices``/``num_nodes`` above 1 (``strategy="ddp"``) Lightning starts the other
     processes by running the same command again; each runs this function, and only the main
-    one writes files and prints.
+    one writes files and prints. The main one holds the run folder while it runs
+    (:func:`~capsnet.runtime.run_folder_lock`).
     """
+    with ExitStack() as held:
+        return _train(settings, resume, held)
+
+
+def _train(settings: dict, resume: bool, held: ExitStack) -> list[dict]:
     out = Path({**DEFAULTS, **settings}["out"])
     if out.exists() and not out.is_dir():  # said now, not after the data has been read
         raise CapsnetError(f"--out {out}: a file, not a folder")
+    main = is_main_process()
+    locked = main and out.is_dir()
+    if locked:  # before anything is read from it: a run still writing there stops this one
+        held.enter_context(run_folder_lock(out))
     # A resumed run starts from its own config.yaml, under the settings given here (the CLI
     # has merged it already; the Python API's train({"out": run}, resume=True) has not, and
     # would otherwise put back the defaults of what it leaves out, e.g. --hflip).
@@ -175,7 +187,6 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
         s["data_dir"] = str(Path(s["data_dir"]).expanduser().resolve())
     if s["teacher"] and Path(s["teacher"]).expanduser().is_file():  # (not a shipped name)
         s["teacher"] = str(Path(s["teacher"]).expanduser().resolve())  # --resume needs it
-    main = is_main_process()
     last = out / "last.ckpt"
     if run is not None:
         refuse_changes_on_resume(run, s)
@@ -231,6 +242,8 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
     refuse_foreign_config(out, resume)  # in every process, so that all of them stop
     if main:  # only now: a run refused above (data, flags, --init) leaves no folder behind
         out.mkdir(parents=True, exist_ok=True)
+        if not locked:  # a new folder: held before this run writes its first file
+            held.enter_context(run_folder_lock(out))
         for stale in out.glob("*.*.tmp"):  # atomic_write's, left by a run killed while saving
             stale.unlink()
         save_run_settings(out, s)
