@@ -81,7 +81,6 @@ def torch_device(device: str) -> torch.device:
     return torch.device("cpu") if accelerator == "cpu" else torch.device("cuda", devices[0])
 
 
-
 @contextmanager
 def run_folder_lock(out: Path) -> Iterator[None]:
     """Hold the run folder ``out`` (which must exist) for this process: a second ``capsnet
