@@ -19,7 +19,9 @@ and a Markdown table on stdout.
   the match is made on the **validation** garments (at their fixed expanded positions): the
   weaker model's best validation accuracy ``a`` and its epoch; the stronger model's first
   epoch whose validation accuracy reaches ``a``. Both chosen weights are then evaluated on
-  the expanded test set and on the affine test set (``fashion-mnist-affine``).
+  the expanded test set and on the affine test set (``fashion-mnist-affine``), each image's
+  scores kept (``OUT/predictions-ARCH-DATASET.csv``), and the two compared image by image
+  on each set (``paired`` in ``affine.json``: exact McNemar).
   With ``--fine S`` the stronger model's match is made finer than an epoch: it is trained
   again (same seed and flags, in ``expanded-ARCH-steps``) up to the matched epoch, keeping its
   weights every ``S`` steps (``capsnet train --save-every-steps``); the first of those whose
@@ -39,10 +41,11 @@ import sys
 from pathlib import Path
 
 from capsnet.metrics import read_metrics
-from capsnet.checkpoints import safe_load
+from capsnet.checkpoints import atomic_write, safe_load
 
 MULTI = ("capsnet", "baseline-cnn-multi")
 AFFINE = ("capsnet", "baseline-cnn")
+AFFINE_SETS = ("fashion-mnist-expanded", "fashion-mnist-affine")  # trained on; unseen maps
 EVAL_FLAGS: list[str] = []  # --test-size and --data-dir, when given
 
 
@@ -162,14 +165,34 @@ def cmd_affine(a, common: list[str]) -> dict:
                 "val_acc": rows[-1]["val_acc"]}
         if a.fine and arch != weaker:
             used = fine_match(a, common, arch, epoch, target, curves[arch]) or used
-        expanded = evaluate(Path(used["weights"]), "--dataset", "fashion-mnist-expanded")
-        affine = evaluate(Path(used["weights"]), "--dataset", "fashion-mnist-affine")
+        expanded, affine = (
+            evaluate(Path(used["weights"]), "--dataset", dataset,
+                     "--predictions", str(predictions(a.out, arch, dataset)))
+            for dataset in AFFINE_SETS)
         out["models"][arch] = {
             "parameters": parameters(d), **used, "expanded_test_acc": expanded["accuracy"],
             "affine_test_acc": affine["accuracy"], "n": affine["n"],
             "epochs_trained": len(curves[arch]),
             "best_val_acc": max(r["val_acc"] for r in curves[arch])}
+    out["paired"] = paired(a.out)
     return out
+
+
+def predictions(out: Path, arch: str, dataset: str) -> Path:
+    """Where ``capsnet evaluate --predictions`` puts the chosen weights' per-image rows."""
+    return out / f"predictions-{arch}-{dataset}.csv"
+
+
+def paired(out: Path) -> dict:
+    """The two chosen weights files image by image on each test set: ``gained``, the
+    images only CapsNet gets right, ``lost``, those only the CNN does, and the exact
+    McNemar p-value (:func:`capsnet.inference.paired_comparison`)."""
+    from capsnet.evaluate import read_correct
+    from capsnet.inference import paired_comparison
+    caps, cnn = AFFINE
+    return {dataset: paired_comparison(read_correct(predictions(out, caps, dataset)),
+                                       read_correct(predictions(out, cnn, dataset)))
+            for dataset in AFFINE_SETS}
 
 
 def fine_match(a, common: list[str], arch: str, epoch: int, target: float,
@@ -184,8 +207,7 @@ def fine_match(a, common: list[str], arch: str, epoch: int, target: float,
     rows = metrics(d)[:epoch]
     files = sorted(d.glob("step-*.safetensors"))
     steps_per_epoch = safe_load(d / "last.ckpt")["global_step"] / len(rows)
-    found, curve = first_reaching(files, lambda w: evaluate(w, "--split", "val")["accuracy"],
-                                  target)
+    found, curve = first_reaching(files, cached_scores(d / "val-scores.json"), target)
     if found is None:
         return None
     step = step_of(found)
@@ -194,6 +216,20 @@ def fine_match(a, common: list[str], arch: str, epoch: int, target: float,
     return {"weights": str(found), "step": step, "val_acc": curve[-1][1], "epoch": epochs,
             "val_curve": [(step_of(w), acc) for w, acc in curve],
             "minutes": minutes(timed[:full]) + (epochs - full) * timed[full]["epoch_time_s"] / 60}
+
+
+def cached_scores(cache: Path):
+    """``weights file -> validation accuracy``, each file evaluated once: its score is
+    kept in ``cache`` (beside the step files, so it goes with them), and a re-run of the
+    script reads it instead of scoring every file again (minutes each at 40x40)."""
+    scores = json.loads(cache.read_text()) if cache.is_file() else {}
+
+    def score(weights_file: Path) -> float:
+        if weights_file.name not in scores:
+            scores[weights_file.name] = evaluate(weights_file, "--split", "val")["accuracy"]
+            atomic_write(cache, lambda f: f.write(json.dumps(scores, indent=1).encode()))
+        return scores[weights_file.name]
+    return score
 
 
 def step_of(weights_file: Path) -> int:
@@ -220,6 +256,11 @@ def affine_table(res: dict) -> str:
         lines.append(f"| {arch} | {r['parameters'] or 0:,} | {epoch} | {r['minutes']:.1f} "
                      f"| {r['val_acc']:.2%} | {r['expanded_test_acc']:.2%} | "
                      f"{r['affine_test_acc']:.2%} |")
+    caps, cnn = AFFINE
+    lines += [""] if res.get("paired") else []
+    for dataset, vs in res.get("paired", {}).items():
+        lines.append(f"{dataset}, image by image: right only for {caps} {vs['gained']}, "
+                     f"only for {cnn} {vs['lost']} (exact McNemar p = {vs['p_value']:.2g})")
     return "\n".join(lines)
 
 

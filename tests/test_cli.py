@@ -166,6 +166,28 @@ def test_evaluate_an_ensemble_on_the_runs_validation_split(trained_run, fashion_
     assert (vs["gained"], vs["lost"]) == (int((right[1] & ~right[0]).sum()),
                                           int((right[0] & ~right[1]).sum()))
     assert vs["gained"] - vs["lost"] == round((alone[1] - alone[0]) * 500)
+    # --predictions: every image's scores, and the same comparison from two such files
+    from capsnet.evaluate import read_correct
+    from capsnet.inference import paired_comparison
+    files = [tmp_path / "preds" / f"{name}.csv" for name in ("best", "other", "ensemble")]
+    for members, csv_file in ([[run / "best.ckpt"], files[0]],
+                              [[run / "other.safetensors"], files[1]],
+                              [[run / "best.ckpt", run / "other.safetensors"], files[2]]):
+        code, out, _ = run_cli(capsys, "evaluate", *members, "--data-dir", fashion_dir,
+                               "--split", "val", "--json", "--predictions", csv_file)
+        assert code == 0 and json.loads(out)["predictions"] == str(csv_file)
+    rows = [line.split(",") for line in files[2].read_text().splitlines()]
+    assert rows[0] == ["index", "label", "predicted", "correct", *meta["classes"]]
+    scores = torch.tensor([[float(v) for v in r[4:]] for r in rows[1:]])
+    assert torch.allclose(scores, (lengths[0] + lengths[1]) / 2, atol=1e-6)
+    assert [r[0] for r in rows[1:]] == [str(i) for i in range(500)]
+    assert [r[1] for r in rows[1:]] == [meta["classes"][t] for t in val.labels]
+    assert [r[2] for r in rows[1:]] == [meta["classes"][p] for p in mean]
+    assert torch.equal(read_correct(files[2]), mean == val.labels)
+    assert paired_comparison(read_correct(files[1]), read_correct(files[0])) == vs
+    code, _, err = run_cli(capsys, "evaluate", run / "best.ckpt", "--data-dir", fashion_dir,
+                           "--test-size", 10, "--predictions", tmp_path)
+    assert one_line_error(code, err) and "a folder" in err
     code, out, _ = run_cli(capsys, "evaluate", run / "best.ckpt", run / "other.safetensors",
                            "--data-dir", fashion_dir, "--test-size", 100)
     assert code == 0 and out.startswith("ensemble of 2 models: accuracy") and "alone" in out

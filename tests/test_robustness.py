@@ -298,6 +298,9 @@ def test_capsnet_on_pairs_trains_evaluates_and_reports(fashion_dir, tmp_path, ca
     assert result["pairs"] and result["n"] == 32
     assert result["accuracy"] == pytest.approx(row["test_acc"], abs=1e-6)  # the same score
     assert result["loss"] == pytest.approx(row["test_loss"], rel=1e-4)
+    assert main(["evaluate", str(out / "best.ckpt"), "--test-size", "8", "--predictions",
+                 str(tmp_path / "pairs.csv")]) == 2  # per-image rows are for single labels
+    assert "single-label" in capsys.readouterr().err and not (tmp_path / "pairs.csv").exists()
     # the pair report: the same pair accuracy as evaluate, and the paper's Figure 5
     assert main(["report", str(out), "--test-size", "32", "--out", str(tmp_path / "rep")]) == 0
     page = (tmp_path / "rep" / "index.html").read_text()
@@ -408,3 +411,29 @@ def test_fine_match_scores_files_in_order_and_stops_at_the_first_reaching():
     assert found == files[2] and scored == files[:3] and curve[-1] == (files[2], 0.56)
     assert script.step_of(found) == 12
     assert script.first_reaching(files, acc.get, 0.7) == (None, list(acc.items()))
+
+
+def test_affine_paired_comparison_and_cached_fine_scores(tmp_path, monkeypatch):
+    """scripts/robustness.py affine: the two chosen files compared image by image from their
+    --predictions files; --fine scores each step file once, a re-run reads the cache."""
+    from capsnet.evaluate import write_predictions
+    script = _robustness_script()
+    classes = [f"c{i}" for i in range(3)]
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    for arch, pred in (("capsnet", [0, 1, 2, 1, 1, 0]), ("baseline-cnn", [0, 2, 2, 0, 0, 0])):
+        for dataset in script.AFFINE_SETS:
+            lengths = torch.nn.functional.one_hot(torch.tensor(pred), 3).float()
+            write_predictions(script.predictions(tmp_path, arch, dataset), lengths, labels,
+                              classes)
+    # capsnet right on 0,1,2,4; the CNN on 0,2,3: only capsnet on 1 and 4, only the CNN on 3
+    vs = script.paired(tmp_path)
+    assert set(vs) == set(script.AFFINE_SETS)
+    assert all((v["gained"], v["lost"]) == (2, 1) and v["p_value"] == 1.0 for v in vs.values())
+    scored = []
+    monkeypatch.setattr(script, "evaluate",
+                        lambda w, *a: scored.append(w.name) or {"accuracy": script.step_of(w) / 100})
+    cache = tmp_path / "val-scores.json"
+    files = [tmp_path / f"step-{s:06d}.safetensors" for s in (4, 8)]
+    assert [script.cached_scores(cache)(w) for w in files] == [0.04, 0.08]
+    assert [script.cached_scores(cache)(w) for w in files] == [0.04, 0.08]  # a re-run
+    assert scored == [f.name for f in files]

@@ -269,7 +269,8 @@ def _cmd_evaluate(a) -> int:
         resolve(spec)
     import torch
     from .checkpoints import load_model
-    from .evaluate import evaluate, evaluate_ensemble, evaluation_data, recon_weight_of
+    from .evaluate import (evaluate, evaluate_ensemble, evaluation_data, recon_weight_of,
+                           write_predictions)
     from .runtime import torch_device
     check_positive(("--batch-size", a.batch_size), ("--test-size", a.test_size),
                    ("--routing-iterations", a.routing_iterations))
@@ -295,15 +296,27 @@ def _cmd_evaluate(a) -> int:
                                "an ensemble is evaluated on one set")
     if a.test_size:
         test.images, test.labels = test.images[:a.test_size], test.labels[:a.test_size]
+    keep = a.predictions is not None
+    if keep:  # before the (long) evaluation: a file that cannot be written fails at once
+        from .data.multi import is_pair_set
+        if is_pair_set(test) or test.labels.dim() == 2:
+            raise CapsnetError("--predictions is offered for single-label classification "
+                               "only, not for pairs or multi-label data")
+        if os.path.isdir(a.predictions):
+            raise CapsnetError(f"--predictions {a.predictions}: a folder, not a file name")
     # Each model's own reconstruction weight (its run's), as in report.
     weights = [recon_weight_of(m) for _, m in loaded]
     if len(loaded) == 1:
-        result = evaluate(model, test, a.batch_size, device, weights[0], a.tta)
+        result = evaluate(model, test, a.batch_size, device, weights[0], a.tta, keep)
         result.update(model=str(a.model[0]))
     else:
         result = evaluate_ensemble([m for m, _ in loaded], test, a.batch_size, device,
-                                   weights, a.tta)
+                                   weights, a.tta, keep)
         result.update(model="ensemble", members=[str(p) for p in a.model])
+    if keep:
+        write_predictions(a.predictions, result.pop("lengths"), test.labels,
+                          list(test.classes))
+        result.update(predictions=a.predictions)
     result.update(split=a.split, tta=a.tta)
     if a.routing_iterations:
         result.update(routing_iterations=a.routing_iterations)
@@ -342,6 +355,8 @@ def _cmd_evaluate(a) -> int:
     print("confusion matrix (rows: true class, columns: predicted):")
     for name, row in zip(result["classes"], result["confusion"]):
         print(f"  {name:<{width}}  " + " ".join(f"{v:5d}" for v in row))
+    if keep:
+        print(f"one row per image: {a.predictions}")
     return 0
 
 
@@ -464,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--threads", type=int, help=THREADS_HELP)
     e.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    e.add_argument("--predictions", metavar="CSV",
+                   help="also write one row per image: index, true and predicted class, "
+                   "correct (1/0) and every class's score (single-label data)")
 
     r = sub.add_parser("predict", help="classify image files (PNG, JPEG, GIF, ...)")
     r.add_argument("images", nargs="+", metavar="IMAGE")

@@ -29,7 +29,7 @@ def recon_weight_of(meta: dict) -> float:
 
 def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 512,
              device: str | torch.device = "cpu", recon_weight: float = RECON_WEIGHT,
-             tta: str = "none") -> dict:
+             tta: str = "none", keep_lengths: bool = False) -> dict:
     """Accuracy, losses, per-class accuracy and confusion matrix of ``model`` on ``data``.
 
     ``confusion[t][p]`` counts images of true class ``t`` predicted as ``p``. Multi-label
@@ -40,7 +40,8 @@ def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 512,
     trained (``"margin"`` for capsule models; the CNN baselines' ``margin_loss`` is their
     classification loss and their ``reconstruction_sse`` 0). ``tta``: score each image by the
     mean capsule lengths of its views (:func:`~capsnet.inference.tta_views`: mirror image,
-    one-pixel shifts, grids of shifts; not for pairs).
+    one-pixel shifts, grids of shifts; not for pairs). ``keep_lengths``: the result also
+    holds ``lengths``, the scores ``[N, O]`` (for :func:`write_predictions`).
     """
     from .data.multi import is_pair_set
     from .models import objective as objective_of
@@ -57,12 +58,14 @@ def evaluate(model: nn.Module, data: ImageDataset, batch_size: int = 512,
     scores = summarize_multilabel if data.labels.dim() == 2 else summarize
     return {**scores(run.lengths, data.labels, list(data.classes)),
             "loss": run.loss, "margin_loss": run.margin_loss,
-            "reconstruction_sse": run.reconstruction_sse, "objective": objective}
+            "reconstruction_sse": run.reconstruction_sse, "objective": objective,
+            **({"lengths": run.lengths} if keep_lengths else {})}
 
 
 def evaluate_ensemble(models: list[nn.Module], data: ImageDataset, batch_size: int = 512,
                       device: str | torch.device = "cpu",
-                      recon_weights: list[float] | None = None, tta: str = "none") -> dict:
+                      recon_weights: list[float] | None = None, tta: str = "none",
+                      keep_lengths: bool = False) -> dict:
     """:func:`evaluate` for an ensemble: each image is scored by the mean of the members'
     capsule lengths ``[N, O]`` (the paper's CIFAR-10 result is an ensemble of 7 models).
 
@@ -71,7 +74,8 @@ def evaluate_ensemble(models: list[nn.Module], data: ImageDataset, batch_size: i
     each member's own accuracy, ``member_against_first`` each further member's
     :func:`~capsnet.inference.paired_comparison` with the first. Single-label
     classification only (not pairs, not multi-label); the members must be of one kind
-    (capsule models or CNN baselines).
+    (capsule models or CNN baselines). ``keep_lengths``: as for :func:`evaluate`, the
+    ensemble's mean scores.
     """
     from .data.multi import is_pair_set
     from .models import objective as objective_of
@@ -99,7 +103,43 @@ def evaluate_ensemble(models: list[nn.Module], data: ImageDataset, batch_size: i
             "loss": mean("loss"), "margin_loss": mean("margin_loss"),
             "reconstruction_sse": mean("reconstruction_sse"), "objective": kinds.pop(),
             "member_accuracy": [float(r.float().mean()) for r in right],
-            "member_against_first": [paired_comparison(r, right[0]) for r in right[1:]]}
+            "member_against_first": [paired_comparison(r, right[0]) for r in right[1:]],
+            **({"lengths": lengths} if keep_lengths else {})}
+
+
+def write_predictions(path: str | Path, lengths: torch.Tensor, labels: torch.Tensor,
+                      classes: list[str]) -> None:
+    """``capsnet evaluate --predictions``: one CSV row per image, in the evaluated order
+    (the test set's own; for ``--split val`` the validation split's), with its true and
+    predicted class, whether they agree, and every class's score (capsule length; class
+    probability for the CNN baselines). ``lengths`` ``[N, O]``, ``labels`` ``[N]``.
+
+    Two such files of the same images compare two models image by image
+    (:func:`read_correct` and :func:`~capsnet.inference.paired_comparison`), whatever their
+    kinds. Written to a temporary file and renamed, so an interrupted write leaves no half
+    file (nor loses an earlier one)."""
+    import csv
+    import io
+
+    from .checkpoints import atomic_write
+    pred = lengths.argmax(dim=1)
+    text = io.StringIO()
+    out = csv.writer(text, lineterminator="\n")
+    out.writerow(["index", "label", "predicted", "correct", *classes])
+    for i, (t, p, row) in enumerate(zip(labels.tolist(), pred.tolist(), lengths.tolist())):
+        out.writerow([i, classes[t], classes[p], int(t == p), *(f"{v:.6f}" for v in row)])
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def read_correct(path: str | Path) -> torch.Tensor:
+    """The ``correct`` column ``[N]`` (bool) of a :func:`write_predictions` file; a file
+    without it is a one-line :class:`CapsnetError`."""
+    import csv
+    try:
+        with open(path, newline="") as f:
+            return torch.tensor([row["correct"] == "1" for row in csv.DictReader(f)])
+    except (OSError, KeyError, csv.Error) as e:
+        raise CapsnetError(f"{path}: not a predictions file of capsnet evaluate ({e})") from None
 
 
 def evaluation_data(model_path: str | Path, model: nn.Module, meta: dict, split: str = "test",
