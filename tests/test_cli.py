@@ -500,6 +500,11 @@ def test_a_reader_that_leaves_early_is_no_traceback():
     (["evaluate"], "MODEL"),
     (["bench", "--device", "tpu"], "device"),
     (["evaluate", "fashion-mnist", "--device", "gpu"], "device"),
+    (["train", "--seed", "-1"], "seed"),
+    (["train", "--seed", "4294967296"], "seed"),
+    (["evaluate", ""], "empty model name"),
+    (["predict", "-m", "", "x.png"], "empty model name"),
+    (["datasets", "--data-dir", "/etc/hostname"], "a file, not a folder"),
 ])
 def test_bad_flags_one_line(capsys, tmp_path, args, needle):
     if not any(a in args for a in ("--resume",)):
@@ -540,6 +545,15 @@ def test_a_users_config_yaml_in_out_is_never_overwritten(tmp_path, fashion_dir, 
     assert one_line_error(code, err) and "config.yaml" in err and "--out" in err
     assert (out / "config.yaml").read_text() == mine
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+    # nor a file with the name of one a run writes, in a folder that holds no run
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "metrics.csv").write_text("my table\n")
+    code, _, err = run_cli(capsys, "train", "--train-size", 64, "--val-size", 0, "--out", own,
+                           "--data-dir", fashion_dir, "--no-progress", "--no-tensorboard")
+    assert one_line_error(code, err) and "metrics.csv is not from a capsnet run" in err
+    assert sorted(p.name for p in own.iterdir()) == ["metrics.csv"]
+    assert (own / "metrics.csv").read_text() == "my table\n"
 
 
 def test_help_and_predict_load_neither_lightning_nor_tensorboard(tmp_path):
@@ -789,6 +803,20 @@ def test_settings_refusals_and_strict_json(tmp_path):
     (bad := tmp_path / "latin1.yaml").write_bytes("# caf\xe9\nepochs: 3\n".encode("latin-1"))
     with pytest.raises(CapsnetError, match="not UTF-8"):
         read_config(bad)
+    for key, value in (("out", 5), ("out", ""), ("data_dir", 5)):  # a config's wrong kinds
+        with pytest.raises(CapsnetError, match=f"'{key}' must be"):
+            check_settings({**DEFAULTS, key: value})
+    # a run's config.yaml with values of the wrong kind is named; another tool's is ignored
+    from capsnet.settings import RUN_CONFIG_HEADER, settings_beside
+    (tmp_path / "m.ckpt").write_bytes(b"")
+    (tmp_path / "config.yaml").write_text(RUN_CONFIG_HEADER + "val_size: abc\n")
+    with pytest.raises(CapsnetError, match="config.yaml: its 'val_size' must be a whole"):
+        settings_beside(tmp_path / "m.ckpt")
+    (tmp_path / "config.yaml").write_text(RUN_CONFIG_HEADER + "val_size: [\n")
+    with pytest.raises(CapsnetError, match="invalid YAML"):
+        settings_beside(tmp_path / "m.ckpt")
+    (tmp_path / "config.yaml").write_text("another_tool: [\n")
+    assert settings_beside(tmp_path / "m.ckpt") == {}
     out = _json({"mAP": float("nan"), "per_label": {"a": {"ap": float("nan"), "f1": 0.5}},
                  "lengths": [0.25, float("nan")]})
     assert json.loads(out) == {"mAP": None, "per_label": {"a": {"ap": None, "f1": 0.5}},

@@ -266,6 +266,11 @@ def test_a_report_leaves_no_earlier_report_picture(tmp_path, fashion_dir):
     out.mkdir()
     for name in (*PAIR_FILES, "notes.txt"):
         (out / name).write_text("earlier")
+    # without the page they belong to, those pictures may be the user's: refused
+    code = main(["report", str(weights), "--test-size", "20", "--data-dir", str(fashion_dir),
+                 "--out", str(out)])
+    assert code == 2 and all((out / name).read_text() == "earlier" for name in PAIR_FILES)
+    (out / "index.html").write_text('<meta name="generator" content="capsnet report">')
     assert main(["report", str(weights), "--test-size", "20", "--data-dir", str(fashion_dir),
                  "--out", str(out)]) == 0
     assert not any((out / name).exists() for name in PAIR_FILES)
@@ -280,3 +285,17 @@ def test_a_report_leaves_no_earlier_report_picture(tmp_path, fashion_dir):
                  "--out", str(mine)])
     assert code == 2 and (mine / "index.html").read_text() == "<html>my page</html>"
     assert [p.name for p in mine.iterdir()] == ["index.html"]
+
+
+def test_a_damaged_metrics_csv_is_one_line(tmp_path):
+    """A run's metrics.csv edited by hand or damaged: one line naming it (report, resume
+    and the scripts read it), not a ValueError or UnicodeDecodeError."""
+    from capsnet.errors import CapsnetError
+    from capsnet.metrics import read_metrics
+    path = tmp_path / "metrics.csv"
+    for content in (b"epoch,val_acc\n0,abc\n", b"\xc6\x00\xff garbage", b"epoch,val_acc\n0,1,2\n"):
+        path.write_bytes(content)
+        with pytest.raises(CapsnetError, match="not a readable metrics.csv"):
+            read_metrics(path)
+    path.write_text("epoch,val_acc\n0,0.5\n1,\n")
+    assert read_metrics(path) == [{"epoch": 0, "val_acc": 0.5}, {"epoch": 1}]

@@ -216,3 +216,57 @@ def test_export_bad_output(weights_file, tmp_path, capsys):
     code = main(["export", str(path), str(tmp_path / "m.onnx"), "--dtype", "float16"])
     err = capsys.readouterr().err
     assert one_line_error(code, err) and "float16" in err and not (tmp_path / "m.onnx").exists()
+
+
+def test_outputs_never_replace_what_the_user_wrote(weights_file, tmp_path, capsys):
+    """export and evaluate --predictions write only over a file of their own kind: a user's
+    notes, the model itself, a device or a path through a file are one-line errors and
+    stay as they were; a link is written through, not replaced."""
+    model, path = weights_file
+    notes = tmp_path / "notes.safetensors"
+    notes.write_text("my notes")
+    (tmp_path / "dir.onnx").mkdir()
+    for out, needle in ((notes, "not a safetensors file"), ("", "empty"),
+                        (notes / "x.safetensors", "is a file, not a folder"),
+                        (tmp_path / "dir.onnx", "a folder"),
+                        ("/dev/null", "must end in")):
+        code = main(["export", str(path), str(out)])
+        err = capsys.readouterr().err
+        assert one_line_error(code, err) and needle in err, (out, err)
+    assert notes.read_text() == "my notes"
+    # an earlier export is replaced, through a link pointing at it
+    again = tmp_path / "again.safetensors"
+    assert main(["export", str(path), str(again)]) == 0
+    (tmp_path / "link.safetensors").symlink_to(again)
+    assert main(["export", str(path), str(tmp_path / "link.safetensors")]) == 0
+    assert (tmp_path / "link.safetensors").is_symlink()
+    capsys.readouterr()
+    from capsnet.checkpoints import output_file
+    with pytest.raises(CapsnetError, match="not a regular file"):
+        output_file("/dev/null", lambda p: True, "a CSV")
+    with pytest.raises(CapsnetError, match="is not a CSV and would be replaced"):
+        output_file(path, lambda p: False, "a CSV")
+    assert output_file(tmp_path / "new" / "x.csv", lambda p: False, "a CSV").name == "x.csv"
+
+
+@pytest.mark.parametrize("damage", ["nan", "recon_weight", "val_size", "train_pool"])
+def test_weights_with_damaged_values_are_one_line_errors(weights_file, tmp_path, capsys,
+                                                         monkeypatch, damage):
+    """A file whose digest matches but whose weights are NaN or whose recorded values are
+    of the wrong kind (written by other code, edited): a one-line error on loading, not a
+    NaN accuracy or a traceback later."""
+    import capsnet.checkpoints
+    model, _ = weights_file
+    meta = dict(META)
+    if damage == "nan":  # save_weights refuses NaN; written as other code could write it
+        with torch.no_grad():
+            model.digits.weight[0, 0, 0] = float("nan")
+        monkeypatch.setattr(capsnet.checkpoints, "refuse_non_finite", lambda *a: None)
+    else:
+        meta[damage] = {"recon_weight": "x", "val_size": -3, "train_pool": "garbage"}[damage]
+    save_weights(model, tmp_path / "bad.safetensors", meta)
+    monkeypatch.undo()
+    code = main(["evaluate", str(tmp_path / "bad.safetensors"), "--test-size", "4"])
+    err = capsys.readouterr().err
+    want = "not finite" if damage == "nan" else f"'{damage}' must be"
+    assert one_line_error(code, err) and want in err, err

@@ -20,20 +20,53 @@ import torch
 from .errors import CapsnetError, first_line
 
 
+def non_finite(state: dict) -> str | None:
+    """The name of the first floating-point tensor of ``state`` holding NaN or infinity."""
+    return next((k for k, v in state.items()
+                 if v.is_floating_point() and not bool(v.isfinite().all())), None)
+
+
 def refuse_non_finite(state: dict, path: str | Path) -> None:
     """One-line error when a floating-point tensor of ``state`` holds NaN or infinity: a
     diverged model is never written over good weights (checkpoints and weights files)."""
-    bad = [k for k, v in state.items()
-           if v.is_floating_point() and not bool(v.isfinite().all())]
-    if bad:
-        raise CapsnetError(f"{path}: not saved, the weights are not finite ({bad[0]})")
+    bad = non_finite(state)
+    if bad is not None:
+        raise CapsnetError(f"{path}: not saved, the weights are not finite ({bad})")
+
+
+def output_file(path: str | Path, ours, what: str) -> Path:
+    """The file a command is told to write (``--predictions``, ``export``'s output), after
+    refusing in one line what writing there would destroy or could not do: an empty name,
+    a folder, a device or pipe (a file is written beside it and renamed over it), a path
+    through a file, and an existing file for which ``ours(path)`` is false (not ``what``,
+    e.g. the model being evaluated given as the CSV). A link is followed, not replaced."""
+    if not str(path).strip():
+        raise CapsnetError("an empty output file name")
+    target = Path(os.path.realpath(path))
+    folder = next(p for p in target.parents if p.exists())  # "/" exists
+    if not folder.is_dir():
+        raise CapsnetError(f"{path}: {folder} is a file, not a folder")
+    if target.is_dir():
+        raise CapsnetError(f"{path}: a folder, not a file name")
+    if target.exists():
+        if not target.is_file():
+            raise CapsnetError(f"{path}: not a regular file (a device or a pipe); give a "
+                               "file's name")
+        if not ours(target):
+            raise CapsnetError(f"{path} is not {what} and would be replaced; choose another "
+                               "name or move the file")
+    return target
 
 
 def atomic_write(path: str | Path, write) -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, then rename it over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    except OSError as e:  # name the file asked for, not the temporary one
+        why = "a file is in the way of its folder" if isinstance(e, FileExistsError) else e.strerror
+        raise OSError(e.errno, why, str(path)) from None
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -109,8 +142,8 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu"
         model.load_state_dict({k[len(prefix):]: v for k, v in state.items()
                                if k.startswith(prefix)})
     except (ValueError, TypeError, RuntimeError) as e:
-        raise CapsnetError(f"{path}: weights do not fit a {arch} ({first_line(e)[:200]})"
-                           ) from None
+        raise CapsnetError(f"{path}: weights do not fit a {arch} "
+                           f"({' '.join(str(e).split())[:200]})") from None
     n = model.config.num_classes
     classes = list(hp.get("classes") or range(n))  # ints: no names recorded
     meta = {"classes": classes, "dataset": hp.get("dataset", "fashion-mnist"),
@@ -136,6 +169,11 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu"
         model, meta = load_weights(path, device)
     else:
         model, meta = load_checkpoint_model(path, device)
+    from .settings import check_record
+    check_record(meta, path)
+    bad = non_finite(model.state_dict())
+    if bad is not None:  # a diverged or damaged model would score every image as NaN
+        raise CapsnetError(f"{path}: its weights are not finite ({bad}); not a usable model")
     n = model.config.num_classes
     if len(meta["classes"]) != n:  # predict and report name classes by the model's index
         raise CapsnetError(f"{path}: records {len(meta['classes'])} class names for a model "

@@ -302,8 +302,10 @@ def _cmd_evaluate(a) -> int:
         if is_pair_set(test) or test.labels.dim() == 2:
             raise CapsnetError("--predictions is offered for single-label classification "
                                "only, not for pairs or multi-label data")
-        if os.path.isdir(a.predictions):
-            raise CapsnetError(f"--predictions {a.predictions}: a folder, not a file name")
+        from .checkpoints import output_file
+        from .evaluate import is_predictions_file
+        target = output_file(a.predictions, is_predictions_file,
+                             "a predictions file of capsnet evaluate")
     # Each model's own reconstruction weight (its run's), as in report.
     weights = [recon_weight_of(m) for _, m in loaded]
     if len(loaded) == 1:
@@ -314,8 +316,7 @@ def _cmd_evaluate(a) -> int:
                                    weights, a.tta, keep)
         result.update(model="ensemble", members=[str(p) for p in a.model])
     if keep:
-        write_predictions(a.predictions, result.pop("lengths"), test.labels,
-                          list(test.classes))
+        write_predictions(target, result.pop("lengths"), test.labels, list(test.classes))
         result.update(predictions=a.predictions)
     result.update(split=a.split, tta=a.tta)
     if a.routing_iterations:
@@ -383,11 +384,12 @@ def _cmd_predict(a) -> int:
     spec = a.model
     if spec is None and len(images) > 1 and _looks_like_model(images[0]):
         spec = images.pop(0)  # the older form: capsnet predict MODEL IMAGE...
-    resolve(spec or DEFAULT_MODEL)  # before torch loads: a wrong path fails at once
+    spec = DEFAULT_MODEL if spec is None else spec  # -m '' is refused, not the default
+    resolve(spec)  # before torch loads: a wrong path fails at once
     _set_threads(a.threads)
     from .checkpoints import load_model
     from .evaluate import model_input, predict
-    model, meta = load_model(spec or DEFAULT_MODEL)
+    model, meta = load_model(spec)
     _check_tta(a.tta, meta["dataset"])
     c = model.config
     status = 0

@@ -125,10 +125,22 @@ def write_predictions(path: str | Path, lengths: torch.Tensor, labels: torch.Ten
     pred = lengths.argmax(dim=1)
     text = io.StringIO()
     out = csv.writer(text, lineterminator="\n")
-    out.writerow(["index", "label", "predicted", "correct", *classes])
+    out.writerow([*PREDICTIONS_HEADER.split(","), *classes])
     for i, (t, p, row) in enumerate(zip(labels.tolist(), pred.tolist(), lengths.tolist())):
         out.writerow([i, classes[t], classes[p], int(t == p), *(f"{v:.6f}" for v in row)])
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+PREDICTIONS_HEADER = "index,label,predicted,correct"
+
+
+def is_predictions_file(path: Path) -> bool:
+    """Whether ``path`` starts as a :func:`write_predictions` file does (one may replace it)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.readline().startswith(PREDICTIONS_HEADER)
+    except OSError:
+        return False
 
 
 def read_correct(path: str | Path) -> torch.Tensor:

@@ -72,11 +72,33 @@ def export_onnx(model: nn.Module, out: Path, batch: int = 1) -> Path:
     return out
 
 
+def _is_safetensors(path: Path) -> bool:
+    """Whether ``path`` reads as a safetensors file (an export may replace one)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt"):
+            return True
+    except Exception:  # noqa: BLE001 - any failure to read it: not one
+        return False
+
+
+def _is_onnx(path: Path) -> bool:
+    """Whether ``path`` reads as an ONNX model (an export may replace one)."""
+    try:
+        import onnx
+        onnx.load(str(path), load_external_data=False)
+        return True
+    except Exception:  # noqa: BLE001 - onnx missing or the file not a model: not one
+        return False
+
+
 def export(spec: str, out: str | Path, dtype: str = "float32", batch: int = 1) -> Path:
     """Write the model ``spec`` (name, weights file or checkpoint) to ``out`` (.onnx or
     .safetensors)."""
     from .checkpoints import load_model
     from .weights import describe, save_weights
+    if not str(out).strip():
+        raise CapsnetError("an empty output file name; give one ending in .onnx or .safetensors")
     out = Path(out)
     if out.suffix not in (".onnx", ".safetensors"):
         raise CapsnetError(f"{out}: the output must end in .onnx or .safetensors")
@@ -86,13 +108,19 @@ def export(spec: str, out: str | Path, dtype: str = "float32", batch: int = 1) -
     if out.suffix == ".onnx" and dtype != "float32":
         raise CapsnetError("--dtype float16 applies to .safetensors files; the ONNX graph "
                            "is written in float32")
-    if out.parent and not out.parent.is_dir():
+    from .checkpoints import output_file
+    if out.parent and not out.parent.is_dir() and not out.parent.is_file():
         raise CapsnetError(f"{out.parent}: no such folder")
+    onnx = out.suffix == ".onnx"
+    target = output_file(out, _is_onnx if onnx else _is_safetensors,
+                         "an ONNX file" if onnx else "a safetensors file")
     model, meta = load_model(spec)
     try:
-        if out.suffix == ".onnx":
-            return export_onnx(model, out, batch)
-        return save_weights(model, out, describe(meta, Path(str(spec)).name),
-                            getattr(torch, dtype))
-    except OSError as e:  # a read-only folder, OUT an existing folder, a full disk
+        if onnx:
+            export_onnx(model, target, batch)
+        else:
+            save_weights(model, target, describe(meta, Path(str(spec)).name),
+                         getattr(torch, dtype))
+    except OSError as e:  # a read-only folder, a full disk
         raise CapsnetError(f"{out}: cannot write ({e.strerror or e})") from None
+    return out

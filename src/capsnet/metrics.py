@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from .errors import CapsnetError, first_line
+
 COLUMNS = ["epoch", "train_loss", "train_margin", "train_recon", "train_acc",
            "val_loss", "val_margin", "val_recon", "val_acc",
            "test_loss", "test_margin", "test_recon", "test_acc",
@@ -19,8 +21,13 @@ def read_metrics(path: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     rows = []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            rows.append({k: (int(v) if k == "epoch" else float(v))
-                         for k, v in row.items() if v not in ("", None)})
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                rows.append({k: (int(v) if k == "epoch" else float(v))
+                             for k, v in row.items() if v not in ("", None)})
+    except (ValueError, TypeError, UnicodeDecodeError, csv.Error, OSError) as e:
+        # a damaged or hand-edited file (TypeError: a row longer than the header)
+        raise CapsnetError(f"{path}: not a readable metrics.csv of a capsnet run "
+                           f"(line {len(rows) + 2}: {first_line(e)[:120]})") from None
     return rows

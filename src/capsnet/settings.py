@@ -142,6 +142,11 @@ def check_settings(s: dict) -> dict:
         if s.get(key) is not None and not isinstance(s[key], str):
             raise CapsnetError(f"setting {key!r} must be a path or a shipped model's name, "
                                f"got {s[key]!r}")
+    for key in ("out", "data_dir"):
+        if s.get(key) is not None:
+            check_folder_setting(key, s[key])
+    if not 0 <= s["seed"] < 2**32:  # what NumPy's generator (Lightning seeds it) accepts
+        raise CapsnetError(f"setting 'seed' must be from 0 to {2**32 - 1}, got {s['seed']}")
     if s["teacher_tta"] not in TTA:
         raise CapsnetError(f"setting 'teacher_tta' must be one of {', '.join(TTA)}, got "
                            f"{s['teacher_tta']!r}")
@@ -159,18 +164,41 @@ def check_settings(s: dict) -> dict:
     return s
 
 
+def check_folder_setting(key: str, value) -> str:
+    """``value`` of the setting ``key`` (``out``, ``data_dir``), a folder's path: text, not
+    empty (an empty one would be the current folder)."""
+    if not isinstance(value, str) or not value.strip():
+        raise CapsnetError(f"setting {key!r} must be a folder's path, got {value!r}")
+    return value
+
+
 RUN_CONFIG_HEADER = "# capsnet train: this run's settings (--resume reads them)\n"
+
+
+# Files a new run writes over in its folder (besides config.yaml, last.ckpt and the
+# folders it adds to: tensorboard/, step-*.safetensors).
+RUN_FILES = ("metrics.csv", "best.ckpt", "teacher.safetensors")
 
 
 def refuse_foreign_config(run_dir: Path, resume: bool) -> None:
     """A new run never overwrites a config.yaml that capsnet did not write (a user's own
-    settings file kept in the folder given as ``--out``): a one-line error instead."""
+    settings file kept in the folder given as ``--out``), nor, in a folder without a
+    run's config.yaml, a file with the name of one it writes (:data:`RUN_FILES`): a
+    one-line error instead."""
     path = run_dir / "config.yaml"
-    if not resume and path.is_file():
+    if resume:
+        return
+    if path.is_file():
         with open(path, errors="replace") as f:
             if f.readline() != RUN_CONFIG_HEADER:
                 raise CapsnetError(f"{path} is not a capsnet run's config.yaml and would be "
                                    "overwritten; choose another --out or move the file")
+        return
+    for name in RUN_FILES:
+        if (run_dir / name).exists():
+            raise CapsnetError(f"{run_dir / name} is not from a capsnet run (no config.yaml "
+                               "beside it) and would be overwritten; choose another --out "
+                               "or move the file")
 
 
 def save_run_settings(run_dir: Path, s: dict) -> None:
@@ -226,12 +254,53 @@ def run_data_dir(flag: str | None, run_settings: dict) -> str | None:
 
 
 def settings_beside(checkpoint: str | Path) -> dict:
-    """The settings of the run a checkpoint file sits in (its ``config.yaml``), or ``{}``."""
+    """The settings of the run a checkpoint file sits in (its ``config.yaml``), or ``{}``.
+
+    A ``config.yaml`` there that is not a run's (another tool's file) lends nothing; a
+    run's that cannot be read or holds values of the wrong kind (edited by hand, damaged)
+    is a one-line error naming it: the model's split and data options would be unknown."""
     path = Path(checkpoint)
     config = path.parent / "config.yaml"
     if not path.is_file() or not config.is_file():
         return {}
     try:
-        return read_config(config)
+        return check_record(read_config(config), config)
     except CapsnetError:
+        try:
+            with open(config, encoding="utf-8", errors="replace") as f:
+                ours = f.readline() == RUN_CONFIG_HEADER
+        except OSError:
+            ours = False
+        if ours:
+            raise
         return {}
+
+
+def check_record(record: dict, where) -> dict:
+    """``record`` (a weights file's metadata or a run's ``config.yaml``), after checking the
+    values capsnet reads back from it; a value of the wrong kind (a file edited by hand or
+    damaged) is a one-line error naming ``where``, not a traceback later on."""
+    import re
+
+    def refuse(key: str, want: str):
+        raise CapsnetError(f"{where}: its {key!r} must be {want}, got {record[key]!r}")
+    for key in ("arch", "dataset", "data_dir", "source"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            refuse(key, "text")
+    v = record.get("val_size")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+        refuse("val_size", "a whole number, at least 0")
+    w = record.get("recon_weight")
+    if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float))
+                          or not math.isfinite(w) or w < 0):
+        refuse("recon_weight", "a number, at least 0")
+    pool = record.get("train_pool")  # data.datasets.split_fingerprint's "N:digest"
+    if pool is not None and not (isinstance(pool, str) and re.fullmatch(r"\d+:[0-9a-f]+", pool)):
+        refuse("train_pool", "a count and a digest (N:hex)")
+    classes = record.get("classes")
+    if classes is not None and not (isinstance(classes, list)
+                                    and all(isinstance(c, (str, int)) for c in classes)):
+        refuse("classes", "a list of class names")
+    if record.get("data_options") is not None and not isinstance(record["data_options"], dict):
+        refuse("data_options", "a mapping")
+    return record

@@ -24,6 +24,9 @@ def resolve(spec: str | Path) -> Path:
         if not path.is_file():
             raise CapsnetError(f"shipped model {spec!r}: {path} is missing from this install")
         return path
+    if not str(spec).strip():  # Path("") is the current folder
+        raise CapsnetError(f"an empty model name; give a weights file, a checkpoint or a "
+                           f"shipped model's name ({', '.join(SHIPPED)})")
     path = Path(spec)
     if not path.exists():
         raise CapsnetError(f"{spec}: no such file, and not a shipped model (shipped: "

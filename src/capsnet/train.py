@@ -30,8 +30,8 @@ from .lit import LitCapsNet
 from .metrics import read_metrics
 from .runtime import (refuse_fp16_on_cpu, retain_freed_memory, run_folder_lock,
                       trainer_devices)
-from .settings import (DEFAULTS, check_settings, load_run_settings, refuse_changes_on_resume,
-                       refuse_foreign_config, save_run_settings)
+from .settings import (DEFAULTS, check_folder_setting, check_settings, load_run_settings,
+                       refuse_changes_on_resume, refuse_foreign_config, save_run_settings)
 
 
 def model_config(s: dict, classes, shape) -> dict:
@@ -170,7 +170,7 @@ def train(settings: dict, resume: bool = False) -> list[dict]:
 
 
 def _train(settings: dict, resume: bool, held: ExitStack) -> list[dict]:
-    out = Path({**DEFAULTS, **settings}["out"])
+    out = Path(check_folder_setting("out", {**DEFAULTS, **settings}["out"]))
     if out.exists() and not out.is_dir():  # said now, not after the data has been read
         raise CapsnetError(f"--out {out}: a file, not a folder")
     main = is_main_process()

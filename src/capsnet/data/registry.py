@@ -527,6 +527,8 @@ def cmd_datasets(args) -> int:
     """``capsnet datasets``: print the registered datasets and where each was found (or how
     to get it); ``args.data_dir`` (may be None) restricts the search as for training."""
     data_dir = getattr(args, "data_dir", None)
+    if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise CapsnetError(f"--data-dir {data_dir}: a file, not a folder")
     print(format_datasets(describe_datasets(data_dir)))
     return 0
 
