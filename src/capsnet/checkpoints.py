@@ -93,6 +93,10 @@ def safe_load(path: str | Path, map_location: Any = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CapsnetError(f"{path}: no such checkpoint file")
+    try:  # is_zipfile says False for a file it cannot open: say why instead
+        open(path, "rb").close()
+    except OSError as e:
+        raise CapsnetError(f"{path}: cannot read ({e.strerror})") from None
     if not zipfile.is_zipfile(path):  # every torch.save since PyTorch 1.6 writes a zip archive
         raise CapsnetError(f"{path}: not a readable checkpoint (not a PyTorch checkpoint file)")
     try:

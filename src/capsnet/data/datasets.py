@@ -254,9 +254,13 @@ def read_idx_test(folder: Path, classes: Sequence[str]) -> ImageDataset:
 def download_idx(target: Path, timeout: float, *, mirrors: Sequence[str],
                  md5: dict[str, str]) -> None:
     """Fetch the four ``.gz`` IDX files into ``target`` from the first mirror delivering each
-    (md5-checked, atomic; see :func:`capsnet.data.download.fetch`)."""
+    (md5-checked, atomic; see :func:`capsnet.data.download.fetch`); a file already there
+    (gzipped or not) is kept, so a partial set is completed and a failure names what is
+    missing."""
     from .download import fetch
     for stem in FILES.values():
+        if find_file(Path(target), stem) is not None:
+            continue
         name = stem + ".gz"
         fetch([m + name for m in mirrors], Path(target) / name, md5[name], timeout)
 
