@@ -979,3 +979,18 @@ def test_test_split_of_own_images_decodes_only_the_test_images(tmp_path, monkeyp
     test = load_test_split("multilabel", planet, image_size=8, test_fraction=0.1, channels=3)
     assert torch.equal(test.images, full.images) and torch.equal(test.labels, full.labels)
     assert len(decoded) == len(test) == 2
+
+
+def test_idx_download_completes_a_partial_folder(tmp_path, monkeypatch):
+    """Three of Fashion-MNIST's four files present (gzipped or not): only the fourth is
+    fetched, so a failure names the file that is missing."""
+    from capsnet.data import download
+    from capsnet.data.datasets import FILES, download_idx
+    stems = list(FILES.values())
+    (tmp_path / (stems[0] + ".gz")).write_bytes(b"x")
+    (tmp_path / stems[1]).write_bytes(b"x")
+    (tmp_path / (stems[3] + ".gz")).write_bytes(b"x")
+    fetched = []
+    monkeypatch.setattr(download, "fetch", lambda urls, dest, md5, timeout: fetched.append(dest))
+    download_idx(tmp_path, 1.0, mirrors=["http://m/"], md5={s + ".gz": "0" for s in stems})
+    assert fetched == [tmp_path / (stems[2] + ".gz")]
