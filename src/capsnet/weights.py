@@ -94,7 +94,10 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu"
         info = json.loads(header.get("__metadata__", {})["capsnet"])
     except OSError as e:
         raise CapsnetError(f"{path}: cannot read ({e.strerror})") from None
-    except (SafetensorError, ValueError, KeyError, TypeError) as e:
+    except KeyError:  # a safetensors file, but not one capsnet wrote
+        raise CapsnetError(f"{path}: not a capsnet weights file (a safetensors file without "
+                           "capsnet's metadata: architecture, classes, checksum)") from None
+    except (SafetensorError, ValueError, TypeError) as e:
         raise CapsnetError(f"{path}: not a capsnet weights file "
                            f"({first_line(e)[:160]})") from None
     if not isinstance(info, dict) or _digest(tensors) != info.get("sha256"):
@@ -107,9 +110,9 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu"
         model = build_model(info["arch"], info["config"])
         model.load_state_dict({k: v.float() if v.is_floating_point() else v
                                for k, v in tensors.items()})
-    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:  # all of the message's lines
         raise CapsnetError(f"{path}: weights do not fit the model they name "
-                           f"({first_line(e)[:200]})") from None
+                           f"({' '.join(str(e).split())[:200]})") from None
     meta = {k: info.get(k) for k in RECORDED}
     meta["data_options"] = meta["data_options"] or {}
     meta["arch"] = info["arch"]
