@@ -107,6 +107,9 @@ def evaluate_ensemble(models: list[nn.Module], data: ImageDataset, batch_size: i
             **({"lengths": lengths} if keep_lengths else {})}
 
 
+PREDICTIONS_HEADER = "index,label,predicted,correct"  # then one column per class
+
+
 def write_predictions(path: str | Path, lengths: torch.Tensor, labels: torch.Tensor,
                       classes: list[str]) -> None:
     """``capsnet evaluate --predictions``: one CSV row per image, in the evaluated order
@@ -129,9 +132,6 @@ def write_predictions(path: str | Path, lengths: torch.Tensor, labels: torch.Ten
     for i, (t, p, row) in enumerate(zip(labels.tolist(), pred.tolist(), lengths.tolist())):
         out.writerow([i, classes[t], classes[p], int(t == p), *(f"{v:.6f}" for v in row)])
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
-
-
-PREDICTIONS_HEADER = "index,label,predicted,correct"
 
 
 def is_predictions_file(path: Path) -> bool:
