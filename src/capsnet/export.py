@@ -109,11 +109,11 @@ def export(spec: str, out: str | Path, dtype: str = "float32", batch: int = 1) -
         raise CapsnetError("--dtype float16 applies to .safetensors files; the ONNX graph "
                            "is written in float32")
     from .checkpoints import output_file
-    if out.parent and not out.parent.is_dir() and not out.parent.is_file():
-        raise CapsnetError(f"{out.parent}: no such folder")
     onnx = out.suffix == ".onnx"
     target = output_file(out, _is_onnx if onnx else _is_safetensors,
                          "an ONNX file" if onnx else "a safetensors file")
+    if not target.parent.is_dir():  # unlike --predictions, export makes no folders
+        raise CapsnetError(f"{out.parent}: no such folder")
     model, meta = load_model(spec)
     try:
         if onnx:

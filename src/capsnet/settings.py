@@ -264,13 +264,13 @@ def settings_beside(checkpoint: str | Path) -> dict:
     if not path.is_file() or not config.is_file():
         return {}
     try:
+        with open(config, encoding="utf-8", errors="replace") as f:
+            ours = f.readline() == RUN_CONFIG_HEADER
+    except OSError:
+        ours = False
+    try:
         return check_record(read_config(config), config)
     except CapsnetError:
-        try:
-            with open(config, encoding="utf-8", errors="replace") as f:
-                ours = f.readline() == RUN_CONFIG_HEADER
-        except OSError:
-            ours = False
         if ours:
             raise
         return {}
