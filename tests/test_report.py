@@ -287,6 +287,33 @@ def test_a_report_leaves_no_earlier_report_picture(tmp_path, fashion_dir):
     assert [p.name for p in mine.iterdir()] == ["index.html"]
 
 
+def test_an_interrupted_report_is_replaced_by_the_next(tmp_path, fashion_dir, monkeypatch):
+    """A report stopped while it draws (Ctrl-C, a killed job) leaves its pictures beside
+    an unfinished capsnet page, not beside nothing: the next report replaces them instead of
+    refusing them as a user's files."""
+    from capsnet import plots
+    from capsnet.data.registry import FASHION_CLASSES
+    from capsnet.models import build_model
+    from capsnet.weights import save_weights
+    save_weights(build_model("capsnet", {"conv_channels": 8, "primary_types": 2}),
+                 weights := tmp_path / "m.safetensors",
+                 {"classes": list(FASHION_CLASSES), "dataset": "fashion-mnist"})
+    out = tmp_path / "page"
+    args = ["report", str(weights), "--test-size", "20", "--data-dir", str(fashion_dir),
+            "--out", str(out)]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(plots, "mistakes", interrupted)  # after curves, confusion, per-class
+        assert main(args) == 130  # "capsnet: interrupted"
+    assert (out / "curves.png").is_file() and not (out / "mistakes.png").exists()
+    assert "Unfinished report" in (out / "index.html").read_text()
+    assert main(args) == 0
+    page = (out / "index.html").read_text()
+    assert "Unfinished" not in page and (out / "mistakes.png").is_file()
+
+
 def test_a_damaged_metrics_csv_is_one_line(tmp_path):
     """A run's metrics.csv edited by hand or damaged: one line naming it (report, resume
     and the scripts read it), not a ValueError or UnicodeDecodeError."""

@@ -67,6 +67,11 @@ def clear_report_files(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name in (*REPORT_FILES, *PAIR_FILES, "index.html"):
         (out / name).unlink(missing_ok=True)
+    # A placeholder page first, replaced by the real one at the end: a report interrupted
+    # while it draws leaves pictures beside a capsnet page, which the next report replaces
+    # (without it, those pictures would look like a user's files and be refused).
+    (out / "index.html").write_text(
+        render("template_unfinished.html", "CapsNet report (unfinished)"), encoding="utf-8")
 
 
 def _device(model: torch.nn.Module) -> torch.device:
