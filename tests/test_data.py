@@ -94,6 +94,29 @@ def test_corrupt_files_fail_clearly(tmp_path, capsys, damage, message):
     assert message in err and str(folder) in err
 
 
+def test_datasets_lists_a_cut_gzip_as_unusable(tmp_path, capsys):
+    """A gzip cut short (an interrupted copy) was listed by `capsnet datasets` as found, and
+    only reading it failed; now the listing says so, judged from the file's header and its
+    gzip trailer without decompressing it. A whole file of several gzip members (whose last
+    4 bytes hold only the last member's length) is still accepted, raw files too."""
+    folder = fake_dataset(tmp_path / "d")
+    images = folder / "train-images-idx3-ubyte.gz"
+    whole = images.read_bytes()
+    images.write_bytes(whole[: len(whole) // 2])
+    assert main(["datasets", "--data-dir", str(folder)]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("fashion-mnist")]
+    assert "UNUSABLE" in line[0] and str(images) in line[0], line
+    raw = gzip.decompress(whole)
+    images.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    train, _ = load_dataset("fashion-mnist", folder, allow_download=False)
+    assert train.images.shape == (20, 1, 28, 28)
+    images.unlink()
+    (folder / "train-images-idx3-ubyte").write_bytes(raw[:-5])  # raw and cut
+    assert main(["datasets", "--data-dir", str(folder)]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("fashion-mnist")]
+    assert "UNUSABLE" in line[0] and "truncated" in line[0], line
+
+
 def test_evaluating_needs_only_the_test_files(tmp_path, capsys):
     """The two t10k files alone are enough to evaluate (a user checking the shipped model need
     not fetch the training set); training still needs all four; a damaged test file there is

@@ -14,6 +14,7 @@ big-endian uint32 sizes, then the data. Type 0x08 is unsigned byte; images have 
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -213,10 +214,41 @@ def files_in(folder: Path, keys: Sequence[str] = tuple(FILES)) -> dict[str, Path
     return None if None in found.values() else found
 
 
-def find_idx(folder: Path) -> Path | None:
-    """``folder`` if it holds the four IDX files, else None (a partial set is completed by
-    the download)."""
-    return Path(folder) if files_in(folder) else None
+def check_idx_length(path: Path, ndim: int) -> None:
+    """One-line error if ``path`` cannot be a whole IDX file of ``ndim`` dimensions, judged
+    without reading it all: its header's sizes give the length, which a raw file's size and
+    a gzip's last 4 bytes (the uncompressed length mod 2^32) must match. A file that
+    disagrees, or whose start cannot be read, is then read in full (:func:`read_idx` names
+    what is wrong), so a gzip of several members is not refused for its last 4 bytes. A
+    header that is not such a file's is left to the reader."""
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            if f.read(4) != struct.pack(">I", 0x0800 + ndim):
+                return
+            dims = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+        length = 4 + 4 * ndim + math.prod(dims)
+        if path.suffix == ".gz":
+            with open(path, "rb") as f:
+                f.seek(-4, 2)
+                if int.from_bytes(f.read(4), "little") == length % 2**32:
+                    return
+        elif path.stat().st_size == length:
+            return
+    except (OSError, EOFError, struct.error, zlib.error):
+        pass
+    read_idx(path, ndim)
+
+
+def find_idx(folder: Path, keys: Sequence[str] = tuple(FILES)) -> Path | None:
+    """``folder`` if it holds the IDX files ``keys`` (default: all four), else None (a
+    partial set is completed by the download); one-line error if one of them is damaged
+    (:func:`check_idx_length`)."""
+    files = files_in(folder, keys)
+    if files is None:
+        return None
+    for key, path in files.items():
+        check_idx_length(path, 3 if key.endswith("images") else 1)
+    return Path(folder)
 
 
 def read_idx_dataset(folder: Path, classes: Sequence[str]) -> tuple[ImageDataset, ImageDataset]:
@@ -237,7 +269,7 @@ def read_idx_dataset(folder: Path, classes: Sequence[str]) -> tuple[ImageDataset
 
 def find_idx_test(folder: Path) -> Path | None:
     """``folder`` if it holds the two test IDX files (all that evaluation needs), else None."""
-    return Path(folder) if files_in(folder, TEST_FILES) else None
+    return find_idx(folder, TEST_FILES)
 
 
 def read_idx_test(folder: Path, classes: Sequence[str]) -> ImageDataset:
