@@ -270,3 +270,20 @@ def test_weights_with_damaged_values_are_one_line_errors(weights_file, tmp_path,
     err = capsys.readouterr().err
     want = "not finite" if damage == "nan" else f"'{damage}' must be"
     assert one_line_error(code, err) and want in err, err
+
+
+def test_a_recorded_val_size_too_large_is_named_as_recorded(tmp_path, fashion_dir, capsys):
+    """A weights file (or run config) recording more validation images than the dataset has
+    training images: the error names the file's record, not a --val-size flag the user
+    never gave."""
+    from capsnet.data.registry import FASHION_CLASSES
+    from capsnet.models import build_model
+    path = tmp_path / "m.safetensors"
+    save_weights(build_model("capsnet", {"conv_channels": 8, "primary_types": 2}), path,
+                 {"classes": list(FASHION_CLASSES), "dataset": "fashion-mnist",
+                  "val_size": 10**9})
+    code = main(["evaluate", str(path), "--split", "val", "--data-dir", str(fashion_dir)])
+    err = capsys.readouterr().err
+    assert one_line_error(code, err), err
+    assert f"{path}: its run's val_size 1000000000 leaves no training images" in err
+    assert "--val-size" not in err

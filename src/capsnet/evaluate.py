@@ -188,7 +188,8 @@ def evaluation_data(model_path: str | Path, model: nn.Module, meta: dict, split:
         raise CapsnetError(f"the validation split is the run's split of {run.get('dataset')}, "
                            f"not of {dataset}; leave --dataset out")
     from .data.datamodule import ImageDataModule
-    dm = ImageDataModule(dataset, data_dir, val_size=run["val_size"], options=options)
+    dm = ImageDataModule(dataset, data_dir, val_size=run["val_size"], options=options,
+                         val_size_origin=f"{model_path}: its run's val_size")
     dm.setup("fit")
     from .data.datasets import refuse_changed_pool
     refuse_changed_pool(meta.get("train_pool"), dm.pool, model_path, "its validation split "

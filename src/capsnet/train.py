@@ -213,7 +213,9 @@ def _train(settings: dict, resume: bool, held: ExitStack) -> list[dict]:
     L.seed_everything(s["seed"], verbose=False)
     dm = ImageDataModule(s["dataset"], s["data_dir"], s["batch_size"], s["eval_batch_size"],
                          s["train_size"], s["val_size"], s["test_size"], seed=s["seed"],
-                         options=data_options(s) if dm_sized(s) else None)
+                         options=data_options(s) if dm_sized(s) else None,
+                         val_size_origin=f"{out / 'config.yaml'}: its val_size" if run
+                         else "--val-size")
     dm.setup("fit")
     world = s["devices"] * s["num_nodes"]
     for name, split in {"training": dm.train, **dm.eval_splits()}.items():

@@ -27,7 +27,8 @@ class ImageDataModule(L.LightningDataModule):
     (class-stratified, seeded: :func:`stratified_split`; a seeded random draw for multi-label
     data) out of the training set for validation, before ``train_size`` applies;
     ``test_size`` evaluates on the first N test images only (quick runs; the default is all
-    of them). ``options`` (``image_size``, ``test_fraction``) go to
+    of them). ``val_size_origin``: what an error calls ``val_size`` (the flag, or where a
+    run recorded it). ``options`` (``image_size``, ``test_fraction``) go to
     :func:`~capsnet.data.registry.load_dataset`. ``shape`` is what the model sees: for a
     dataset served larger than that (smallNORB, ``info.crop``), validation and test images
     are centre crops and training takes random crops (:mod:`capsnet.data.augment`). For the
@@ -41,13 +42,14 @@ class ImageDataModule(L.LightningDataModule):
                  batch_size: int = 128, eval_batch_size: int = 512,
                  train_size: int | None = None, val_size: int = 5000,
                  test_size: int | None = None, split_seed: int = 0, seed: int = 0,
-                 options: dict | None = None):
+                 options: dict | None = None, val_size_origin: str = "--val-size"):
         super().__init__()
         self.dataset, self.data_dir = dataset, data_dir
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.train_size, self.val_size, self.test_size = train_size, val_size, test_size
         self.split_seed, self.seed = split_seed, seed
         self.options = {k: v for k, v in (options or {}).items() if v is not None}
+        self.val_size_origin = val_size_origin  # what errors call val_size: the flag, or a record
         self.train: ImageDataset | None = None
         self.train_targets: torch.Tensor | None = None  # a teacher's [N, O] (capsnet.distill)
         self.info = dataset_info(dataset)
@@ -66,7 +68,7 @@ class ImageDataModule(L.LightningDataModule):
         self.pool = None  # split_fingerprint of the images val is carved from
         if self.val_size:  # carved out of all training images first, so --train-size keeps it
             if self.val_size >= len(train):
-                raise CapsnetError(f"--val-size {self.val_size} leaves no training images "
+                raise CapsnetError(f"{self.val_size_origin} {self.val_size} leaves no training images "
                                    f"(the training set has {len(train):,})")
             if self.multi_label:  # no single class to stratify by
                 g = torch.Generator().manual_seed(self.split_seed)
