@@ -293,6 +293,19 @@ def test_hflip_refused_on_digits(tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # a refused run leaves no folder behind
 
 
+def test_mirroring_refused_on_the_protocol_sets_for_the_right_reason():
+    """The sets generated for the paper's robustness protocols refuse mirrors because the
+    protocols have none (a mirrored garment is still a garment: the digits' reason would be
+    wrong there)."""
+    from capsnet.data.registry import refuse_mirroring
+    with pytest.raises(CapsnetError, match="follows the paper's protocol") as e:
+        refuse_mirroring("multi-fashion-mnist", "--hflip")
+    assert "not of the same class" not in str(e.value)
+    with pytest.raises(CapsnetError, match="not of the same class"):
+        refuse_mirroring("mnist", "--tta hflip")
+    refuse_mirroring("fashion-mnist", "--hflip")  # clothing: allowed
+
+
 def test_hflip_mirrors_about_half_the_images():
     torch.manual_seed(0)
     x = torch.rand(1, 1, 28, 28).repeat(400, 1, 1, 1)

@@ -243,8 +243,14 @@ def dataset_info(name: str) -> DatasetSpec:
 
 def refuse_mirroring(name: str, flag: str) -> None:
     """One-line error when ``flag`` (``--hflip``, ``--tta hflip``) would mirror the images of
-    a dataset whose ``hflip_ok`` is False (digits: a mirrored 2 is not a 2)."""
-    if not dataset_info(name).hflip_ok:
+    a dataset whose ``hflip_ok`` is False (digits: a mirrored 2 is not a 2; the sets generated
+    from Fashion-MNIST follow the paper's protocols, which mirror nothing)."""
+    info = dataset_info(name)
+    if info.protocol:
+        raise CapsnetError(f"{flag}: {name} follows the paper's protocol (its MultiMNIST and "
+                           "affNIST experiments mirror no image), so that its results compare "
+                           "with the paper's and the CNN baselines'; leave it off")
+    if not info.hflip_ok:
         raise CapsnetError(f"{flag} does not keep the class on {name} (a mirrored image is "
                            "not of the same class there); leave it off")
 
