@@ -68,8 +68,8 @@ class ImageDataModule(L.LightningDataModule):
         self.pool = None  # split_fingerprint of the images val is carved from
         if self.val_size:  # carved out of all training images first, so --train-size keeps it
             if self.val_size >= len(train):
-                raise CapsnetError(f"{self.val_size_origin} {self.val_size} leaves no training images "
-                                   f"(the training set has {len(train):,})")
+                raise CapsnetError(f"{self.val_size_origin} {self.val_size} leaves no "
+                                   f"training images (the training set has {len(train):,})")
             if self.multi_label:  # no single class to stratify by
                 g = torch.Generator().manual_seed(self.split_seed)
                 order = torch.randperm(len(train), generator=g)
