@@ -363,3 +363,24 @@ def test_smallnorb_model_sees_the_centre_of_the_served_size(tmp_path):
     assert (x[0] - test_image).abs().max() < 0.02
     whole = model_input(path, config, "smallnorb", invert="no", fit="pad")
     assert (whole[0] - test_image).abs().max() > 0.2  # what predict did before
+
+
+def test_predict_with_an_ensemble(tmp_path, capsys):
+    """`-m A -m B`: each image scored by the mean of the members' capsule lengths, each
+    member given the image as its own inputs are made (here 28x28 and 32x32); members with
+    other classes are a one-line error."""
+    square("L", 255, 0).save(image := tmp_path / "shirt.png")
+    a = _tiny(tmp_path, "a", "fashion-mnist")
+    b = _tiny(tmp_path, "b", "fashion-mnist", image_size=32)
+    alone = [_lengths(capsys, m, image) for m in (a, b)]
+    assert alone[0] != alone[1]  # two different models: the mean can be told apart
+    both = _lengths(capsys, a, image, "--model", str(b))
+    assert both == pytest.approx([(x + y) / 2 for x, y in zip(*alone)], abs=2e-6)
+    other = tmp_path / "other.safetensors"
+    from capsnet.models import build_model
+    from capsnet.weights import save_weights
+    save_weights(build_model("capsnet", {"conv_channels": 8, "primary_types": 2}), other,
+                 {"classes": [f"k{i}" for i in range(10)], "dataset": "fashion-mnist"})
+    code = main(["predict", "-m", str(a), "-m", str(other), str(image)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "its classes are not those of" in err

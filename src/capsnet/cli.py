@@ -381,26 +381,41 @@ def _json(obj) -> str:
 def _cmd_predict(a) -> int:
     from .shipped import DEFAULT_MODEL, resolve
     images = list(a.images)
-    spec = a.model
-    if spec is None and len(images) > 1 and _looks_like_model(images[0]):
-        spec = images.pop(0)  # the older form: capsnet predict MODEL IMAGE...
-    spec = DEFAULT_MODEL if spec is None else spec  # -m '' is refused, not the default
-    resolve(spec)  # before torch loads: a wrong path fails at once
+    specs = list(a.model or [])
+    if not specs and len(images) > 1 and _looks_like_model(images[0]):
+        specs = [images.pop(0)]  # the older form: capsnet predict MODEL IMAGE...
+    specs = specs or [DEFAULT_MODEL]  # -m '' is refused, not the default
+    for spec in specs:
+        resolve(spec)  # before torch loads: a wrong path fails at once
     _set_threads(a.threads)
     from .checkpoints import load_model
-    from .evaluate import model_input, predict
-    model, meta = load_model(spec)
+    from .evaluate import model_input, predict_ensemble
+    from .models import objective
+    loaded = [load_model(spec) for spec in specs]
+    model, meta = loaded[0]
     _check_tta(a.tta, meta["dataset"])
-    c = model.config
+    multi = getattr(model.config, "multi_label", False)
+    for spec, (other, other_meta) in zip(specs[1:], loaded[1:]):  # an ensemble's members
+        if multi or getattr(other.config, "multi_label", False):
+            raise CapsnetError("an ensemble predicts single-label classes only, not "
+                               "multi-label tags")
+        if objective(other) != objective(model):
+            raise CapsnetError(f"{spec}: an ensemble's members must all be capsule models "
+                               f"or all CNN baselines, like {specs[0]}")
+        if [str(c) for c in other_meta["classes"]] != [str(c) for c in meta["classes"]]:
+            raise CapsnetError(f"{spec}: its classes are not those of {specs[0]}; an "
+                               "ensemble averages the scores of one set of classes")
     status = 0
     for path in images:
-        try:
-            x = model_input(path, c, meta["dataset"], a.invert, a.fit)
+        try:  # each member gets the image as its own training images were made
+            xs = [model_input(path, m.config, mm["dataset"], a.invert, a.fit)
+                  for m, mm in loaded]
         except CapsnetError as e:
             print(f"capsnet: error: {e}", file=sys.stderr)
             status = 2
             continue
-        (res,) = predict(model, x.unsqueeze(0), meta["classes"], a.tta)
+        (res,) = predict_ensemble([(m, x.unsqueeze(0)) for (m, _), x in zip(loaded, xs)],
+                                  meta["classes"], a.tta)
         res["file"] = str(path)
         if a.json:
             print(_json(res))
@@ -487,8 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("predict", help="classify image files (PNG, JPEG, GIF, ...)")
     r.add_argument("images", nargs="+", metavar="IMAGE")
-    r.add_argument("-m", "--model", help="a shipped model's name, a .safetensors weights file "
-                   "or a checkpoint (default: the shipped fashion-mnist model)")
+    r.add_argument("-m", "--model", action="append",
+                   help="a shipped model's name, a .safetensors weights file or a checkpoint "
+                   "(default: the shipped fashion-mnist model); given more than once, an "
+                   "ensemble: each image scored by the mean of the models' capsule lengths, "
+                   "as in `capsnet evaluate A B`")
     r.add_argument("--invert", choices=["auto", "yes", "no"], default="auto",
                    help="invert to light-on-dark like Fashion-MNIST (auto: if the model was "
                         "trained on Fashion-MNIST or MNIST and the border is light)")

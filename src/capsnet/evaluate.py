@@ -391,11 +391,21 @@ def predict(model: nn.Module, images: torch.Tensor, classes: list[str],
     """Class name, index and capsule lengths for a batch ``[B, C, H, W]`` of inputs; for a
     multi-label model also ``present``: every class whose capsule is longer than 0.5.
     ``tta``: the lengths are :func:`~capsnet.inference.tta_lengths`, as in :func:`evaluate`."""
+    return predict_ensemble([(model, images)], classes, tta)
+
+
+@torch.inference_mode()
+def predict_ensemble(members: list[tuple[nn.Module, torch.Tensor]], classes: list[str],
+                     tta: str = "none") -> list[dict]:
+    """:func:`predict` for an ensemble: ``members`` pairs each model with the batch made for
+    it (``[B, C, H, W]``, its own input size), and the lengths are the members' mean. The
+    models share ``classes`` (the caller checks); ``present`` comes with the first model's
+    being multi-label."""
     from .inference import tta_lengths
     from .models.base import PRESENT
-    lengths = tta_lengths(model, images, tta).cpu()
+    lengths = sum(tta_lengths(m, x, tta).cpu() for m, x in members) / len(members)  # [B, O]
+    multi = getattr(members[0][0].config, "multi_label", False)
     classes = [str(c) for c in classes]  # a file without names: "0", "1", ...
-    multi = getattr(model.config, "multi_label", False)
     return [{"class": classes[int(row.argmax())], "index": int(row.argmax()),
              **({"present": [c for c, v in zip(classes, row) if v > PRESENT]} if multi else {}),
              "lengths": [round(float(v), 6) for v in row]} for row in lengths]
