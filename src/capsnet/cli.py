@@ -269,8 +269,8 @@ def _cmd_evaluate(a) -> int:
         resolve(spec)
     import torch
     from .checkpoints import load_model
-    from .evaluate import (evaluate, evaluate_ensemble, evaluation_data, recon_weight_of,
-                           write_predictions)
+    from .evaluate import (check_ensemble, evaluate, evaluate_ensemble, evaluation_data,
+                           recon_weight_of, write_predictions)
     from .runtime import torch_device
     check_positive(("--batch-size", a.batch_size), ("--test-size", a.test_size),
                    ("--routing-iterations", a.routing_iterations))
@@ -283,11 +283,9 @@ def _cmd_evaluate(a) -> int:
     model, meta = loaded[0]
     dataset = a.dataset or meta["dataset"]
     _check_tta(a.tta, dataset)
+    check_ensemble(a.model, loaded)
     test = evaluation_data(a.model[0], model, meta, a.split, dataset, a.data_dir)
     for path, (other, other_meta) in zip(a.model[1:], loaded[1:]):
-        if list(other_meta["classes"]) != list(meta["classes"]):
-            raise CapsnetError(f"{path}: its classes are not those of {a.model[0]}; an "
-                               "ensemble averages the scores of one set of classes")
         # An ensemble is scored on one set: a member's own split must be the same images
         # (a validation split carved otherwise could hold another member's training images).
         own = evaluation_data(path, other, other_meta, a.split, dataset, a.data_dir)
@@ -389,22 +387,14 @@ def _cmd_predict(a) -> int:
         resolve(spec)  # before torch loads: a wrong path fails at once
     _set_threads(a.threads)
     from .checkpoints import load_model
-    from .evaluate import model_input, predict_ensemble
-    from .models import objective
+    from .evaluate import check_ensemble, model_input, predict_ensemble
     loaded = [load_model(spec) for spec in specs]
     model, meta = loaded[0]
     _check_tta(a.tta, meta["dataset"])
-    multi = getattr(model.config, "multi_label", False)
-    for spec, (other, other_meta) in zip(specs[1:], loaded[1:]):  # an ensemble's members
-        if multi or getattr(other.config, "multi_label", False):
-            raise CapsnetError("an ensemble predicts single-label classes only, not "
-                               "multi-label tags")
-        if objective(other) != objective(model):
-            raise CapsnetError(f"{spec}: an ensemble's members must all be capsule models "
-                               f"or all CNN baselines, like {specs[0]}")
-        if [str(c) for c in other_meta["classes"]] != [str(c) for c in meta["classes"]]:
-            raise CapsnetError(f"{spec}: its classes are not those of {specs[0]}; an "
-                               "ensemble averages the scores of one set of classes")
+    check_ensemble(specs, loaded)
+    if len(loaded) > 1 and any(getattr(m.config, "multi_label", False) for m, _ in loaded):
+        raise CapsnetError("an ensemble predicts single-label classes only, not multi-label "
+                           "tags")
     status = 0
     for path in images:
         try:  # each member gets the image as its own training images were made

@@ -78,14 +78,10 @@ def evaluate_ensemble(models: list[nn.Module], data: ImageDataset, batch_size: i
     ensemble's mean scores.
     """
     from .data.multi import is_pair_set
-    from .models import objective as objective_of
     if is_pair_set(data) or data.labels.dim() == 2:
         raise CapsnetError("an ensemble is evaluated on single-label classification only, "
                            "not on pairs or multi-label data")
-    kinds = {objective_of(m) for m in models}
-    if len(kinds) > 1:
-        raise CapsnetError("an ensemble's members must all be capsule models or all CNN "
-                           f"baselines, not a mix ({', '.join(sorted(kinds))})")
+    kind = ensemble_kind(models)
     recon_weights = recon_weights or [RECON_WEIGHT] * len(models)
     classes = list(data.classes)
     runs = []
@@ -101,10 +97,34 @@ def evaluate_ensemble(models: list[nn.Module], data: ImageDataset, batch_size: i
     right = [r.lengths.argmax(1) == data.labels for r in runs]  # [N] per member
     return {**summarize(lengths, data.labels, classes),
             "loss": mean("loss"), "margin_loss": mean("margin_loss"),
-            "reconstruction_sse": mean("reconstruction_sse"), "objective": kinds.pop(),
+            "reconstruction_sse": mean("reconstruction_sse"), "objective": kind,
             "member_accuracy": [float(r.float().mean()) for r in right],
             "member_against_first": [paired_comparison(r, right[0]) for r in right[1:]],
             **({"lengths": lengths} if keep_lengths else {})}
+
+
+def ensemble_kind(models: list[nn.Module]) -> str:
+    """The members' common objective (:func:`~capsnet.models.objective`); one-line error if
+    they mix capsule models and CNN baselines, whose scores cannot be averaged."""
+    from .models import objective
+    kinds = {objective(m) for m in models}
+    if len(kinds) > 1:
+        raise CapsnetError("an ensemble's members must all be capsule models or all CNN "
+                           f"baselines, not a mix ({', '.join(sorted(kinds))})")
+    return kinds.pop()
+
+
+def check_ensemble(specs: list, loaded: list[tuple[nn.Module, dict]]) -> None:
+    """One-line error unless the models ``loaded`` (``(model, meta)`` as
+    :func:`~capsnet.checkpoints.load_model` returns them, for ``specs``) can be averaged as
+    an ensemble (``capsnet evaluate A B``, ``capsnet predict -m A -m B``): the same classes in
+    the same order, and one kind (:func:`ensemble_kind`)."""
+    meta = loaded[0][1]
+    for spec, (_, other_meta) in zip(specs[1:], loaded[1:]):
+        if list(other_meta["classes"]) != list(meta["classes"]):
+            raise CapsnetError(f"{spec}: its classes are not those of {specs[0]}; an "
+                               "ensemble averages the scores of one set of classes")
+    ensemble_kind([m for m, _ in loaded])
 
 
 PREDICTIONS_HEADER = "index,label,predicted,correct"  # then one column per class
