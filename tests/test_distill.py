@@ -141,3 +141,26 @@ def test_teacher_with_init(trained_run, fashion_dir, tmp_path, capsys):
     from safetensors.torch import load_file
     assert torch.equal(load_file(s3 / "teacher.safetensors")["lengths"],
                        load_file(s2 / "teacher.safetensors")["lengths"])
+
+    # Several teachers (given more than once): the targets are their mean lengths, the
+    # lengths an ensemble scores by; the run records the list, and a resume keeps it.
+    from capsnet.checkpoints import load_model
+    from capsnet.data.datamodule import ImageDataModule
+    from capsnet.inference import infer
+    from capsnet.settings import load_run_settings
+    s4, second = tmp_path / "s4", str(s2 / "last.ckpt")
+    assert main(["train", *STUDENT, "--data-dir", str(fashion_dir), "--teacher", ckpt,
+                 "--teacher", second, "--teacher-tta", "none", "--out", str(s4)]) == 0
+    assert f"teacher {ckpt} + {second}: targets for 256 training images" in \
+        capsys.readouterr().out
+    dm = ImageDataModule("fashion-mnist", fashion_dir, train_size=256, val_size=500)
+    dm.setup("fit")
+    each = [infer(load_model(t)[0], dm.train.images, dm.train.labels).lengths
+            for t in (ckpt, second)]
+    assert not torch.allclose(each[0], each[1], atol=1e-3)  # two different teachers
+    assert torch.allclose(load_file(s4 / "teacher.safetensors")["lengths"],
+                          (each[0] + each[1]) / 2, atol=1e-6)
+    assert load_run_settings(s4)["teacher"] == [ckpt, second]
+    assert main(["train", "--resume", str(s4), "--epochs", "2"]) == 0
+    assert "targets read from" in capsys.readouterr().out
+    assert len(read_metrics(s4 / "metrics.csv")) == 2

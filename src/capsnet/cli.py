@@ -84,8 +84,9 @@ def _train_parser(sub) -> None:
                  "architecture and shapes (default: random weights)", {"metavar": "MODEL"}),
         ("teacher", "distill from MODEL (a checkpoint, a .safetensors file or a shipped "
                     "model's name, trained on this run's training split): its capsule "
-                    "lengths on the training images are extra targets (capsnet.distill) "
-                    "(default: none)", {"metavar": "MODEL"}),
+                    "lengths on the training images are extra targets (capsnet.distill); "
+                    "given more than once, the teachers' mean lengths, an ensemble's "
+                    "(default: none)", {"metavar": "MODEL", "action": "append"}),
         ("teacher_weight", "weight of the distillation loss, the squared distance between "
                            f"the lengths and the teacher's (default {D['teacher_weight']})",
          {"type": float}),

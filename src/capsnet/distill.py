@@ -12,6 +12,10 @@ about a wrong class's length below ``m- = 0.1``; the teacher's lengths there (a 
 T-shirt capsule longer than its trouser capsule) are what the student can learn beyond the
 labels (Hinton, Vinyals & Dean 2015, with lengths in the place of softened softmax outputs).
 
+Several teachers (``--teacher A --teacher B``) give their mean lengths, the scores of
+their ensemble (``capsnet evaluate A B``): a student can learn from models of another
+architecture, which err on other images than its own.
+
 The targets are kept in ``OUT/teacher.safetensors`` (no pickle), with what they were
 computed from (the teacher's weights digest, the views, the training images' labels), so a
 resumed run reads them instead of scoring again, and so does a second stage started with
@@ -102,13 +106,21 @@ def load_teacher(spec: str, train: ImageDataset, run: dict, pool: str | None,
     return teacher, meta
 
 
-def teacher_targets(teacher, meta: dict, spec: str, train: ImageDataset, tta: str,
-                    batch_size: int, out: Path, main: bool = True,
-                    resume: bool = False, earlier: Path | None = None) -> Tensor:
-    """The teacher's mean capsule lengths ``[N, O]`` (float32, on the CPU) on the ``N``
-    training images ``train`` (uint8, as served), over its ``tta`` views.
+def teacher_specs(setting: str | list[str]) -> list[str]:
+    """The teachers a ``teacher`` setting names: one, or several (an ensemble)."""
+    return [setting] if isinstance(setting, str) else list(setting)
 
-    ``teacher``, ``meta``: as :func:`load_teacher` returned them for ``spec``. Read from
+
+def teacher_targets(teachers: list[tuple], spec: str | list[str], train: ImageDataset,
+                    tta: str, batch_size: int, out: Path, main: bool = True,
+                    resume: bool = False, earlier: Path | None = None) -> Tensor:
+    """The teachers' mean capsule lengths ``[N, O]`` (float32, on the CPU) on the ``N``
+    training images ``train`` (uint8, as served), over their ``tta`` views and, for several
+    teachers, over the teachers (the lengths an ensemble scores by, as in ``capsnet evaluate
+    A B``).
+
+    ``teachers``: ``(model, meta)`` pairs as :func:`load_teacher` returned them for the
+    teacher setting ``spec`` (:func:`teacher_specs`). Read from
     ``out/teacher.safetensors`` when that holds the same targets; otherwise computed. Only
     the ``main`` process of a data-parallel run writes the file and prints. A ``resume``d
     run whose file was computed from other weights (the file behind ``spec`` replaced
@@ -119,12 +131,13 @@ def teacher_targets(teacher, meta: dict, spec: str, train: ImageDataset, tta: st
     from .evaluate import recon_weight_of
     from .inference import infer
     from .weights import model_digest
-    key = _key(model_digest(teacher), tta, train)
+    name = " + ".join(teacher_specs(spec))
+    key = _key(" + ".join(model_digest(model) for model, _ in teachers), tta, train)
     cache = out / CACHE
     stored, cached = _read_cache(cache, len(train), len(train.classes))
     if stored == key:
         if main:
-            print(f"teacher {spec}: targets read from {cache}", flush=True)
+            print(f"teacher {name}: targets read from {cache}", flush=True)
         return cached
     if stored is not None and resume:
         what = {"teacher_sha256": "teacher weights", "tta": "views", "images": "training images"}
@@ -137,14 +150,15 @@ def teacher_targets(teacher, meta: dict, spec: str, train: ImageDataset, tta: st
         stored, cached = _read_cache(prior, len(train), len(train.classes))
         if stored == key:
             if main:
-                print(f"teacher {spec}: targets read from {prior}", flush=True)
+                print(f"teacher {name}: targets read from {prior}", flush=True)
                 _write_cache(cache, key, cached)
             return cached
     start = time.perf_counter()
-    lengths = infer(teacher, train.images, train.labels, batch_size, recon_weight_of(meta),
-                    tta).lengths.float().cpu()
+    lengths = torch.stack([infer(model, train.images, train.labels, batch_size,
+                                 recon_weight_of(meta), tta).lengths.float().cpu()
+                           for model, meta in teachers]).mean(0)
     if main:
-        print(f"teacher {spec}: targets for {len(train):,} training images ({tta} views) in "
+        print(f"teacher {name}: targets for {len(train):,} training images ({tta} views) in "
               f"{time.perf_counter() - start:.0f} s", flush=True)
         _write_cache(cache, key, lengths)
     return lengths

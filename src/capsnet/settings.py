@@ -138,10 +138,16 @@ def check_settings(s: dict) -> dict:
     if s["swa"] and s["ema"] > 0:
         raise CapsnetError("settings 'swa' and 'ema' exclude each other (one average of the "
                            "weights is evaluated and saved); set ema to 0 with swa")
+    if isinstance(s.get("teacher"), list) and len(s["teacher"]) == 1:
+        s["teacher"] = s["teacher"][0]  # one teacher is a name; several are an ensemble
     for key in ("init", "teacher"):
-        if s.get(key) is not None and not isinstance(s[key], str):
-            raise CapsnetError(f"setting {key!r} must be a path or a shipped model's name, "
-                               f"got {s[key]!r}")
+        value = s.get(key)
+        several = key == "teacher" and isinstance(value, list) and len(value) > 1
+        if value is not None and not isinstance(value, str) and not (
+                several and all(isinstance(v, str) for v in value)):
+            raise CapsnetError(f"setting {key!r} must be a path or a shipped model's name"
+                               f"{', or a list of them' if key == 'teacher' else ''}, "
+                               f"got {value!r}")
     for key in ("out", "data_dir"):
         if s.get(key) is not None:
             check_folder_setting(key, s[key])

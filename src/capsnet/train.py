@@ -185,8 +185,11 @@ def _train(settings: dict, resume: bool, held: ExitStack) -> list[dict]:
     check_training(s)  # the generated datasets' and the CNN baselines' one-line refusals
     if s["data_dir"]:  # recorded absolute: evaluate and report find it from any folder
         s["data_dir"] = str(Path(s["data_dir"]).expanduser().resolve())
-    if s["teacher"] and Path(s["teacher"]).expanduser().is_file():  # (not a shipped name)
-        s["teacher"] = str(Path(s["teacher"]).expanduser().resolve())  # --resume needs it
+    if s["teacher"]:  # files recorded absolute (not shipped names): --resume needs them
+        from .distill import teacher_specs
+        specs = [str(Path(t).expanduser().resolve()) if Path(t).expanduser().is_file() else t
+                 for t in teacher_specs(s["teacher"])]
+        s["teacher"] = specs[0] if len(specs) == 1 else specs
     last = out / "last.ckpt"
     if run is not None:
         refuse_changes_on_resume(run, s)
@@ -224,9 +227,9 @@ def _train(settings: dict, resume: bool, held: ExitStack) -> list[dict]:
                                f"the {world} processes; each process needs at least one")
     if s["hflip"]:
         refuse_mirroring(s["dataset"], "--hflip")
-    teacher = None
-    if s["teacher"] is not None:  # checked now; it scores the images once the folder exists
-        from .distill import load_teacher
+    teachers = None
+    if s["teacher"] is not None:  # checked now; they score the images once the folder exists
+        from .distill import load_teacher, teacher_specs
         if dm.multi_label or dm.info.protocol or dm.info.crop:
             raise CapsnetError(f"--teacher applies to single-label datasets whose training "
                                f"images are served as the model sees them, not to "
@@ -234,7 +237,8 @@ def _train(settings: dict, resume: bool, held: ExitStack) -> list[dict]:
         # Building the teacher draws random initial weights before loading its own: off the
         # run's random stream, so a seed gives the same run with and without a teacher.
         with torch.random.fork_rng(devices=[]):
-            teacher = load_teacher(s["teacher"], dm.train, s, dm.pool, _process_device(s))
+            teachers = [load_teacher(spec, dm.train, s, dm.pool, _process_device(s))
+                        for spec in teacher_specs(s["teacher"])]
     module = build_module(s, dm.classes, dm.shape, dm.info.crop, dm.multi_label, dm.pool)
     if resume:
         _check_resumable(last, module)
@@ -258,15 +262,15 @@ def _train(settings: dict, resume: bool, held: ExitStack) -> list[dict]:
           f"device {accelerator}; {torch.get_num_threads()} threads{parallel}", flush=True)
         if s["init"] is not None and not resume:
             print(f"starting from the weights of {s['init']}", flush=True)
-    if teacher is not None:
+    if teachers is not None:
         from .distill import teacher_targets
         init = Path(s["init"]) if s["init"] is not None else None
-        dm.train_targets = teacher_targets(*teacher, s["teacher"], dm.train, s["teacher_tta"],
+        dm.train_targets = teacher_targets(teachers, s["teacher"], dm.train, s["teacher_tta"],
                                            s["eval_batch_size"], out, main=main,
                                            resume=resume,
                                            earlier=init.parent if init and init.is_file()
                                            else None)
-        del teacher  # its weights are not needed any more
+        del teachers  # their weights are not needed any more
 
     # best.ckpt follows validation accuracy; the test set never chooses anything, so without
     # a validation split there is only last.ckpt.
