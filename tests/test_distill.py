@@ -164,3 +164,16 @@ def test_teacher_with_init(trained_run, fashion_dir, tmp_path, capsys):
     assert main(["train", "--resume", str(s4), "--epochs", "2"]) == 0
     assert "targets read from" in capsys.readouterr().out
     assert len(read_metrics(s4 / "metrics.csv")) == 2
+
+
+def test_teacher_setting_forms():
+    """One teacher is a name, several a list (a config file's list or --teacher given more
+    than once); anything else is refused in one line."""
+    from capsnet.errors import CapsnetError
+    from capsnet.settings import DEFAULTS, check_settings
+    assert check_settings({**DEFAULTS, "teacher": ["a"]})["teacher"] == "a"
+    assert check_settings({**DEFAULTS, "teacher": ["a", "b"]})["teacher"] == ["a", "b"]
+    for key, bad in [("teacher", []), ("teacher", [1, "b"]), ("teacher", 3),
+                     ("init", ["a", "b"])]:
+        with pytest.raises(CapsnetError, match=f"setting '{key}' must be a path"):
+            check_settings({**DEFAULTS, key: bad})
