@@ -10,21 +10,28 @@ from capsnet.shipped import SHIPPED, WEIGHTS_DIR
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def readme_figure() -> int:
-    """The correct test images the README quotes for the shipped model."""
-    m = re.search(r"The shipped model \(.{0,300}?\*\*[\d.]+%\*\* "
+def readme_figure(lead: str) -> int:
+    """The correct test images the README quotes after ``lead`` (e.g. 'The shipped model')."""
+    m = re.search(re.escape(lead) + r" \(.{0,400}?\*\*[\d.]+%\*\* "
                   r"\(([\d,]+) of 10,000 test images\)", README.read_text(), re.S)
-    assert m, "README: no 'The shipped model (... **NN.NN%** (N of 10,000 test images)'"
+    assert m, f"README: no '{lead} (... **NN.NN%** (N of 10,000 test images)'"
     return int(m.group(1).replace(",", ""))
 
 
-def test_shipped_weights_score_the_readme_figure(fashion_dir, capsys):
-    assert (WEIGHTS_DIR / SHIPPED["fashion-mnist"]).is_file()
-    assert main(["evaluate", "fashion-mnist", "--json", "--data-dir", str(fashion_dir)]) == 0
+def test_shipped_weights_score_the_readme_figures(fashion_dir, capsys):
+    """Both shipped files and their ensemble, on the full test set, to the image: one
+    ensemble evaluation gives each member's accuracy alone and the ensemble's."""
+    for name in ("fashion-mnist", "fashion-mnist-efficient"):
+        assert (WEIGHTS_DIR / SHIPPED[name]).is_file()
+    assert main(["evaluate", "fashion-mnist", "fashion-mnist-efficient", "--json",
+                 "--data-dir", str(fashion_dir)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 10000
-    correct = sum(result["confusion"][i][i] for i in range(10))
-    assert correct == readme_figure()
+    capsnet, efficient = (round(a * 10000) for a in result["member_accuracy"])
+    assert capsnet == readme_figure("The shipped model")
+    assert efficient == readme_figure("The shipped Efficient-CapsNet")
+    ensemble = sum(result["confusion"][i][i] for i in range(10))
+    assert ensemble == readme_figure("The two shipped models as an ensemble")
 
 
 def test_predict_without_a_model_uses_the_shipped_one(fashion_dir, tmp_path, capsys):
@@ -76,3 +83,16 @@ def test_shipped_model_knows_its_runs_validation_split(fashion_dir, capsys):
                  "--data-dir", str(fashion_dir)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 500 and result["split"] == "val" and result["accuracy"] > 0.88
+
+
+def test_shipped_models_share_their_runs_split():
+    """Both shipped files were trained on the same 55,000 images (the same validation
+    split carved from the same pool), so their ensemble on `--split val` and their use as
+    teachers of one run are honest."""
+    from capsnet.checkpoints import load_model
+    capsnet, meta = load_model("fashion-mnist")
+    efficient, meta_e = load_model("fashion-mnist-efficient")
+    assert meta_e["arch"] == "efficient-capsnet" and meta["arch"] == "capsnet"
+    assert meta_e["val_size"] == meta["val_size"] == 5000
+    assert meta_e["train_pool"] == meta["train_pool"]
+    assert efficient.num_parameters() == 1_573_168

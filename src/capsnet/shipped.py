@@ -12,8 +12,11 @@ from pathlib import Path
 from .errors import CapsnetError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-# name -> file in WEIGHTS_DIR; `capsnet predict IMAGE` without a model uses DEFAULT_MODEL.
-SHIPPED = {"fashion-mnist": "fashion-mnist.safetensors"}
+# name -> file in WEIGHTS_DIR; `capsnet predict IMAGE` without a model uses DEFAULT_MODEL,
+# the paper's CapsNet. Efficient-CapsNet ships beside it, trained on the same 55,000 images,
+# so that the two can be evaluated as an ensemble or used as teachers without retraining.
+SHIPPED = {"fashion-mnist": "fashion-mnist.safetensors",
+           "fashion-mnist-efficient": "fashion-mnist-efficient.safetensors"}
 DEFAULT_MODEL = "fashion-mnist"
 
 
