@@ -196,9 +196,10 @@ def _cmd_train(a) -> int:
 
 
 def _model_arg(p, help_extra: str = "", nargs: str | None = None) -> None:
+    from .shipped import SHIPPED  # no torch: --help stays fast
     p.add_argument("model", metavar="MODEL", nargs=nargs, help="a shipped model's name "
-                   "(fashion-mnist), a .safetensors weights file or a training checkpoint "
-                   "(.ckpt)" + help_extra)
+                   f"({', '.join(SHIPPED)}), a .safetensors weights file or a training "
+                   "checkpoint (.ckpt)" + help_extra)
 
 
 def _print_multilabel(result: dict) -> None:
